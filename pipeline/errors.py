@@ -1,0 +1,56 @@
+"""Stable error codes. Rows that fail carry one of these codes into the stage's rejects table.
+
+Codes are part of the data contract: add new ones, never rename or reuse. A test pins this list.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+REJECT_CODES: dict[str, str] = {
+    # captions (level "caption": the caption is removed from the row, the row goes on)
+    "caption_null": "caption is null",
+    "caption_not_string": "caption is not a string",
+    "caption_empty": "caption is empty",
+    "caption_whitespace": "caption is whitespace only",
+    "caption_too_long": "caption has more words than parse.max_words",
+    "caption_control_chars": "caption contains control characters",
+    "caption_html": "caption contains HTML markup",
+    "caption_not_english": "caption does not look like English",
+    # rows (level "row": the row leaves the dataset here)
+    "row_no_image": "row has neither an image path nor image bytes",
+    "row_no_captions": "row has no usable caption left",
+    "row_duplicate_id": "image_id already seen earlier in the input",
+    "row_bad_record": "record in the input file has the wrong shape",
+    "image_decode_failed": "image could not be decoded",
+    # input files (level "input": a whole file could not be read; the run goes on without it)
+    "input_missing": "input file does not exist",
+    "input_unreadable": "input file could not be read or parsed",
+}
+
+
+class ConfigError(Exception):
+    """A broken run config: names the file, the key path and what was expected."""
+
+    def __init__(self, file: str, key: str, message: str):
+        self.file, self.key, self.message = file, key, message
+        super().__init__(f"{file}: {key}: {message}" if key else f"{file}: {message}")
+
+
+class ContractError(Exception):
+    """A workflow whose steps read columns or artifacts nobody wrote."""
+
+
+@dataclass(frozen=True)
+class Reject:
+    image_id: str | None
+    code: str
+    reason: str
+    level: str = "row"  # row | caption | input
+    caption_index: int | None = None
+    payload: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.code not in REJECT_CODES:
+            raise ValueError(f"unknown reject code {self.code!r}; add it to pipeline.errors.REJECT_CODES")
+        if self.level not in ("row", "caption", "input"):
+            raise ValueError(f"bad reject level {self.level!r}")

@@ -1,0 +1,170 @@
+"""The one Ray Data adapter. Every source and map step runs through ``ShardWorker``.
+
+A step's work is a list of shard tasks (input shard i -> output shard i). Ray Data maps them with
+``map_batches``: as an ``ActorPoolStrategy`` pool when the stage has a ``setup()`` (heavy things load
+once per actor), as plain tasks otherwise; ``resources`` maps onto ``num_cpus``/``num_gpus``/pool
+size, and ``batch_size`` slices each shard into the batches the stage sees. Each worker commits its
+shard atomically and returns only the shard's stats, so the driver never holds the data. With
+``ray.enabled: false`` the same worker runs in-process (debugging, profiling).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import registry
+from pipeline.config import RayConfig, Step
+from pipeline.errors import Reject
+from pipeline.stage import StageContext, StageResult
+from pipeline.store import StepDir, rejects_table
+
+FAULT_ENV = "PIPELINE_FAULT"  # test hook: "kill_after:<step>:<n>" SIGKILLs the driver after n shards
+
+
+class ShardWorker:
+    """Builds the stage once (``setup()`` included) and processes shard tasks."""
+
+    def __init__(self, use: str, config_json: str, context_json: str, step_dir: str, fingerprint: str,
+                 batch_size: int):
+        cls = registry.get(use)
+        self.stage = cls(cls.Config.model_validate_json(config_json), StageContext.from_json(context_json))
+        self.stage.setup()
+        self.kind = cls.kind
+        self.step = StepDir(step_dir)
+        self.fingerprint = fingerprint
+        self.batch_size = batch_size
+
+    def _run_map(self, path: str) -> tuple[int, StageResult]:
+        table = pq.read_table(path)
+        results = [self.stage(table.slice(o, self.batch_size)) for o in range(0, table.num_rows, self.batch_size)]
+        if not results:  # an empty shard still goes through the stage so the schema is right
+            results = [self.stage(table)]
+        side_names = sorted({k for r in results for k in r.side})
+        merged = StageResult(
+            pa.concat_tables([r.table for r in results]),
+            [rej for r in results for rej in r.rejects],
+            {n: pa.concat_tables([r.side[n] for r in results if n in r.side]) for n in side_names},
+        )
+        return table.num_rows, merged
+
+    def process(self, shard: int, spec: dict) -> dict:
+        t0 = time.perf_counter()
+        if self.kind == "source":
+            res = self.stage.read_shard(spec)
+            rows_in = None
+        else:
+            rows_in, res = self._run_map(spec["path"])
+        row_rejects = sum(1 for r in res.rejects if r.level == "row")
+        if rows_in is None:
+            rows_in = res.table.num_rows + row_rejects
+        if rows_in != res.table.num_rows + row_rejects:
+            raise RuntimeError(
+                f"{self.stage.registry_name}: shard {shard}: rows_in {rows_in} != rows_out "
+                f"{res.table.num_rows} + rows_rejected {row_rejects} (a stage bug: rows must never vanish)"
+            )
+        codes: dict[str, int] = {}
+        for r in res.rejects:
+            codes[r.code] = codes.get(r.code, 0) + 1
+        stats = {
+            "shard": shard,
+            "fingerprint": self.fingerprint,
+            "rows_in": rows_in,
+            "rows_out": res.table.num_rows,
+            "rows_rejected": row_rejects,
+            "rejects_by_code": dict(sorted(codes.items())),
+            "seconds": round(time.perf_counter() - t0, 4),
+        }
+        self.step.commit_shard(shard, res.table, rejects_table(res.rejects, self.stage.registry_name),
+                               res.side, stats)
+        return stats
+
+    def __call__(self, batch: dict) -> dict:
+        out = [json.dumps(self.process(int(s), json.loads(sp))) for s, sp in zip(batch["shard"], batch["spec"])]
+        return {"stats": out}
+
+
+def _task_fn(batch: dict, **kwargs) -> dict:
+    return ShardWorker(**kwargs)(batch)
+
+
+def ray_temp_dir(run_dir: Path) -> str:
+    """Ray's temp dir lives under the run, unless the path is too long for its unix sockets."""
+    cand = run_dir.resolve() / "_ray"
+    if len(str(cand)) <= 48:
+        return str(cand)
+    return f"/tmp/ray-{hashlib.sha1(str(cand).encode()).hexdigest()[:10]}"
+
+
+def start_ray(cfg: RayConfig, run_dir: Path) -> bool:
+    """Start (or join) Ray. Returns True when this call started it, so the caller shuts it down."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    common = dict(log_to_driver=False, configure_logging=True, logging_level="ERROR")
+    if address:
+        ray.init(address=address, **common)
+    else:
+        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, _temp_dir=ray_temp_dir(run_dir), **common)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = cfg.progress
+    ctx.print_on_execution_start = False
+    return True
+
+
+def _fault_hook(step: str) -> int | None:
+    spec = os.environ.get(FAULT_ENV, "")
+    if spec.startswith("kill_after:"):
+        _, name, n = spec.split(":")
+        if name == step:
+            return int(n)
+    return None
+
+
+def run_shards(step: Step, context: StageContext, tasks: list[tuple[int, dict]], step_dir: StepDir,
+               fingerprint: str, ray_cfg: RayConfig) -> list[dict]:
+    """Run the shard tasks of one step; returns their stats. Commits happen inside the workers."""
+    if not tasks:
+        return []
+    kwargs = dict(use=step.use, config_json=step.config.model_dump_json(), context_json=context.to_json(),
+                  step_dir=str(step_dir.path), fingerprint=fingerprint, batch_size=step.resources.batch_size)
+    kill_after = _fault_hook(step.name)
+    stats: list[dict] = []
+    for st in _iter_stats(step, tasks, kwargs, ray_cfg):
+        stats.append(st)
+        if kill_after is not None and len(stats) >= kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return stats
+
+
+def _iter_stats(step: Step, tasks: list[tuple[int, dict]], kwargs: dict, ray_cfg: RayConfig) -> Iterator[dict]:
+    items = [{"shard": i, "spec": json.dumps(spec, sort_keys=True)} for i, spec in tasks]
+    if not ray_cfg.enabled:
+        worker = ShardWorker(**kwargs)
+        for it in items:
+            yield worker.process(it["shard"], json.loads(it["spec"]))
+        return
+    import ray
+
+    res = step.resources
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    common: dict = dict(batch_size=1, num_cpus=res.num_cpus)
+    if res.num_gpus:
+        common["num_gpus"] = res.num_gpus
+    if step.stage_cls.has_setup():
+        pool = min(res.pool_size, len(items))
+        ds = ds.map_batches(ShardWorker, fn_constructor_kwargs=kwargs,
+                            compute=ray.data.ActorPoolStrategy(size=pool), **common)
+    else:
+        ds = ds.map_batches(_task_fn, fn_kwargs=kwargs, concurrency=res.pool_size, **common)
+    for row in ds.iter_rows():
+        yield json.loads(row["stats"])

@@ -1,0 +1,53 @@
+"""Versioned stage registry: ``parse.sng.v1``. A change of behaviour is a new version; old ones stay."""
+from __future__ import annotations
+
+import importlib
+import re
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from pipeline.stage import Stage
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)*\.v[0-9]+$")
+_STAGES: dict[str, type["Stage"]] = {}
+# Modules that register stages; imported lazily so `import pipeline` stays cheap.
+STAGE_MODULES = (
+    "stages.sources",
+    "stages.scene_world",
+    "stages.parse",
+    "stages.vocab",
+    "stages.label",
+    "stages.export",
+)
+
+
+def register(name: str) -> Callable[[type["Stage"]], type["Stage"]]:
+    if not _NAME.match(name):
+        raise ValueError(f"registry name {name!r} must look like 'family.kind.v1'")
+
+    def deco(cls: type["Stage"]) -> type["Stage"]:
+        if name in _STAGES and _STAGES[name] is not cls:
+            raise ValueError(f"stage name {name!r} registered twice")
+        cls.registry_name = name
+        _STAGES[name] = cls
+        return cls
+
+    return deco
+
+
+def load_all() -> None:
+    for mod in STAGE_MODULES:
+        importlib.import_module(mod)
+
+
+def get(name: str) -> type["Stage"]:
+    load_all()
+    try:
+        return _STAGES[name]
+    except KeyError:
+        raise KeyError(f"unknown stage {name!r}; registered: {', '.join(sorted(_STAGES))}") from None
+
+
+def names() -> list[str]:
+    load_all()
+    return sorted(_STAGES)

@@ -1,0 +1,19 @@
+"""Run statistics: the one-screen summary printed after every run."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def print_summary(cfg, out: Path, reports) -> None:
+    print()
+    print(f"run '{cfg.name}' (workflow {cfg.workflow}, seed {cfg.seed}) -> {out}")
+    head = f"{'step':<10} {'stage':<24} {'status':<8} {'rows in':>9} {'out':>9} {'rejected':>9} {'sec':>8}"
+    print(head)
+    print("-" * len(head))
+    for r in reports:
+        print(f"{r.step:<10} {r.use:<24} {r.status:<8} {r.rows_in:>9} {r.rows_out:>9} {r.rows_rejected:>9} "
+              f"{r.seconds:>8.2f}")
+        for k in ("summary",):
+            if k in r.extra:
+                print(f"{'':<10} {r.extra[k]}")
+    print()

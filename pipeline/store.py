@@ -1,0 +1,155 @@
+"""The Parquet store: deterministic shard names, atomic commits, per-shard done markers, manifests.
+
+Layout of one step's directory::
+
+    <run>/<step>/part-00000.parquet        rows (shard i of the step)
+    <run>/<step>/rejects/part-00000.parquet
+    <run>/<step>/<side>/part-00000.parquet side tables (e.g. the scene world's truth)
+    <run>/<step>/_stats/part-00000.json    written last: the shard is done
+    <run>/<step>/_manifest.json            written last of all: the step is done
+
+A shard counts as done only when its stats file exists and carries the step's fingerprint, so a
+killed run resumes shard by shard, and a changed config never mixes with old shards.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import Reject
+
+REJECTS_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("stage", pa.string()),
+        ("code", pa.string()),
+        ("reason", pa.string()),
+        ("level", pa.string()),
+        ("caption_index", pa.int32()),
+        ("payload", pa.string()),
+    ]
+)
+
+
+def shard_name(i: int) -> str:
+    return f"part-{i:05d}.parquet"
+
+
+def rejects_table(rejects: list[Reject], stage: str) -> pa.Table:
+    cols: dict[str, list] = {name: [] for name in REJECTS_SCHEMA.names}
+    for r in rejects:
+        cols["image_id"].append(r.image_id)
+        cols["stage"].append(stage)
+        cols["code"].append(r.code)
+        cols["reason"].append(r.reason)
+        cols["level"].append(r.level)
+        cols["caption_index"].append(r.caption_index)
+        cols["payload"].append(r.payload)
+    return pa.table(cols, schema=REJECTS_SCHEMA)
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def write_parquet_atomic(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path)
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+def write_bytes_atomic(data: bytes, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path)
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(obj: Any, path: Path) -> None:
+    write_bytes_atomic((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), path)
+
+
+class StepDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / "_manifest.json"
+
+    def manifest(self) -> dict | None:
+        try:
+            return json.loads(self.manifest_path.read_text())
+        except FileNotFoundError:
+            return None
+
+    def is_done(self, fingerprint: str) -> bool:
+        m = self.manifest()
+        return m is not None and m.get("fingerprint") == fingerprint
+
+    def reset(self) -> None:
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True)
+
+    def data_files(self) -> list[Path]:
+        return sorted(self.path.glob("part-*.parquet"))
+
+    def table_files(self, name: str) -> list[Path]:
+        return sorted((self.path / name).glob("part-*.parquet"))
+
+    def shard_stats(self, i: int) -> dict | None:
+        try:
+            return json.loads((self.path / "_stats" / f"part-{i:05d}.json").read_text())
+        except FileNotFoundError:
+            return None
+
+    def done_shards(self, fingerprint: str) -> dict[int, dict]:
+        """Shards committed under this fingerprint (a stale fingerprint means: redo the step)."""
+        out: dict[int, dict] = {}
+        for f in sorted((self.path / "_stats").glob("part-*.json")):
+            st = json.loads(f.read_text())
+            if st.get("fingerprint") == fingerprint:
+                out[int(f.stem.split("-")[1])] = st
+        return out
+
+    def has_foreign_shards(self, fingerprint: str) -> bool:
+        for f in (self.path / "_stats").glob("part-*.json"):
+            if json.loads(f.read_text()).get("fingerprint") != fingerprint:
+                return True
+        return False
+
+    def commit_shard(
+        self,
+        i: int,
+        table: pa.Table,
+        rejects: pa.Table,
+        side: dict[str, pa.Table],
+        stats: dict,
+    ) -> None:
+        """Write rows, rejects and side tables, then the stats file last: that is the commit."""
+        name = shard_name(i)
+        write_parquet_atomic(table, self.path / name)
+        write_parquet_atomic(rejects, self.path / "rejects" / name)
+        for side_name, side_table in side.items():
+            write_parquet_atomic(side_table, self.path / side_name / name)
+        write_json_atomic(stats, self.path / "_stats" / f"part-{i:05d}.json")
+
+    def read(self, columns: list[str] | None = None, name: str | None = None) -> pa.Table:
+        files = self.table_files(name) if name else self.data_files()
+        if not files:
+            return pa.table({})
+        return pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
+
+    def rejects(self) -> pa.Table:
+        files = self.table_files("rejects")
+        if not files:
+            return REJECTS_SCHEMA.empty_table()
+        return pa.concat_tables([pq.read_table(f) for f in files])
