@@ -10,6 +10,7 @@ shard atomically and returns only the shard's stats, so the driver never holds t
 from __future__ import annotations
 
 import hashlib
+import sys
 import json
 import os
 import signal
@@ -105,6 +106,8 @@ def ray_temp_dir(run_dir: Path) -> str:
 
 def start_ray(cfg: RayConfig, run_dir: Path) -> bool:
     """Start (or join) Ray. Returns True when this call started it, so the caller shuts it down."""
+    if not sys.stderr.isatty():  # no bars to draw: Ray Data's INFO progress lines go to its log file only
+        os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(Path(__file__).with_name("ray_data_logging.yaml")))
     import ray
 
     if ray.is_initialized():
@@ -141,6 +144,8 @@ def run_shards(step: Step, context: StageContext, tasks: list[tuple[int, dict]],
     stats: list[dict] = []
     for st in _iter_stats(step, tasks, kwargs, ray_cfg):
         stats.append(st)
+        print(f"  [{step.name}] shard {st['shard']:>5} done ({len(stats)}/{len(tasks)}): {st['rows_out']} rows out, "
+              f"{st['rows_rejected']} rejected, {st['seconds']:.2f}s", file=sys.stderr, flush=True)
         if kill_after is not None and len(stats) >= kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
     return stats
@@ -165,6 +170,7 @@ def _iter_stats(step: Step, tasks: list[tuple[int, dict]], kwargs: dict, ray_cfg
         ds = ds.map_batches(ShardWorker, fn_constructor_kwargs=kwargs,
                             compute=ray.data.ActorPoolStrategy(size=pool), **common)
     else:
-        ds = ds.map_batches(_task_fn, fn_kwargs=kwargs, concurrency=res.pool_size, **common)
+        ds = ds.map_batches(_task_fn, fn_kwargs=kwargs, compute=ray.data.TaskPoolStrategy(size=res.pool_size),
+                            **common)
     for row in ds.iter_rows():
         yield json.loads(row["stats"])

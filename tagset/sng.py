@@ -89,11 +89,23 @@ def _clean(s: str) -> str:
     return " ".join(s.lower().split())
 
 
-def noun_phrase_lemma(doc, start: int, end: int) -> str:
-    """Root lemma with its compound modifiers in sentence order ("tennis racket")."""
+def noun_phrase(doc, start: int, end: int) -> tuple[str, list[str]]:
+    """Root lemma with its compound modifiers in sentence order ("tennis racket"), and attributes.
+
+    spaCy often tags a colour before a noun as a compound ("orange ladder"). A compound word that
+    WordNet knows as an adjective becomes an attribute, unless the whole phrase is itself a WordNet
+    noun ("orange juice", "hot dog").
+    """
+    from tagset.wordnet import has_adjective_sense, is_noun_phrase
+
     root = doc[start:end].root
-    parts = [t for t in root.children if t.dep_ == "compound"] + [root]
-    return _clean(" ".join(t.lemma_ for t in sorted(parts, key=lambda t: t.i)))
+    compounds = sorted((t for t in root.children if t.dep_ == "compound"), key=lambda t: t.i)
+    full = _clean(" ".join([*(t.lemma_ for t in compounds), root.lemma_]))
+    if not compounds or is_noun_phrase(full):
+        return full, []
+    attrs = [t for t in compounds if has_adjective_sense(t.lemma_.lower())]
+    kept = [t for t in compounds if t not in attrs]
+    return _clean(" ".join([*(t.lemma_ for t in kept), root.lemma_])), [_clean(t.lemma_) for t in attrs]
 
 
 def candidates(graph: dict, doc) -> dict[str, list[str]]:
@@ -103,11 +115,12 @@ def candidates(graph: dict, doc) -> dict[str, list[str]]:
     objects, scenes, attributes, actions = [], [], [], []
     for ent in graph["entities"]:
         start, end = ent["span_bounds"]
-        name = noun_phrase_lemma(doc, start, end)
+        name, compound_attrs = noun_phrase(doc, start, end)
         root = doc[start:end].root
         if not name or root.lemma_.lower() in QUANTITY_HEADS or root.like_num:
             continue
         (scenes if ent["type"] == "scene" else objects).append(name)
+        attributes.extend(compound_attrs)
         for m in ent["modifiers"]:
             if m["dep"] == "amod":
                 attributes.append(_clean(m["lemma_span"]))

@@ -64,3 +64,15 @@ def first_synset(name: str, pos: str = "n"):
     exact = [s for s in synsets if any(lem.name().lower() == key for lem in s.lemmas())]
     pool = exact or synsets
     return pool[0] if pool else None
+
+
+@functools.lru_cache(maxsize=65536)
+def has_adjective_sense(word: str) -> bool:
+    wn = wordnet()
+    return bool(wn.synsets(word, "a"))
+
+
+@functools.lru_cache(maxsize=65536)
+def is_noun_phrase(phrase: str) -> bool:
+    wn = wordnet()
+    return bool(wn.synsets(phrase.replace(" ", "_"), "n"))

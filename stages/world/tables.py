@@ -8,6 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 from PIL import Image, ImageDraw, ImageFont
 
+from stages.columns import ROWS_SCHEMA
 from stages.world.generate import NoiseRates, WorldImage, make_image
 
 OBJECT_TYPE = pa.struct([
@@ -17,10 +18,6 @@ OBJECT_TYPE = pa.struct([
 TRUTH_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("scene", pa.string()), ("scene_mentioned", pa.bool_()),
     ("objects", pa.list_(OBJECT_TYPE)), ("hallucinated", pa.list_(pa.string())),
-])
-ROWS_SCHEMA = pa.schema([
-    ("image_id", pa.string()), ("image", pa.string()), ("image_bytes", pa.binary()),
-    ("captions", pa.list_(pa.string())),
 ])
 
 

@@ -1,0 +1,68 @@
+"""vocab.wordnet.v1: choose the tag vocabulary (or adopt one) and merge WordNet synonyms."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import pyarrow as pa
+from pydantic import Field
+
+from pipeline.registry import register
+from pipeline.stage import ReduceResult, RowSource, Stage, StageConfig
+
+DEFAULT_OVERRIDES = str(Path(__file__).resolve().parent.parent / "tagset" / "data" / "overrides.yaml")
+
+
+class VocabConfig(StageConfig):
+    mode: Literal["build", "adopt"] = Field("build", description="build from counts, or adopt tag_list")
+    num_tags: int = Field(6449, ge=1, description="names kept before synonym merging (RAM: 6449)")
+    min_count: int = Field(1, ge=1, description="min images a name must appear in")
+    threshold: float = Field(0.65, gt=0, le=1, description="per-class threshold for built vocabularies")
+    overrides: str | None = Field(DEFAULT_OVERRIDES, description="force_merge / force_split / drop yaml")
+    stoplist: str | None = Field(None, description="non-visual words file (default: tagset/data/stoplist.txt)")
+    tag_list: str | None = Field(None, description="adopt: RAM-format tag list (line i = id i)")
+    threshold_file: str | None = Field(None, description="adopt: RAM-format per-class thresholds")
+    chinese_file: str | None = Field(None, description="adopt: RAM-format Chinese names")
+
+
+@register("vocab.wordnet.v1")
+class VocabStage(Stage):
+    """Counts parsed candidate tags; top-N + stop-list + WordNet merges + overrides -> TagSet."""
+
+    kind = "reduce"
+    Config = VocabConfig
+    inputs = ("image_id", "parsed")
+    provides = ("tagset",)
+
+    def run(self, rows: RowSource) -> ReduceResult:
+        from tagset.tagset import TagSet
+        from tagset.vocab import TagCounts, adopt_vocab, build_vocab, load_overrides, load_stoplist
+
+        c = self.config
+        counts = TagCounts()
+        for t in rows.iter_tables(["parsed"]):
+            for parsed in t.column("parsed").to_pylist():
+                counts.add_image(parsed or [])
+        if c.mode == "adopt":
+            if not c.tag_list:
+                raise ValueError("vocab.tag_list is required when vocab.mode is 'adopt'")
+            base = TagSet.from_ram_files(c.tag_list, c.threshold_file, c.chinese_file, c.threshold)
+            tagset, decisions = adopt_vocab(base, counts)
+            names_selected = len(tagset)
+        else:
+            stop = load_stoplist(Path(c.stoplist) if c.stoplist else None)
+            tagset, decisions = build_vocab(counts, c.num_tags, c.min_count, stop,
+                                            load_overrides(Path(c.overrides) if c.overrides else None), c.threshold)
+            names_selected = len(tagset) + sum(len(t.synonyms) for t in tagset.tags)
+        counts_table = pa.table({
+            "name": list(counts.images), "images": [counts.images[n] for n in counts.images],
+            "captions": [counts.captions[n] for n in counts.images], "kind": [counts.kind(n) for n in counts.images],
+        }).sort_by([("images", "descending"), ("name", "ascending")])
+        files = tagset.files()
+        files["decisions.json"] = (json.dumps(decisions, indent=1) + "\n").encode()
+        merged = sum(1 for d in decisions if d["action"] == "merge")
+        stats = {"names_observed": len(counts.images), "names_selected": names_selected, "num_ids": len(tagset),
+                 "merges": merged, "summary": f"{names_selected} names -> {len(tagset)} ids ({merged} merged)"}
+        return ReduceResult(tables={"tagset": tagset.to_table(), "tag_counts": counts_table}, files=files,
+                            stats=stats)
