@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import time
 from dataclasses import dataclass, field
@@ -15,6 +16,15 @@ from pipeline.stage import RowSource, StageContext
 from pipeline.store import StepDir, rejects_table, write_bytes_atomic, write_json_atomic, write_parquet_atomic
 
 BASE_COLUMNS = ("image_id",)
+
+
+def code_version(cls: type) -> str:
+    """Package version + a hash of the stage's module source: editing a stage re-runs it."""
+    try:
+        src = Path(inspect.getsourcefile(cls) or "").read_bytes()
+    except (OSError, TypeError):
+        src = b""
+    return f"{__version__}+{hashlib.sha256(src).hexdigest()[:8]}"
 
 
 def check_contract(cfg: RunConfig) -> None:
@@ -70,7 +80,7 @@ class Runner:
 
     # -- planning ----------------------------------------------------------------------------
     def _fingerprint(self, step: Step, upstream: list[str], extra: str = "") -> str:
-        payload = {"code": __version__, "use": step.use, "config": step.config_hash(), "seed": self.cfg.seed,
+        payload = {"code": code_version(step.stage_cls), "use": step.use, "config": step.config_hash(), "seed": self.cfg.seed,
                    "upstream": [self.fingerprints[u] for u in upstream], "input": extra}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -145,7 +155,7 @@ class Runner:
             status = "resumed" if done else "ran"
         seconds = round(time.perf_counter() - t0, 3)
         manifest = {
-            "step": step.name, "use": step.use, "fingerprint": fp, "code_version": __version__,
+            "step": step.name, "use": step.use, "fingerprint": fp, "code_version": code_version(step.stage_cls),
             "config_hash": step.config_hash(), "config": step.config.model_dump(mode="json"),
             "resources": step.resources.model_dump(mode="json"), "seed": self.cfg.seed,
             "input": {"rows_from": rows_step, "upstream": {k: self.fingerprints[k] for k in self.fingerprints

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 from pydantic import Field
 
 from pipeline.registry import register
 from pipeline.stage import Stage, StageConfig, StageResult
+from pipeline.store import StepDir
 from stages.columns import TAG_EVENT
 from stages.parse import TAG_KINDS
 
@@ -56,6 +58,19 @@ class LabelStage(Stage):
                    "score": len(first_seen[t]["captions"]) / max(1, len(parsed)),
                    "evidence": json.dumps(first_seen[t], sort_keys=True)} for t in union]
         return per_caption, union, events
+
+    def finalize(self, step_dir: Path) -> dict:
+        """On a scene world (a ``truth`` artifact exists) score the parse-only labels against it."""
+        if "truth" not in self.context.artifacts:
+            return {}
+        from stages.world.score import score_labels
+        from tagset.tagset import TagSet
+
+        labels = StepDir(step_dir).read(["image_id", "union_label_id"])
+        truth = StepDir(self.context.artifact("truth")).read(name="truth")
+        q = score_labels(labels, truth, TagSet.load(self.context.artifact("tagset")), out=step_dir / "quality.json")
+        return {"quality": {k: q[k] for k in ("precision", "recall", "f1")},
+                "summary": f"vs truth: P {q['precision']:.3f} R {q['recall']:.3f} F1 {q['f1']:.3f}"}
 
     def __call__(self, batch: pa.Table) -> StageResult:
         rows = [self.label_row(p or []) for p in batch.column("parsed").to_pylist()]

@@ -19,7 +19,7 @@ from typing import Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import Field
+from pydantic import Field, ValidationError, model_validator
 
 from pipeline.errors import Reject
 from pipeline.registry import register
@@ -332,3 +332,56 @@ class ProjectParquet(Stage):
             recs.append(r)
         recs, dups = _dedupe(recs)
         return StageResult(rows_table(recs), rejects + dups)
+
+
+class MultiConfig(StageConfig):
+    sources: list[dict] = Field(..., min_length=1, description="list of {use: <source stage>, ...its config}")
+
+    @model_validator(mode="after")
+    def _check_sources(self) -> "MultiConfig":
+        from pipeline import registry
+
+        for i, spec in enumerate(self.sources):
+            spec = dict(spec)
+            use = spec.pop("use", None)
+            try:
+                cls = registry.get(str(use))
+            except KeyError as e:
+                raise ValueError(f"sources[{i}].use: {e.args[0]}") from None
+            if cls.kind != "source" or cls is MultiSource:
+                raise ValueError(f"sources[{i}].use: {use} is not a plain source stage")
+            try:
+                cls.Config.model_validate(spec)
+            except ValidationError as e:
+                err = e.errors()[0]
+                raise ValueError(f"sources[{i}].{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        return self
+
+
+@register("source.multi.v1")
+class MultiSource(Stage):
+    """Several sources as one input (e.g. CC3M tsv + Flickr30k json for one vocabulary)."""
+
+    kind = "source"
+    Config = MultiConfig
+    outputs = ("image", "image_bytes", "captions")
+
+    def _subs(self) -> list[Stage]:
+        from pipeline import registry
+
+        subs = []
+        for spec in self.config.sources:
+            spec = dict(spec)
+            cls = registry.get(spec.pop("use"))
+            subs.append(cls(cls.Config.model_validate(spec), self.context))
+        return subs
+
+    def input_fingerprint(self) -> str:
+        return "||".join(getattr(s, "input_fingerprint", lambda: "")() for s in self._subs())
+
+    def plan(self) -> list[dict]:
+        return [{"source": i, **spec} for i, sub in enumerate(self._subs()) for spec in sub.plan()]
+
+    def read_shard(self, spec: dict) -> StageResult:
+        spec = dict(spec)
+        return self._subs()[spec.pop("source")].read_shard(spec)

@@ -1,10 +1,12 @@
 """Caption checks and normalisation. Each failure has a stable code (pipeline.errors.REJECT_CODES)."""
 from __future__ import annotations
 
+import functools
 import html
 import re
 import unicodedata
 from dataclasses import dataclass
+from pathlib import Path
 
 _TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9]*(\s[^<>]*)?/?>")
 _WS = re.compile(r"\s+")
@@ -20,6 +22,13 @@ class CaptionCheck:
 
 def _control_chars(s: str) -> list[str]:
     return [c for c in s if unicodedata.category(c) in ("Cc", "Cs", "Co") and c not in "\t\n\r"]
+
+
+@functools.lru_cache(maxsize=1)
+def foreign_function_words(stop_words: frozenset[str]) -> frozenset[str]:
+    path = Path(__file__).parent / "data" / "foreign_function_words.txt"
+    words = {w for ln in path.read_text().splitlines() if not ln.startswith("#") for w in ln.split()}
+    return frozenset(words - stop_words)
 
 
 def english_share(words: list[str], stop_words: frozenset[str]) -> float:
@@ -61,6 +70,11 @@ def check_caption(raw: object, max_words: int, min_english: float, stop_words: f
         if non_latin / len(letters) > 0.3:
             return CaptionCheck(None, "caption_not_english", f"{non_latin}/{len(letters)} letters outside Latin script")
     if len(words) >= 4:
+        foreign = sum(1 for w in words if w in foreign_function_words(stop_words))
+        english = sum(1 for w in words if w in stop_words)
+        if foreign >= 2 and foreign > english:
+            return CaptionCheck(None, "caption_not_english",
+                                f"{foreign} foreign function words vs {english} English ones")
         share = english_share(words, stop_words)
         if share < min_english:
             return CaptionCheck(None, "caption_not_english",

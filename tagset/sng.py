@@ -100,7 +100,11 @@ def noun_phrase(doc, start: int, end: int) -> tuple[str, list[str]]:
 
     root = doc[start:end].root
     compounds = sorted((t for t in root.children if t.dep_ == "compound"), key=lambda t: t.i)
-    full = _clean(" ".join([*(t.lemma_ for t in compounds), root.lemma_]))
+    # a non-adjective modifier that makes a WordNet noun with its head: "living room", "swimming pool"
+    verbal = [t for t in root.children if t.dep_ == "amod" and t.pos_ != "ADJ" and t.i < root.i]
+    if verbal and is_noun_phrase(_clean(f"{verbal[-1].text} {root.lemma_}")):
+        compounds = sorted([*compounds, verbal[-1]], key=lambda t: t.i)
+    full = _clean(" ".join([*(t.text if t.dep_ == "amod" else t.lemma_ for t in compounds), root.lemma_]))
     if not compounds or is_noun_phrase(full):
         return full, []
     attrs = [t for t in compounds if has_adjective_sense(t.lemma_.lower())]

@@ -1,0 +1,80 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline import registry
+from pipeline.cli import main
+from pipeline.config import load_run_config
+from pipeline.errors import ConfigError
+from pipeline.workflow import check_contract
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _cfg(tmp_path, text: str) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("text, key, fragment", [
+    ("workflow: clean\nparse: {max_wordz: 3}\n", "parse.max_wordz", "unknown key"),
+    ("workflow: clean\nparse: {max_words: lots}\n", "parse.max_words", "valid integer"),
+    ("workflow: clean\nparse: {use: parse.nope.v9}\n", "parse.use", "unknown stage"),
+    ("workflow: nope\n", "workflow", "expected one of"),
+    ("workflow: clean\nbogus: 1\n", "bogus", "unknown key"),
+    ("workflow: clean\nparse: {resources: {pool_size: 0}}\n", "parse.resources.pool_size", "greater than or equal"),
+    ("workflow: clean\nseed: abc\n", "seed", "expected an integer"),
+    ("workflow: clean\nray: {adress: auto}\n", "ray.adress", "unknown key"),
+])
+def test_bad_config_names_file_key_and_expectation(tmp_path, text, key, fragment):
+    path = _cfg(tmp_path, text)
+    with pytest.raises(ConfigError) as ei:
+        load_run_config(path)
+    assert ei.value.key == key
+    assert fragment in ei.value.message
+    assert str(path) in str(ei.value)
+
+
+def test_cli_bad_config_exits_2_and_writes_nothing(tmp_path, capsys):
+    path = _cfg(tmp_path, "workflow: clean\nparse: {max_wordz: 3}\n")
+    out = tmp_path / "run"
+    assert main(["run", str(path), "--out", str(out)]) == 2
+    assert not out.exists()
+    err = capsys.readouterr().err
+    assert "parse.max_wordz" in err and str(path) in err
+
+
+def test_set_overrides_by_dotted_path(tmp_path):
+    path = _cfg(tmp_path, "workflow: clean\ninput: {images: 10}\n")
+    cfg = load_run_config(path, ["input.images=25", "parse.max_words=7", "ray.enabled=false"])
+    assert cfg.step("input").config.images == 25
+    assert cfg.step("parse").config.max_words == 7
+    assert cfg.ray.enabled is False
+
+
+def test_set_override_with_wrong_type_is_a_config_error(tmp_path):
+    path = _cfg(tmp_path, "workflow: clean\n")
+    with pytest.raises(ConfigError) as ei:
+        load_run_config(path, ["input.images=many"])
+    assert ei.value.key == "input.images"
+
+
+def test_shipped_configs_validate_and_satisfy_contract():
+    for name in ("clean.yaml", "tagset.yaml"):
+        cfg = load_run_config(REPO / "stages" / name)
+        check_contract(cfg)
+
+
+def test_registry_names_are_pinned():
+    # A behaviour change gets a new versioned name; removing or renaming one breaks users' configs.
+    assert registry.names() == [
+        "export.ram.v1", "label.v1", "parse.sng.v1", "source.cc3m_tsv.v1", "source.coco.v1",
+        "source.flickr30k.v1", "source.folder.v1", "source.img2dataset.v1", "source.multi.v1", "source.parquet.v1",
+        "source.scene_world.v1", "vocab.wordnet.v1",
+    ]
+
+
+def test_registry_rejects_unversioned_names():
+    with pytest.raises(ValueError):
+        registry.register("parse_sng")
