@@ -63,7 +63,8 @@ class TagSet:
 
     @classmethod
     def from_table(cls, table: pa.Table) -> "TagSet":
-        return cls([Tag(**r) for r in table.to_pylist()])
+        # thresholds are stored as float32; round back to the decimals they were written with
+        return cls([Tag(**{**r, "threshold": round(r["threshold"], 6)}) for r in table.to_pylist()])
 
     def files(self) -> dict[str, bytes]:
         """RAM's text formats (line i is id i, no final newline, as upstream) and a synonyms json."""
