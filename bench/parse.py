@@ -1,0 +1,164 @@
+"""Benchmark: captions/s of the parse stage vs stock sng_parser, spaCy's nlp.pipe ceiling, Ray scaling.
+
+    python bench/parse.py [--captions 4000] [--stock 800] [--out bench/out/parse.json]
+
+All rates are measured in this run on the same real captions (COCO-style Flickr30k + CC3M from
+../shared/data/captions). Not a test: numbers go to stdout and a JSON file; the last line is
+``parse_speedup_vs_stock_sng: X.XX``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+SHARED = Path(os.environ.get("RAM_SHARED_DIR", REPO.parent / "shared"))
+
+
+def real_captions(n: int) -> list[str]:
+    caps: list[str] = []
+    data = json.loads((SHARED / "data/captions/flickr30k_karpathy_test.json").read_text())
+    flickr = [c for item in data for c in item["captions"]]
+    with open(SHARED / "data/captions/cc3m_val.tsv", encoding="utf-8") as f:
+        cc3m = [line.split("\t")[0] for line in f]
+    for a, b in zip(flickr, cc3m):  # interleave the two voices
+        caps += [a, b]
+    return caps[:n]
+
+
+def rate(n: int, seconds: float) -> float:
+    return n / seconds if seconds > 0 else float("inf")
+
+
+def bench_stock(caps: list[str]) -> float:
+    from tagset.sng import DEFAULT_MODEL, stock_backend_class
+
+    stock = stock_backend_class()(model=DEFAULT_MODEL)
+    stock.parse("warm up.")
+    t0 = time.perf_counter()
+    for c in caps:
+        stock.parse(c)
+    return rate(len(caps), time.perf_counter() - t0)
+
+
+def bench_pipe(caps: list[str]) -> float:
+    from tagset.sng import load_spacy
+
+    nlp = load_spacy()
+    list(nlp.pipe(caps[:64]))
+    t0 = time.perf_counter()
+    for _ in nlp.pipe(caps, batch_size=256):
+        pass
+    return rate(len(caps), time.perf_counter() - t0)
+
+
+def rows_table(caps: list[str], per_row: int = 5):
+    import pyarrow as pa
+
+    from stages.columns import ROWS_SCHEMA
+
+    rows = [{"image_id": f"b{i:06d}", "image": "x.jpg", "image_bytes": None, "captions": caps[i:i + per_row]}
+            for i in range(0, len(caps), per_row)]
+    return pa.Table.from_pylist(rows, schema=ROWS_SCHEMA)
+
+
+def bench_stage(caps: list[str]) -> float:
+    from pipeline.stage import StageContext
+    from stages.parse import ParseConfig, ParseStage
+
+    stage = ParseStage(ParseConfig(), StageContext("/tmp", "parse"))
+    stage.setup()
+    table = rows_table(caps)
+    stage(table.slice(0, 20))
+    t0 = time.perf_counter()
+    for o in range(0, table.num_rows, 512):
+        stage(table.slice(o, 512))
+    return rate(len(caps), time.perf_counter() - t0)
+
+
+def bench_ray(caps: list[str], workers: int, tmp: Path, shards: int) -> dict:
+    import pyarrow.parquet as pq
+
+    from pipeline.config import RayConfig, Step
+    from pipeline.executor import run_shards
+    from pipeline.stage import Resources, StageContext
+    from pipeline.store import StepDir
+    from stages.parse import ParseConfig, ParseStage
+
+    table = rows_table(caps)
+    src = tmp / f"in{workers}"
+    src.mkdir()
+    per = -(-table.num_rows // shards)
+    files = []
+    for i in range(shards):
+        f = src / f"part-{i:05d}.parquet"
+        pq.write_table(table.slice(i * per, per), f)
+        files.append(f)
+    step = Step("parse", ParseStage, ParseConfig(), Resources(pool_size=workers, batch_size=512))
+    sdir = StepDir(tmp / f"out{workers}")
+    sdir.reset()
+    t0 = time.perf_counter()
+    stats = run_shards(step, StageContext(str(tmp), "parse"), [(i, {"path": str(f)}) for i, f in enumerate(files)],
+                       sdir, f"bench{workers}", RayConfig(progress=False))
+    wall = time.perf_counter() - t0
+    work = sum(s["seconds"] for s in stats)
+    return {"workers": workers, "wall_s": round(wall, 2), "captions_per_s_wall": round(rate(len(caps), wall), 1),
+            "captions_per_s_in_shards": round(rate(len(caps), work / workers), 1)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--captions", type=int, default=6000)
+    ap.add_argument("--stock", type=int, default=800, help="captions for the (slow) stock baseline")
+    ap.add_argument("--shards", type=int, default=12)
+    ap.add_argument("--out", default=str(REPO / "bench/out/parse.json"))
+    args = ap.parse_args()
+    if not (SHARED / "data/captions").is_dir():
+        print(f"bench/parse.py needs real captions in {SHARED}/data/captions (set RAM_SHARED_DIR)", file=sys.stderr)
+        return 2
+    import torch
+
+    torch.set_num_threads(1)
+    caps = real_captions(args.captions)
+    res: dict = {"captions": len(caps), "cpu_count": os.cpu_count()}
+    res["stock_sng_per_core"] = round(bench_stock(caps[: args.stock]), 1)
+    res["nlp_pipe_per_core"] = round(bench_pipe(caps), 1)
+    res["parse_stage_per_core"] = round(bench_stage(caps), 1)
+    import ray
+
+    from pipeline.executor import start_ray
+
+    with tempfile.TemporaryDirectory(prefix="bench-parse-", dir="/tmp") as tmp:
+        start_ray(RayConfigLocal(), Path(tmp))
+        r1 = bench_ray(caps, 1, Path(tmp), args.shards)
+        r2 = bench_ray(caps, 2, Path(tmp), args.shards)
+        ray.shutdown()
+    res["ray_1_worker"], res["ray_2_workers"] = r1, r2
+    res["ray_scaling_efficiency_wall"] = round(r2["captions_per_s_wall"] / (2 * r1["captions_per_s_wall"]), 3)
+    res["ray_scaling_efficiency_in_shards"] = round(
+        r2["captions_per_s_in_shards"] / (2 * r1["captions_per_s_in_shards"]), 3)
+    res["stage_vs_pipe_ceiling"] = round(res["parse_stage_per_core"] / res["nlp_pipe_per_core"], 3)
+    res["parse_speedup_vs_stock_sng"] = round(res["parse_stage_per_core"] / res["stock_sng_per_core"], 2)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+    for k, v in res.items():
+        if k != "parse_speedup_vs_stock_sng":
+            print(f"{k}: {v}")
+    print(f"parse_speedup_vs_stock_sng: {res['parse_speedup_vs_stock_sng']:.2f}")
+    return 0
+
+
+def RayConfigLocal():
+    from pipeline.config import RayConfig
+
+    return RayConfig(num_cpus=2, progress=False)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
