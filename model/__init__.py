@@ -1,1 +1,1 @@
-"""model"""
+"""The vision side: Swin + RAM / RAM++ tagging models, preprocessing, training."""

@@ -1,0 +1,314 @@
+"""RAM and RAM++ tagging models with the official parameter names, timm-style anatomy.
+
+Order: helpers, blocks (the cross-attention tagging head), model classes, ``checkpoint_filter_fn``,
+factory, default configs, registered entrypoints. Only the tagging path is built: a tagging-only
+RAM ignores the official checkpoint's caption branch (``tag_encoder.*``, ``text_decoder.*``), which
+the filter drops; every other key loads strictly.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.swin import SwinTransformer, relative_position_index, shifted_window_mask
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model: names the key and both shapes."""
+
+
+# -- blocks: the tagging head (BERT layers with only cross-attention) --------------------------------
+
+class CrossAttentionSelf(nn.Module):
+    def __init__(self, hidden: int, heads: int, kv_width: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, hidden // heads
+        self.query = nn.Linear(hidden, hidden)
+        self.key = nn.Linear(kv_width, hidden)
+        self.value = nn.Linear(kv_width, hidden)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, self.heads, self.head_dim).permute(0, 2, 1, 3)
+
+    def forward(self, q: torch.Tensor, kv: torch.Tensor, return_attn: bool = False):
+        qh, kh, vh = self._split(self.query(q)), self._split(self.key(kv)), self._split(self.value(kv))
+        scores = (qh @ kh.transpose(-1, -2)) / math.sqrt(self.head_dim)
+        probs = scores.softmax(dim=-1)
+        out = (probs @ vh).permute(0, 2, 1, 3).reshape(q.shape[0], q.shape[1], -1)
+        return (out, probs) if return_attn else (out, None)
+
+
+class AddNorm(nn.Module):
+    def __init__(self, d_in: int, d_out: int, eps: float):
+        super().__init__()
+        self.dense = nn.Linear(d_in, d_out)
+        self.LayerNorm = nn.LayerNorm(d_out, eps=eps)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dense(x) + residual)
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, hidden: int, heads: int, kv_width: int, eps: float):
+        super().__init__()
+        self.self = CrossAttentionSelf(hidden, heads, kv_width)
+        self.output = AddNorm(hidden, hidden, eps)
+
+
+class Intermediate(nn.Module):
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.dense = nn.Linear(hidden, inter)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.dense(x))
+
+
+class TaggingLayer(nn.Module):
+    def __init__(self, hidden: int, heads: int, inter: int, kv_width: int, eps: float):
+        super().__init__()
+        self.crossattention = CrossAttention(hidden, heads, kv_width, eps)
+        self.intermediate = Intermediate(hidden, inter)
+        self.output = AddNorm(inter, hidden, eps)
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, return_attn: bool = False):
+        a, probs = self.crossattention.self(x, kv, return_attn)
+        a = self.crossattention.output(a, x)
+        return self.output(self.intermediate(a), a), probs
+
+
+class TaggingEncoder(nn.Module):
+    def __init__(self, layers: int, hidden: int, heads: int, inter: int, kv_width: int, eps: float):
+        super().__init__()
+        self.layer = nn.ModuleList([TaggingLayer(hidden, heads, inter, kv_width, eps) for _ in range(layers)])
+
+
+class TaggingHead(nn.Module):
+    """Label queries attend to image tokens (``tagging_head.encoder.layer.N`` in the checkpoints)."""
+
+    def __init__(self, layers: int, hidden: int, heads: int, inter: int, kv_width: int, eps: float = 1e-12):
+        super().__init__()
+        self.encoder = TaggingEncoder(layers, hidden, heads, inter, kv_width, eps)
+
+    def forward(self, queries: torch.Tensor, image_embeds: torch.Tensor, return_attn: bool = False):
+        attns = []
+        x = queries
+        for layer in self.encoder.layer:
+            x, probs = layer(x, image_embeds, return_attn)
+            attns.append(probs)
+        return x, attns
+
+
+# -- model -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RamConfig:
+    """Everything that shapes a model; preprocessing is derived from it, never re-declared."""
+
+    variant: str = "ram"  # ram | ram_plus
+    image_size: int = 384
+    embed_dim: int = 192
+    depths: tuple[int, ...] = (2, 2, 18, 2)
+    num_heads: tuple[int, ...] = (6, 12, 24, 48)
+    window_size: int = 12
+    num_classes: int = 4585
+    label_dim: int = 512  # label-embedding width (CLIP ViT-B/16 text width)
+    head_hidden: int = 768
+    head_layers: int = 2
+    head_heads: int = 12
+    head_intermediate: int = 3072
+    descriptions_per_class: int = 51  # RAM++ only
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+    tag_names: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def vision_width(self) -> int:
+        return self.embed_dim * 2 ** (len(self.depths) - 1)
+
+    @property
+    def label_rows(self) -> int:
+        return self.num_classes * (self.descriptions_per_class if self.variant == "ram_plus" else 1)
+
+
+class RAM(nn.Module):
+    """RAM (``variant='ram'``) and RAM++ (``variant='ram_plus'``) tagging path."""
+
+    def __init__(self, cfg: RamConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.label_embed = nn.Parameter(torch.zeros(cfg.label_rows, cfg.label_dim))
+        if cfg.variant == "ram_plus":
+            self.reweight_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.visual_encoder = SwinTransformer(cfg.image_size, cfg.embed_dim, list(cfg.depths), list(cfg.num_heads),
+                                              cfg.window_size)
+        self.tagging_head = TaggingHead(cfg.head_layers, cfg.head_hidden, cfg.head_heads, cfg.head_intermediate,
+                                        cfg.label_dim)
+        self.wordvec_proj = nn.Linear(cfg.label_dim, cfg.head_hidden)
+        self.fc = nn.Linear(cfg.head_hidden, 1)
+        self.image_proj = nn.Linear(cfg.vision_width, cfg.label_dim)
+        self.register_buffer("class_threshold", torch.full((cfg.num_classes,), 0.65), persistent=False)
+
+    def image_embeds(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.image_proj(self.visual_encoder(pixels))
+
+    def label_queries(self, image_embeds: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, N, head_hidden]`` queries; RAM++ reweights each class's descriptions per image."""
+        emb = self.label_embed
+        if self.cfg.variant == "ram":
+            if classes is not None:
+                emb = emb[classes]
+            return F.relu(self.wordvec_proj(emb)).unsqueeze(0).expand(image_embeds.shape[0], -1, -1)
+        d = self.cfg.descriptions_per_class
+        emb = emb.view(-1, d, emb.shape[-1])
+        if classes is not None:
+            emb = emb[classes]
+        cls = F.normalize(image_embeds[:, 0, :], dim=-1)
+        logits = self.reweight_scale.exp() * torch.einsum("bc,ndc->bnd", cls, emb)
+        weights = logits.softmax(dim=-1)
+        label = torch.einsum("bnd,ndc->bnc", weights, emb)
+        return F.relu(self.wordvec_proj(label))
+
+    def forward(self, pixels: torch.Tensor, classes: torch.Tensor | None = None, return_attn: bool = False):
+        """Logits ``[B, N]`` (before the sigmoid); with ``return_attn`` also the last layer's attention."""
+        img = self.image_embeds(pixels)
+        tagged, attns = self.tagging_head(self.label_queries(img, classes), img, return_attn)
+        logits = self.fc(tagged).squeeze(-1)
+        return (logits, attns[-1]) if return_attn else logits
+
+    @torch.no_grad()
+    def generate_tag(self, pixels: torch.Tensor, classes: torch.Tensor | None = None):
+        """Official rule: a tag fires when ``sigmoid(logit) > class_threshold`` (strict)."""
+        scores = torch.sigmoid(self(pixels, classes))
+        th = self.class_threshold if classes is None else self.class_threshold[classes]
+        return scores, scores > th
+
+    def set_thresholds(self, thresholds) -> None:
+        self.class_threshold.copy_(torch.as_tensor(list(thresholds), dtype=torch.float32))
+
+
+# -- checkpoint filter --------------------------------------------------------------------------------
+
+CAPTION_BRANCH = ("tag_encoder.", "text_decoder.")
+BUFFER_SUFFIXES = ("relative_position_index", "attn_mask")
+
+
+def resize_rel_pos_table(table: torch.Tensor, new_len: int) -> torch.Tensor:
+    """Bicubic resize of a ``[(2w-1)², heads]`` table (window 7 -> 12), no scipy needed."""
+    old = int(round(table.shape[0] ** 0.5))
+    new = int(round(new_len ** 0.5))
+    grid = table.T.reshape(1, table.shape[1], old, old)
+    out = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=True)
+    return out.reshape(table.shape[1], new * new).T.contiguous()
+
+
+def checkpoint_filter_fn(state_dict: dict, model: RAM) -> dict:
+    """Official checkpoint -> this model's state_dict keys. Pure: the input is not modified.
+
+    Unwraps ``['model']``, renames the legacy ``vision_multi`` to ``tagging_head``, drops the caption
+    branch and the persistent buffers (the model's own are used), resizes relative-position tables.
+    """
+    if "model" in state_dict and isinstance(state_dict["model"], dict):
+        state_dict = state_dict["model"]
+    own = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for k, v in state_dict.items():
+        k = k.replace("vision_multi.", "tagging_head.")
+        if k.startswith(CAPTION_BRANCH) or k.endswith(BUFFER_SUFFIXES) or k.endswith("position_ids"):
+            continue
+        if k.endswith("relative_position_bias_table") and k in own and v.shape != own[k].shape:
+            v = resize_rel_pos_table(v, own[k].shape[0])
+        out[k] = v
+    for k, v in own.items():
+        if k.endswith(BUFFER_SUFFIXES):
+            out[k] = v
+    return out
+
+
+def load_checkpoint(model: RAM, path_or_state, strict: bool = True) -> RAM:
+    """Filter, check every key and shape, then ``load_state_dict(strict=True)``."""
+    state = path_or_state
+    if not isinstance(state, dict):
+        state = torch.load(path_or_state, map_location="cpu", weights_only=True)
+    sd = checkpoint_filter_fn(state, model)
+    own = model.state_dict()
+    if "label_embed" not in sd:
+        raise CheckpointError("checkpoint has no 'label_embed' (the official loader would leave zeros)")
+    for k, v in sd.items():
+        if k not in own:
+            raise CheckpointError(f"unexpected key {k!r} with shape {list(v.shape)} (model has no such key)")
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise CheckpointError(f"{k}: checkpoint shape {list(v.shape)} != model shape {list(own[k].shape)}")
+    missing = [k for k in own if k not in sd]
+    if missing and strict:
+        raise CheckpointError(f"missing key(s) {missing[:5]}{'...' if len(missing) > 5 else ''} "
+                              f"(shapes {[list(own[k].shape) for k in missing[:5]]})")
+    model.load_state_dict(sd, strict=strict)
+    return model
+
+
+# -- factory, default configs, entrypoints -------------------------------------------------------------
+
+_ENTRYPOINTS: dict[str, Callable[..., RAM]] = {}
+
+
+def register_model(fn: Callable[..., RAM]) -> Callable[..., RAM]:
+    _ENTRYPOINTS[fn.__name__] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    return sorted(_ENTRYPOINTS)
+
+
+def create_model(name: str, pretrained: str | None = None, **overrides) -> RAM:
+    """Build a registered model; ``pretrained`` is a local path (never a download)."""
+    if name not in _ENTRYPOINTS:
+        raise KeyError(f"unknown model {name!r}; registered: {list_models()}")
+    model = _ENTRYPOINTS[name](**overrides)
+    if pretrained:
+        load_checkpoint(model, pretrained)
+    return model
+
+
+def _build(cfg: RamConfig, **overrides) -> RAM:
+    return RAM(replace(cfg, **overrides))
+
+
+CFG_RAM_SWIN_L_384 = RamConfig()
+CFG_RAM_PLUS_SWIN_L_384 = RamConfig(variant="ram_plus")
+# The golden set's tiny official configs (../shared/ref/ram/golden): Swin 24-d, q2l hidden 64, 50 classes.
+CFG_RAM_TEST = RamConfig(image_size=224, embed_dim=24, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=7,
+                         num_classes=50, head_hidden=64, head_heads=2, head_intermediate=128)
+
+
+@register_model
+def ram_swin_l_384(**kw) -> RAM:
+    return _build(CFG_RAM_SWIN_L_384, **kw)
+
+
+@register_model
+def ram_plus_swin_l_384(**kw) -> RAM:
+    return _build(CFG_RAM_PLUS_SWIN_L_384, **kw)
+
+
+@register_model
+def ram_test(**kw) -> RAM:
+    return _build(CFG_RAM_TEST, **kw)
+
+
+@register_model
+def ram_plus_test(**kw) -> RAM:
+    return _build(replace(CFG_RAM_TEST, variant="ram_plus"), **kw)

@@ -1,0 +1,133 @@
+"""RAM / RAM++: official key layout, golden logits, strict loading, preprocessing."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model.preprocess import to_tensor
+from model.ram import (CheckpointError, checkpoint_filter_fn, create_model, list_models, load_checkpoint,
+                       resize_rel_pos_table)
+
+GOLDEN_MODELS = [("ram", "ram_test", "tiny_ram.pth"), ("ram_plus", "ram_plus_test", "tiny_ram_plus.pth")]
+
+
+def test_entrypoints_are_pinned():
+    assert list_models() == ["ram_plus_swin_l_384", "ram_plus_test", "ram_swin_l_384", "ram_test"]
+
+
+@pytest.mark.parametrize("name", ["ram_swin_l_384", "ram_plus_swin_l_384"])
+def test_full_size_state_dict_equals_official_manifest(shared, name):
+    with torch.device("meta"):
+        model = create_model(name)
+    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
+    manifest = json.loads((shared / "ref/ram/manifests" / f"{name}.state_dict.json").read_text())
+    ref = {k: v["shape"] for k, v in manifest["state_dict"].items()
+           if not k.startswith(("tag_encoder.", "text_decoder."))}  # RAM's caption branch: not built
+    assert list(ours) == list(ref)
+    assert ours == ref
+    if name == "ram_plus_swin_l_384":
+        assert sum(p.numel() for p in model.parameters()) == manifest["total_parameters_unique"]
+
+
+@pytest.mark.parametrize("key, name, ckpt", GOLDEN_MODELS)
+def test_golden_checkpoints_reproduce_official_logits_and_tags(shared, key, name, ckpt):
+    g = shared / "ref/ram/golden"
+    golden = torch.load(g / "golden_outputs.pt", weights_only=True)[key]
+    pixels = torch.load(g / "input.pt", weights_only=True)["pixel_values"]
+    model = create_model(name, pretrained=str(g / ckpt)).eval()
+    model.set_thresholds(float(x) for x in (g / "ram_tag_list_threshold.txt").read_text().split())
+    with torch.no_grad():
+        emb = model.image_embeds(pixels)
+        logits = model(pixels)
+    torch.testing.assert_close(emb, golden["image_embeds"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits, golden["logits"], atol=1e-4, rtol=1e-4)
+    _, tags = model.generate_tag(pixels)
+    assert torch.equal(tags.float(), golden["targets"])
+
+
+def test_golden_swin_intermediates(shared):
+    g = shared / "ref/ram/golden"
+    golden = torch.load(g / "golden_outputs.pt", weights_only=True)["ram"]
+    pixels = torch.load(g / "input.pt", weights_only=True)["pixel_values"]
+    model = create_model("ram_test", pretrained=str(g / "tiny_ram.pth")).eval()
+    ve = model.visual_encoder
+    with torch.no_grad():
+        x = ve.patch_embed(pixels)
+        torch.testing.assert_close(x, golden["swin_patch_embed"], atol=1e-4, rtol=1e-4)
+        for i, layer in enumerate(ve.layers):
+            x = layer(x)
+            torch.testing.assert_close(x, golden[f"swin_layer{i}"], atol=1e-4, rtol=1e-4)
+
+
+def test_preprocessing_matches_official_input(shared):
+    g = shared / "ref/ram/golden"
+    ref = torch.load(g / "input.pt", weights_only=True)
+    cfg = create_model("ram_test").cfg
+    for i, name in enumerate(ref["names"]):
+        img = Image.fromarray(np.load(g / f"{name}.npy"))
+        assert torch.equal(to_tensor(img, cfg), ref["pixel_values"][i])
+
+
+def _tiny_state():
+    model = create_model("ram_test")
+    return model, {"model": {k: v.clone() for k, v in model.state_dict().items()}}
+
+
+def test_filter_is_pure_and_load_is_strict():
+    model, ckpt = _tiny_state()
+    before = {k: v.clone() for k, v in ckpt["model"].items()}
+    ckpt["model"]["tag_encoder.encoder.layer.0.x"] = torch.zeros(1)
+    ckpt["model"]["text_decoder.bert.embeddings.position_ids"] = torch.zeros(1, 512, dtype=torch.long)
+    del ckpt["model"]["visual_encoder.layers.0.blocks.1.attn_mask"]  # a checkpoint may lack buffers
+    out = checkpoint_filter_fn(ckpt, model)
+    assert "tag_encoder.encoder.layer.0.x" not in out and "visual_encoder.layers.0.blocks.1.attn_mask" in out
+    assert all(torch.equal(before[k], ckpt["model"][k]) for k in ckpt["model"] if k in before)
+    load_checkpoint(create_model("ram_test"), ckpt)
+
+
+def test_legacy_vision_multi_name_is_renamed():
+    model, ckpt = _tiny_state()
+    sd = {k.replace("tagging_head.", "vision_multi."): v for k, v in ckpt["model"].items()}
+    fresh = load_checkpoint(create_model("ram_test"), sd)
+    assert torch.equal(fresh.tagging_head.encoder.layer[0].crossattention.self.query.weight,
+                       model.tagging_head.encoder.layer[0].crossattention.self.query.weight)
+
+
+def test_shape_mismatch_names_key_and_both_shapes():
+    _, ckpt = _tiny_state()
+    ckpt["model"]["fc.weight"] = torch.zeros(1, 32)
+    with pytest.raises(CheckpointError, match=r"fc.weight: checkpoint shape \[1, 32\] != model shape \[1, 64\]"):
+        load_checkpoint(create_model("ram_test"), ckpt)
+
+
+def test_missing_label_embed_is_an_error_not_zeros():
+    _, ckpt = _tiny_state()
+    del ckpt["model"]["label_embed"]
+    with pytest.raises(CheckpointError, match="label_embed"):
+        load_checkpoint(create_model("ram_test"), ckpt)
+
+
+def test_relative_position_tables_resize_from_window_7_to_12():
+    model12 = create_model("ram_test", window_size=12, image_size=384)
+    _, ckpt = _tiny_state()  # window 7 tables: [169, heads]
+    out = checkpoint_filter_fn(ckpt, model12)
+    t = out["visual_encoder.layers.0.blocks.0.attn.relative_position_bias_table"]
+    assert t.shape == (529, 1)
+    src = ckpt["model"]["visual_encoder.layers.0.blocks.0.attn.relative_position_bias_table"]
+    # the corners of the grid are kept by an align_corners resize
+    assert torch.allclose(t[0], src[0]) and torch.allclose(t[-1], src[-1])
+    assert resize_rel_pos_table(src, 169).allclose(src)
+
+
+def test_class_subset_gives_the_same_logits_as_the_full_set():
+    torch.manual_seed(0)
+    for name in ("ram_test", "ram_plus_test"):
+        model = create_model(name).eval()
+        for p in model.parameters():
+            p.data.normal_(0, 0.2)
+        x = torch.randn(2, 3, 224, 224)
+        sub = torch.tensor([3, 17, 42])
+        with torch.no_grad():
+            torch.testing.assert_close(model(x, sub), model(x)[:, sub], atol=1e-5, rtol=1e-5)
