@@ -198,6 +198,20 @@ class RAM(nn.Module):
     def set_thresholds(self, thresholds) -> None:
         self.class_threshold.copy_(torch.as_tensor(list(thresholds), dtype=torch.float32))
 
+    def set_vocabulary(self, label_embed: torch.Tensor, thresholds=None, trainable: bool = True) -> None:
+        """Open set: new label rows (``[N, dim]``, or ``[N*D, dim]`` for RAM++) and thresholds."""
+        if label_embed.shape[1] != self.cfg.label_dim:
+            raise ValueError(f"label embeddings are {label_embed.shape[1]}-d but the model's label_dim is "
+                             f"{self.cfg.label_dim}; build the model with label_dim={label_embed.shape[1]}")
+        per = self.cfg.descriptions_per_class if self.cfg.variant == "ram_plus" else 1
+        if label_embed.shape[0] % per:
+            raise ValueError(f"RAM++ needs {per} description rows per class; got {label_embed.shape[0]} rows")
+        n = label_embed.shape[0] // per
+        self.cfg = replace(self.cfg, num_classes=n)
+        self.label_embed = nn.Parameter(label_embed.detach().clone().to(self.fc.weight), requires_grad=trainable)
+        th = torch.full((n,), 0.65) if thresholds is None else torch.as_tensor(list(thresholds), dtype=torch.float32)
+        self.class_threshold = th.to(self.fc.weight.device)
+
 
 # -- checkpoint filter --------------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ STAGE_MODULES = (
     "stages.vocab",
     "stages.label",
     "stages.export",
+    "stages.train",
 )
 
 

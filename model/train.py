@@ -1,0 +1,190 @@
+"""Training RAM / RAM++ from the engine's export Parquet.
+
+Losses: ASL on the tagging logits (γ−=7, γ+=0, clip 0.05, summed, as RAM); optional L1 distillation of
+the pooled image embedding towards a teacher's (CLIP image features in RAM); for RAM++ an image–text
+alignment term (ASL γ−=4 over image·caption similarities, the matching caption as the positive).
+AdamW, linear warm-up then cosine decay, bf16 autocast on CUDA. Checkpoints keep the official layout
+(``{'model': state_dict}`` plus optimizer, scheduler and step) so official tools load ours, and a run
+resumes from its last checkpoint. The RAM caption branch is not built (see model/ram.py).
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+
+from model.preprocess import load_rgb, to_tensor
+from model.ram import RAM
+
+
+def asl_loss(logits: torch.Tensor, targets: torch.Tensor, gamma_neg: float = 7.0, gamma_pos: float = 0.0,
+             clip: float = 0.05, eps: float = 1e-8) -> torch.Tensor:
+    """Asymmetric loss (Ridnik et al.), summed over classes and batch."""
+    p = torch.sigmoid(logits.float())
+    p_neg = (1 - p + clip).clamp(max=1) if clip > 0 else 1 - p
+    loss = targets * torch.log(p.clamp(min=eps)) + (1 - targets) * torch.log(p_neg.clamp(min=eps))
+    pt = p * targets + p_neg * (1 - targets)
+    gamma = gamma_pos * targets + gamma_neg * (1 - targets)
+    return -(loss * torch.pow(1 - pt, gamma)).sum()
+
+
+def average_precision(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Per-class AP (classes without positives get NaN)."""
+    aps = np.full(scores.shape[1], np.nan)
+    for c in range(scores.shape[1]):
+        y = targets[:, c]
+        if y.sum() == 0:
+            continue
+        order = np.argsort(-scores[:, c], kind="stable")
+        hits = y[order]
+        prec = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+        aps[c] = float((prec * hits).sum() / hits.sum())
+    return aps
+
+
+class ExportDataset(torch.utils.data.Dataset):
+    """Rows of the export Parquet: image (relative paths resolve against the shard's folder) + labels."""
+
+    def __init__(self, files: list[Path], num_classes: int, cfg, ids: set[str] | None = None):
+        self.rows = []
+        for f in files:
+            for r in pq.read_table(f, columns=["image_id", "image_path", "caption", "union_label_id"]).to_pylist():
+                if ids is None or r["image_id"] in ids:
+                    p = Path(r["image_path"])
+                    r["path"] = str(p if p.is_absolute() or "://" in r["image_path"] else Path(f).parent / p)
+                    self.rows.append(r)
+        self.num_classes, self.cfg = num_classes, cfg
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        r = self.rows[i]
+        y = torch.zeros(self.num_classes)
+        y[[t for t in r["union_label_id"] if t < self.num_classes]] = 1
+        return to_tensor(load_rgb(r["path"]), self.cfg), y, i
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 8
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.05
+    distill_weight: float = 0.0
+    align_weight: float = 0.0
+    seed: int = 0
+    num_workers: int = 0
+    save_every_epochs: int = 1
+
+
+def lr_lambda(cfg: TrainConfig, total: int):
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        t = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return f
+
+
+def save_checkpoint(path: Path, model: RAM, opt, sched, step: int, epoch: int, extra: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict(),
+                "step": step, "epoch": epoch, **extra}, tmp)
+    tmp.replace(path)
+
+
+@torch.no_grad()
+def evaluate(model: RAM, loader) -> dict:
+    model.eval()
+    scores, targets = [], []
+    for x, y, _ in loader:
+        scores.append(torch.sigmoid(model(x)).float().numpy())
+        targets.append(y.numpy())
+    s, t = np.concatenate(scores), np.concatenate(targets)
+    aps = average_precision(s, t)
+    rng = np.random.default_rng(0)
+    chance = average_precision(rng.random(s.shape), t)
+    return {"mAP": float(np.nanmean(aps)), "chance_mAP": float(np.nanmean(chance)),
+            "classes_with_positives": int(np.sum(~np.isnan(aps)))}
+
+
+def alignment_loss(model: RAM, img: torch.Tensor, caption_emb: torch.Tensor) -> torch.Tensor:
+    """RAM++ image–text alignment: each image's own caption is its positive among the batch's."""
+    cls = F.normalize(img[:, 0].float(), dim=-1)
+    logits = model.reweight_scale.exp() * cls @ F.normalize(caption_emb.float(), dim=-1).T
+    return asl_loss(logits, torch.eye(len(cls), device=cls.device), gamma_neg=4.0) / len(cls)
+
+
+def train(model: RAM, train_set, val_set, cfg: TrainConfig, out_dir: Path, teacher=None, caption_encoder=None,
+          log=print) -> dict:
+    """Train, checkpoint every ``save_every_epochs`` into ``out_dir``, resume from ``last.pth``.
+
+    ``teacher``: callable images -> pooled embedding (distillation); ``caption_encoder``: a text
+    encoder whose width is the model's label_dim (RAM++ alignment).
+    """
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(cfg.seed)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=g,
+                                         num_workers=cfg.num_workers, drop_last=len(train_set) > cfg.batch_size)
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=cfg.batch_size * 2)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = cfg.epochs * len(loader)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
+    device = next(model.parameters()).device
+    amp = device.type == "cuda"
+    start_epoch, step, history = 0, 0, []
+    last = out_dir / "last.pth"
+    if last.exists():
+        ck = torch.load(last, map_location=device, weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["lr_scheduler"])
+        start_epoch, step, history = ck["epoch"] + 1, ck["step"], ck.get("history", [])
+        torch.set_rng_state(ck["rng"])
+        g.set_state(ck["loader_rng"])
+        log(f"resumed from {last} at epoch {start_epoch}")
+    if not history:
+        history.append({"epoch": -1, "loss": None, **evaluate(model, val_loader)})
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        total_loss, n = 0.0, 0
+        for x, y, idx in loader:
+            x, y = x.to(device), y.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                img = model.image_embeds(x)
+                logits = model.fc(model.tagging_head(model.label_queries(img), img)[0]).squeeze(-1)
+                loss = asl_loss(logits, y) / x.shape[0]
+                if teacher is not None and cfg.distill_weight > 0:
+                    loss = loss + cfg.distill_weight * F.l1_loss(img[:, 0].float(), teacher(x).float())
+                if caption_encoder is not None and cfg.align_weight > 0 and model.cfg.variant == "ram_plus":
+                    caps = [(train_set.rows[int(i)]["caption"] or [""])[0] for i in idx]
+                    loss = loss + cfg.align_weight * alignment_loss(model, img, caption_encoder.encode(caps).to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            total_loss += float(loss.detach()) * x.shape[0]
+            n += x.shape[0]
+        metrics = {"epoch": epoch, "loss": total_loss / max(1, n), **evaluate(model, val_loader)}
+        history.append(metrics)
+        if (epoch + 1) % cfg.save_every_epochs == 0 or epoch == cfg.epochs - 1:
+            save_checkpoint(last, model, opt, sched, step, epoch, {"history": history, "rng": torch.get_rng_state(),
+                                                                    "loader_rng": g.get_state(),
+                                                                    "train_config": asdict(cfg)})
+        log(json.dumps(metrics))
+    torch.save({"model": model.state_dict()}, out_dir / "model.pth")  # the official layout alone
+    return {"history": history, "steps": step}

@@ -1,0 +1,118 @@
+"""Training pieces: ASL, AP, checkpoint round trip, deterministic resume, the text encoder."""
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from model.ram import create_model, load_checkpoint
+from model.train import ExportDataset, TrainConfig, asl_loss, average_precision, train
+
+
+def test_asl_matches_its_definition():
+    logits = torch.tensor([[2.0, -1.0], [0.5, -3.0]])
+    y = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    p = torch.sigmoid(logits)
+    pn = (1 - p + 0.05).clamp(max=1)
+    expect = -(y * torch.log(p) + (1 - y) * torch.log(pn) * (1 - pn) ** 7).sum()
+    torch.testing.assert_close(asl_loss(logits, y), expect)
+
+
+def test_average_precision_known_values():
+    scores = np.array([[0.9, 0.1], [0.8, 0.2], [0.1, 0.3]])
+    targets = np.array([[1, 0], [0, 0], [1, 0]])
+    ap = average_precision(scores, targets)
+    assert ap[0] == pytest.approx((1 / 1 + 2 / 3) / 2)
+    assert np.isnan(ap[1])
+
+
+def _tiny_export(tmp_path, n=24):
+    from stages.world.generate import NoiseRates
+    from stages.world.tables import to_tables, world_images
+
+    rows, truth = to_tables(world_images(4, 0, n, 64, NoiseRates(0, 0, 0)))
+    (tmp_path / "images").mkdir()
+    recs = []
+    for r, t in zip(rows.to_pylist(), truth.to_pylist()):
+        (tmp_path / "images" / f"{r['image_id']}.png").write_bytes(r["image_bytes"])
+        colours = sorted({o["colour"] for o in t["objects"]})
+        labels = [["red", "green", "blue", "yellow"].index(c) for c in colours if c in ("red", "green", "blue", "yellow")]
+        recs.append({"image_id": r["image_id"], "image_path": f"images/{r['image_id']}.png", "caption": r["captions"],
+                     "union_label_id": labels, "parse_label_id": [labels]})
+    pq.write_table(pa.Table.from_pylist(recs), tmp_path / "part-00000.parquet")
+    return [tmp_path / "part-00000.parquet"]
+
+
+def _model():
+    torch.manual_seed(0)
+    return create_model("ram_test", num_classes=4, image_size=64, window_size=4, embed_dim=8, head_hidden=32,
+                        head_intermediate=64)
+
+
+def test_checkpoint_round_trip_is_exact(tmp_path):
+    files = _tiny_export(tmp_path)
+    model = _model()
+    ds = ExportDataset(files, 4, model.cfg)
+    train(model, ds, ds, TrainConfig(epochs=1, batch_size=8, warmup_steps=1), tmp_path / "ck", log=lambda m: None)
+    reloaded = load_checkpoint(_model(), str(tmp_path / "ck" / "model.pth"))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, reloaded.state_dict()[k]), k
+    x = torch.stack([ds[i][0] for i in range(4)])
+    assert torch.equal(model.eval()(x), reloaded.eval()(x))
+    assert set(torch.load(tmp_path / "ck" / "model.pth", weights_only=True)) == {"model"}  # official layout
+
+
+class Crash(Exception):
+    pass
+
+
+def _crash_after_first_epoch(msg: str) -> None:
+    if '"epoch": 0' in msg:
+        raise Crash
+
+
+def test_resumed_training_equals_uninterrupted(tmp_path):
+    files = _tiny_export(tmp_path)
+    cfg = TrainConfig(epochs=2, batch_size=8, warmup_steps=2, lr=3e-3)
+    a = _model()
+    ds = ExportDataset(files, 4, a.cfg)
+    train(a, ds, ds, cfg, tmp_path / "a", log=lambda m: None)
+    with pytest.raises(Crash):  # dies right after the first epoch's checkpoint
+        train(_model(), ds, ds, cfg, tmp_path / "b", log=_crash_after_first_epoch)
+    b = _model()
+    logs = []
+    res = train(b, ds, ds, cfg, tmp_path / "b", log=logs.append)  # picks up last.pth
+    assert any("resumed" in m for m in logs)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+    assert len(res["history"]) == 3
+
+
+def test_loss_falls_on_colour_tags(tmp_path):
+    files = _tiny_export(tmp_path, 48)
+    model = _model()
+    ds = ExportDataset(files, 4, model.cfg)
+    res = train(model, ds, ds, TrainConfig(epochs=6, batch_size=8, warmup_steps=4, lr=3e-3), tmp_path / "ck",
+                log=lambda m: None)
+    losses = [h["loss"] for h in res["history"][1:]]
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_minilm_label_queries_put_synonyms_close():
+    from model.text import MiniLMEncoder, label_embeddings
+
+    enc = MiniLMEncoder()
+    e = label_embeddings(enc, ["car", "automobile", "banana"])
+    assert e.shape == (3, 384)
+    assert float(e[0] @ e[1]) > float(e[0] @ e[2]) + 0.1
+
+
+def test_open_set_vocabulary_and_ram_plus_description_layout():
+    m = create_model("ram_plus_test", label_dim=16)
+    desc = torch.nn.functional.normalize(torch.randn(3 * 51, 16), dim=-1)
+    m.set_vocabulary(desc, [0.5, 0.6, 0.7])
+    assert m.cfg.num_classes == 3 and m(torch.randn(1, 3, 224, 224)).shape == (1, 3)
+    with pytest.raises(ValueError, match="description rows"):
+        m.set_vocabulary(desc[:100])
+    with pytest.raises(ValueError, match="label_dim"):
+        create_model("ram_test").set_vocabulary(torch.randn(5, 16))
