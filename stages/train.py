@@ -6,7 +6,11 @@ import json
 from pathlib import Path
 from typing import Literal
 
+import pyarrow.parquet as pq
+from PIL import Image
 from pydantic import Field
+
+from pipeline.errors import Reject
 
 from pipeline.registry import register
 from pipeline.stage import ReduceResult, RowSource, Stage, StageConfig
@@ -27,6 +31,18 @@ class TrainStageConfig(StageConfig):
     val_fraction: float = Field(0.1, gt=0, lt=1, description="held-out share, chosen by hash of image_id")
     seed: int | None = Field(None, description="default: the run seed")
     device: str = Field("cpu", description="cpu or cuda")
+
+
+def decode_error(path: str, base: Path) -> str | None:
+    """Why an image cannot be used for training, or None."""
+    from model.preprocess import load_rgb
+
+    p = Path(path)
+    try:
+        load_rgb(str(p if p.is_absolute() else base / p))
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        return f"{type(e).__name__}: {e}"[:300]
+    return None
 
 
 def held_out(image_id: str, fraction: float) -> bool:
@@ -69,7 +85,14 @@ class TrainStage(Stage):
             model.set_vocabulary(emb, tagset.thresholds(), trainable=not c.freeze_label_embed)
         model.set_thresholds(tagset.thresholds())
         model.to(c.device)
-        ids = [i for t in rows.iter_tables(["image_id"]) for i in t.column("image_id").to_pylist()]
+        ids, rejects = [], []
+        for f in rows.files:
+            for r in pq.read_table(f, columns=["image_id", "image_path"]).to_pylist():
+                err = decode_error(r["image_path"], f.parent)
+                if err:
+                    rejects.append(Reject(r["image_id"], "image_decode_failed", err, payload=r["image_path"]))
+                else:
+                    ids.append(r["image_id"])
         val_ids = {i for i in ids if held_out(i, c.val_fraction)}
         train_set = ExportDataset(rows.files, len(tagset), model.cfg, set(ids) - val_ids)
         val_set = ExportDataset(rows.files, len(tagset), model.cfg, val_ids)
@@ -88,5 +111,5 @@ class TrainStage(Stage):
                  "val_chance_mAP": round(hist[-1]["chance_mAP"], 4),
                  "summary": f"val mAP {hist[0]['mAP']:.3f} -> {hist[-1]['mAP']:.3f} (chance "
                             f"{hist[-1]['chance_mAP']:.3f}), loss {hist[1]['loss']:.2f} -> {hist[-1]['loss']:.2f}"}
-        return ReduceResult(files={"model.json": (json.dumps(spec, indent=1) + "\n").encode(),
+        return ReduceResult(rejects=rejects, files={"model.json": (json.dumps(spec, indent=1) + "\n").encode(),
                                    "history.json": (json.dumps(hist, indent=1) + "\n").encode()}, stats=stats)

@@ -71,7 +71,7 @@ def test_registry_names_are_pinned():
     assert registry.names() == [
         "export.ram.v1", "label.v1", "parse.sng.v1", "source.cc3m_tsv.v1", "source.coco.v1",
         "source.flickr30k.v1", "source.folder.v1", "source.img2dataset.v1", "source.multi.v1", "source.parquet.v1",
-        "source.scene_world.v1", "vocab.wordnet.v1",
+        "source.scene_world.v1", "train.ram.v1", "vocab.wordnet.v1",
     ]
 
 

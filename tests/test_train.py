@@ -116,3 +116,25 @@ def test_open_set_vocabulary_and_ram_plus_description_layout():
         m.set_vocabulary(desc[:100])
     with pytest.raises(ValueError, match="label_dim"):
         create_model("ram_test").set_vocabulary(torch.randn(5, 16))
+
+
+def test_train_stage_rejects_undecodable_images_and_records_map(tmp_path):
+    from pipeline.stage import RowSource, StageContext
+    from stages.train import TrainStage, TrainStageConfig
+    from tagset.tagset import Tag, TagSet
+
+    files = _tiny_export(tmp_path, 20)
+    first = pq.read_table(files[0]).to_pylist()[0]
+    (tmp_path / first["image_path"]).write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    vocab = tmp_path / "vocab"
+    vocab.mkdir()
+    pq.write_table(TagSet([Tag(i, n) for i, n in enumerate(["red", "green", "blue", "yellow"])]).to_table(),
+                   vocab / "tagset.parquet")
+    cfg = TrainStageConfig(text_encoder="none", epochs=1, batch_size=8, warmup_steps=1, val_fraction=0.3,
+                           model_args={"image_size": 64, "window_size": 4, "embed_dim": 8, "head_hidden": 32,
+                                       "head_intermediate": 64})
+    stage = TrainStage(cfg, StageContext(str(tmp_path), "train", artifacts={"tagset": str(vocab)}))
+    res = stage.run(RowSource(files))
+    assert [(r.image_id, r.code) for r in res.rejects] == [(first["image_id"], "image_decode_failed")]
+    assert res.stats["train_images"] + res.stats["val_images"] == 19
+    assert 0 <= res.stats["val_mAP_after"] <= 1 and (tmp_path / "train" / "model.pth").exists()
