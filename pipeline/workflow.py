@@ -1,6 +1,7 @@
 """Plans and runs a workflow: contract check, fingerprints, skip / resume / force, manifests."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -18,13 +19,33 @@ from pipeline.store import StepDir, rejects_table, write_bytes_atomic, write_jso
 BASE_COLUMNS = ("image_id",)
 
 
+# Code a stage's output depends on besides its own module: the text and vision libraries and data.
+SHARED_CODE = ("tagset", "model", "stages/world", "stages/columns.py")
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_code_hash() -> str:
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for rel in SHARED_CODE:
+        p = root / rel
+        files = sorted(f for f in p.rglob("*") if f.is_file() and "__pycache__" not in f.parts) if p.is_dir() else [p]
+        for f in files:
+            h.update(str(f.relative_to(root)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:8]
+
+
 def code_version(cls: type) -> str:
-    """Package version + a hash of the stage's module source: editing a stage re-runs it."""
+    """Package version + a hash of the stage's module and the shared libraries it builds on.
+
+    Editing a stage (or tagset/, model/, the scene world) re-runs what it affects.
+    """
     try:
         src = Path(inspect.getsourcefile(cls) or "").read_bytes()
     except (OSError, TypeError):
         src = b""
-    return f"{__version__}+{hashlib.sha256(src).hexdigest()[:8]}"
+    return f"{__version__}+{hashlib.sha256(src).hexdigest()[:8]}.{_shared_code_hash()}"
 
 
 def check_contract(cfg: RunConfig) -> None:

@@ -35,6 +35,16 @@ class VocabStage(Stage):
     inputs = ("image_id", "parsed")
     provides = ("tagset",)
 
+    def input_fingerprint(self) -> str:
+        """Contents of the files the config names (overrides, stop-list, adopted lists)."""
+        import hashlib
+
+        c = self.config
+        h = hashlib.sha256()
+        for path in (c.overrides, c.stoplist, c.tag_list, c.threshold_file, c.chinese_file):
+            h.update(Path(path).read_bytes() if path and Path(path).exists() else b"-")
+        return h.hexdigest()[:16]
+
     def run(self, rows: RowSource) -> ReduceResult:
         from tagset.tagset import TagSet
         from tagset.vocab import TagCounts, adopt_vocab, build_vocab, load_overrides, load_stoplist

@@ -61,7 +61,7 @@ def test_set_override_with_wrong_type_is_a_config_error(tmp_path):
 
 
 def test_shipped_configs_validate_and_satisfy_contract():
-    for name in ("clean.yaml", "tagset.yaml"):
+    for name in ("clean.yaml", "tagset.yaml", "train.yaml"):
         cfg = load_run_config(REPO / "stages" / name)
         check_contract(cfg)
 
