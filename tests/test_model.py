@@ -131,3 +131,23 @@ def test_class_subset_gives_the_same_logits_as_the_full_set():
         sub = torch.tensor([3, 17, 42])
         with torch.no_grad():
             torch.testing.assert_close(model(x, sub), model(x)[:, sub], atol=1e-5, rtol=1e-5)
+
+
+def test_tagger_matches_generate_tag_and_keeps_scores(shared):
+    from model.infer import Tagger
+
+    g = shared / "ref/ram/golden"
+    names = (g / "ram_tag_list.txt").read_text().splitlines()
+    zh = (g / "ram_tag_list_chinese.txt").read_text(encoding="utf-8").splitlines()
+    golden = torch.load(g / "golden_outputs.pt", weights_only=True)
+    for key, name, ckpt in GOLDEN_MODELS:
+        model = create_model(name, pretrained=str(g / ckpt))
+        model.set_thresholds(float(x) for x in (g / "ram_tag_list_threshold.txt").read_text().split())
+        imgs = [Image.fromarray(np.load(g / f"{n}.npy")) for n in ("chelsea", "coffee")]
+        out = Tagger(model, names, zh, batch_size=2, head_chunk=1).tag_images(imgs)
+        torch.testing.assert_close(torch.stack([o.scores for o in out]), golden[key]["scores"], atol=1e-4, rtol=1e-4)
+        for o, t in zip(out, golden[key]["targets"]):
+            assert o.tags == [names[i] for i in torch.nonzero(t).flatten().tolist()]
+            assert o.tags_zh == [zh[i] for i in torch.nonzero(t).flatten().tolist()]
+        sub = Tagger(model, names, classes=[2, 11, 27]).tag_images(imgs[:1])[0]
+        torch.testing.assert_close(sub.scores, golden[key]["scores"][0, [2, 11, 27]], atol=1e-4, rtol=1e-4)
