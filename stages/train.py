@@ -33,6 +33,19 @@ class TrainStageConfig(StageConfig):
     device: str = Field("cpu", description="cpu or cuda")
 
 
+def truth_map(scores, image_ids: list[str], truth_by_id: dict, id_names: dict[int, set[str]]) -> tuple[float, float]:
+    """mAP of tag scores against the scene world's truth, over tags that name a world class."""
+    import numpy as np
+
+    from model.train import average_precision
+
+    cols = [t for t, names in sorted(id_names.items()) if names]
+    y = np.array([[1.0 if id_names[t] & truth_by_id[i].tags else 0.0 for t in cols] for i in image_ids])
+    s = scores[:, cols]
+    chance = average_precision(np.random.default_rng(0).random(s.shape), y)
+    return float(np.nanmean(average_precision(s, y))), float(np.nanmean(chance))
+
+
 def decode_error(path: str, base: Path) -> str | None:
     """Why an image cannot be used for training, or None."""
     from model.preprocess import load_rgb
@@ -58,6 +71,23 @@ class TrainStage(Stage):
     inputs = ("image_id", "image_path", "union_label_id")
     needs = ("tagset",)
     provides = ("tagger",)
+
+    def _truth_map(self, model, val_set, tagset) -> dict:
+        """On a scene world, the held-out mAP against the truth (parse labels are noisy by design)."""
+        import numpy as np
+        import torch
+
+        from pipeline.store import StepDir
+        from stages.world.score import names_for_ids, truth_by_image
+
+        truth = truth_by_image(StepDir(self.context.artifact("truth")).read(name="truth"))
+        loader = torch.utils.data.DataLoader(val_set, batch_size=64)
+        model.eval()
+        with torch.no_grad():
+            scores = np.concatenate([torch.sigmoid(model(x)).numpy() for x, _, _ in loader])
+        ids = [r["image_id"] for r in val_set.rows]
+        m, chance = truth_map(scores, ids, truth, names_for_ids(tagset))
+        return {"val_truth_mAP_after": round(m, 4), "val_truth_chance_mAP": round(chance, 4)}
 
     def run(self, rows: RowSource) -> ReduceResult:
         import torch
@@ -99,9 +129,14 @@ class TrainStage(Stage):
         out = Path(self.context.run_dir) / self.context.step
         tc = TrainConfig(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, weight_decay=c.weight_decay,
                          warmup_steps=c.warmup_steps, seed=seed)
+        has_truth = "truth" in self.context.artifacts
+        truth_before = self._truth_map(model, val_set, tagset) if has_truth and len(val_set) else {}
         res = train(model, train_set, val_set, tc, out / "checkpoints",
                     log=lambda m: print(f"  [{self.context.step}] {m}", flush=True))
         hist = res["history"]
+        truth_q = self._truth_map(model, val_set, tagset) if truth_before else {}
+        if truth_q:
+            truth_q["val_truth_mAP_before"] = truth_before["val_truth_mAP_after"]
         spec = {"entrypoint": c.model, "model_args": {k: v for k, v in args.items()}, "checkpoint": "model.pth",
                 "variant": model.cfg.variant, "label_dim": model.cfg.label_dim, "num_classes": len(tagset)}
         torch.save({"model": model.state_dict()}, out / "model.pth")
@@ -111,5 +146,10 @@ class TrainStage(Stage):
                  "val_chance_mAP": round(hist[-1]["chance_mAP"], 4),
                  "summary": f"val mAP {hist[0]['mAP']:.3f} -> {hist[-1]['mAP']:.3f} (chance "
                             f"{hist[-1]['chance_mAP']:.3f}), loss {hist[1]['loss']:.2f} -> {hist[-1]['loss']:.2f}"}
+        stats.update(truth_q)
+        if truth_q:
+            stats["summary"] += (f"; vs truth: val mAP {truth_q['val_truth_mAP_before']:.3f} -> "
+                                 f"{truth_q['val_truth_mAP_after']:.3f} "
+                                 f"(chance {truth_q['val_truth_chance_mAP']:.3f})")
         return ReduceResult(rejects=rejects, files={"model.json": (json.dumps(spec, indent=1) + "\n").encode(),
                                    "history.json": (json.dumps(hist, indent=1) + "\n").encode()}, stats=stats)

@@ -138,3 +138,16 @@ def test_train_stage_rejects_undecodable_images_and_records_map(tmp_path):
     assert [(r.image_id, r.code) for r in res.rejects] == [(first["image_id"], "image_decode_failed")]
     assert res.stats["train_images"] + res.stats["val_images"] == 19
     assert 0 <= res.stats["val_mAP_after"] <= 1 and (tmp_path / "train" / "model.pth").exists()
+
+
+def test_truth_map_scores_perfect_and_reversed_rankings():
+    from stages.train import truth_map
+    from stages.world.score import ImageTruth
+
+    truth = {"a": ImageTruth({"car", "red"}), "b": ImageTruth({"cup"}), "c": ImageTruth({"car"})}
+    id_names = {0: {"car"}, 1: {"cup"}, 2: set()}  # tag 2 names nothing in the world: not scored
+    perfect = np.array([[0.9, 0.1, 0.5], [0.1, 0.9, 0.5], [0.8, 0.2, 0.5]])
+    assert truth_map(perfect, ["a", "b", "c"], truth, id_names)[0] == 1.0
+    worst = 1 - perfect
+    m, _ = truth_map(worst, ["a", "b", "c"], truth, id_names)
+    assert m < 0.6
