@@ -55,6 +55,14 @@ def empty_rows() -> pa.Table:
     return ROWS_SCHEMA.empty_table()
 
 
+def missing_input(path: str) -> StageResult:
+    return StageResult(empty_rows(), [Reject(None, "input_missing", f"{path} does not exist", "input", payload=path)])
+
+
+def unreadable_input(path: str, err: Exception | str) -> StageResult:
+    return StageResult(empty_rows(), [Reject(None, "input_unreadable", f"{path}: {err}", "input", payload=path)])
+
+
 def rows_table(records: list[dict]) -> pa.Table:
     return pa.Table.from_pylist([{k: r.get(k) for k in ROWS_SCHEMA.names} for r in records], schema=ROWS_SCHEMA)
 
@@ -87,13 +95,11 @@ class _RecordReader(Stage):
     def read_shard(self, spec: dict) -> StageResult:
         path = spec["file"]
         if not os.path.exists(path):
-            return StageResult(empty_rows(), [Reject(None, "input_missing", f"{path} does not exist", "input",
-                                                     payload=path)])
+            return missing_input(path)
         try:
             recs, rejects = self._load(path)
         except (OSError, ValueError, UnicodeDecodeError, tarfile.TarError) as e:
-            return StageResult(empty_rows(), [Reject(None, "input_unreadable", f"{path}: {e}", "input",
-                                                     payload=path)])
+            return unreadable_input(path, e)
         start, stop = spec["start"], spec["stop"]
         first = start == 0
         return StageResult(rows_table(recs[start:stop]), rejects if first else [])
@@ -214,13 +220,14 @@ class Img2DatasetConfig(StageConfig):
     format: Literal["webdataset", "parquet"] = "webdataset"
 
 
-@register("source.img2dataset.v1")
-class Img2Dataset(Stage):
-    """img2dataset output: WebDataset tars (``key.jpg/.txt/.json``) or its Parquet; one shard per file."""
+class _PerFileReader(Stage):
+    """Base for readers whose input files are the shards (one output shard per file)."""
 
     kind = "source"
-    Config = Img2DatasetConfig
     outputs = ("image", "image_bytes", "captions")
+
+    def read_file(self, path: str) -> tuple[list[dict], list[Reject]]:
+        raise NotImplementedError
 
     def input_fingerprint(self) -> str:
         return "|".join(_file_key(p) for p in expand(self.config.path))
@@ -231,15 +238,23 @@ class Img2Dataset(Stage):
     def read_shard(self, spec: dict) -> StageResult:
         path = spec["file"]
         if not os.path.exists(path):
-            return StageResult(empty_rows(), [Reject(None, "input_missing", f"{path} does not exist", "input",
-                                                     payload=path)])
+            return missing_input(path)
         try:
-            recs, rejects = self._read_tar(path) if self.config.format == "webdataset" else self._read_parquet(path)
+            recs, rejects = self.read_file(path)
         except (OSError, tarfile.TarError, pa.ArrowException, ValueError) as e:
-            return StageResult(empty_rows(), [Reject(None, "input_unreadable", f"{path}: {e}", "input",
-                                                     payload=path)])
+            return unreadable_input(path, e)
         recs, dups = _dedupe(recs)
         return StageResult(rows_table(recs), rejects + dups)
+
+
+@register("source.img2dataset.v1")
+class Img2Dataset(_PerFileReader):
+    """img2dataset output: WebDataset tars (``key.jpg/.txt/.json``) or its Parquet; one shard per file."""
+
+    Config = Img2DatasetConfig
+
+    def read_file(self, path: str) -> tuple[list[dict], list[Reject]]:
+        return self._read_tar(path) if self.config.format == "webdataset" else self._read_parquet(path)
 
     def _read_tar(self, path: str) -> tuple[list[dict], list[Reject]]:
         groups: OrderedDict[str, dict[str, bytes]] = OrderedDict()
@@ -296,33 +311,15 @@ class ParquetConfig(StageConfig):
 
 
 @register("source.parquet.v1")
-class ProjectParquet(Stage):
+class ProjectParquet(_PerFileReader):
     """The project's own rows Parquet (``image_id``, ``captions``, ``image`` and/or ``image_bytes``)."""
 
-    kind = "source"
     Config = ParquetConfig
-    outputs = ("image", "image_bytes", "captions")
 
-    def input_fingerprint(self) -> str:
-        return "|".join(_file_key(p) for p in expand(self.config.path))
-
-    def plan(self) -> list[dict]:
-        return [{"file": p} for p in expand(self.config.path)]
-
-    def read_shard(self, spec: dict) -> StageResult:
-        path = spec["file"]
-        if not os.path.exists(path):
-            return StageResult(empty_rows(), [Reject(None, "input_missing", f"{path} does not exist", "input",
-                                                     payload=path)])
-        try:
-            t = pq.read_table(path)
-        except (OSError, pa.ArrowException) as e:
-            return StageResult(empty_rows(), [Reject(None, "input_unreadable", f"{path}: {e}", "input",
-                                                     payload=path)])
+    def read_file(self, path: str) -> tuple[list[dict], list[Reject]]:
+        t = pq.read_table(path)
         if "image_id" not in t.column_names or "captions" not in t.column_names:
-            return StageResult(empty_rows(), [Reject(None, "input_unreadable",
-                                                     f"{path}: needs columns image_id and captions", "input",
-                                                     payload=path)])
+            raise ValueError("needs columns image_id and captions")
         recs, rejects = [], []
         for r in t.to_pylist():
             if r.get("image") is None and r.get("image_bytes") is None:
@@ -330,8 +327,7 @@ class ProjectParquet(Stage):
                                       payload=json.dumps(r.get("captions"))[:2000]))
                 continue
             recs.append(r)
-        recs, dups = _dedupe(recs)
-        return StageResult(rows_table(recs), rejects + dups)
+        return recs, rejects
 
 
 class MultiConfig(StageConfig):
