@@ -151,3 +151,15 @@ def test_truth_map_scores_perfect_and_reversed_rankings():
     worst = 1 - perfect
     m, _ = truth_map(worst, ["a", "b", "c"], truth, id_names)
     assert m < 0.6
+
+
+def test_ram_plus_alignment_loss_prefers_matching_captions():
+    from model.train import alignment_loss
+
+    m = create_model("ram_plus_test", label_dim=16)
+    caps = torch.nn.functional.normalize(torch.randn(4, 16), dim=-1)
+    img = torch.zeros(4, 5, 16)
+    img[:, 0] = caps  # each image's pooled token points at its own caption
+    matched = alignment_loss(m, img, caps)
+    shuffled = alignment_loss(m, img, caps[[1, 2, 3, 0]])
+    assert matched.ndim == 0 and float(matched) < float(shuffled)
