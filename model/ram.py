@@ -110,6 +110,20 @@ class TaggingHead(nn.Module):
         return x, attns
 
 
+def _init_weights(m: nn.Module) -> None:
+    """timm's transformer init (truncated normal 0.02 for linear layers and position tables). Loading a
+    checkpoint replaces all of it; it matters when a model is trained from scratch (tiny taggers)."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+    elif hasattr(m, "relative_position_bias_table"):
+        nn.init.trunc_normal_(m.relative_position_bias_table, std=0.02)
+
+
 # -- model -------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -160,6 +174,8 @@ class RAM(nn.Module):
         self.fc = nn.Linear(cfg.head_hidden, 1)
         self.image_proj = nn.Linear(cfg.vision_width, cfg.label_dim)
         self.register_buffer("class_threshold", torch.full((cfg.num_classes,), 0.65), persistent=False)
+        self.apply(_init_weights)
+
 
     def image_embeds(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.image_proj(self.visual_encoder(pixels))

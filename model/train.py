@@ -50,26 +50,48 @@ def average_precision(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 
 class ExportDataset(torch.utils.data.Dataset):
-    """Rows of the export Parquet: image (relative paths resolve against the shard's folder) + labels."""
+    """Rows of the export Parquet (``image_path``, relative paths resolve against the shard's folder) or
+    of any earlier step (``image`` path or inline ``image_bytes``) + ``union_label_id``.
 
-    def __init__(self, files: list[Path], num_classes: int, cfg, ids: set[str] | None = None):
+    ``cache``: keep decoded, resized tensors in memory after the first epoch (small corpora on CPU).
+    """
+
+    def __init__(self, files: list[Path], num_classes: int, cfg, ids: set[str] | None = None, cache: bool = False):
         self.rows = []
         for f in files:
-            for r in pq.read_table(f, columns=["image_id", "image_path", "caption", "union_label_id"]).to_pylist():
+            names = pq.ParquetFile(f).schema_arrow.names
+            cols = [c for c in ("image_id", "image_path", "image", "image_bytes", "caption", "captions",
+                                "union_label_id") if c in names]
+            for r in pq.read_table(f, columns=cols).to_pylist():
                 if ids is None or r["image_id"] in ids:
-                    p = Path(r["image_path"])
-                    r["path"] = str(p if p.is_absolute() or "://" in r["image_path"] else Path(f).parent / p)
+                    src = r.get("image_path") or r.get("image")
+                    if r.get("image_bytes") is not None:
+                        r["data"] = r["image_bytes"]
+                    else:
+                        p = Path(src)
+                        r["data"] = str(p if p.is_absolute() or "://" in src else Path(f).parent / p)
+                    r["caption"] = r.get("caption") or r.get("captions") or []
+                    r.pop("image_bytes", None)
                     self.rows.append(r)
         self.num_classes, self.cfg = num_classes, cfg
+        self.cache: dict[int, torch.Tensor] | None = {} if cache else None
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def image(self, i: int) -> torch.Tensor:
+        if self.cache is not None and i in self.cache:
+            return self.cache[i]
+        x = to_tensor(load_rgb(self.rows[i]["data"]), self.cfg)
+        if self.cache is not None:
+            self.cache[i] = x
+        return x
 
     def __getitem__(self, i: int):
         r = self.rows[i]
         y = torch.zeros(self.num_classes)
         y[[t for t in r["union_label_id"] if t < self.num_classes]] = 1
-        return to_tensor(load_rgb(r["path"]), self.cfg), y, i
+        return self.image(i), y, i
 
 
 @dataclass

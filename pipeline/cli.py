@@ -1,4 +1,4 @@
-"""Command line: ``python -m pipeline run CONFIG``, ``stages``, ``scene-world``.
+"""Command line: ``python -m pipeline run CONFIG``, ``stages``, ``scene-world``, ``explain``.
 
 ``main(argv)`` takes a list so tests can run the CLI in-process. Exit codes: 0 ok, 2 bad config or
 workflow contract (nothing written), 1 anything else.
@@ -53,6 +53,14 @@ def _cmd_scene_world(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from pipeline.explain import explain
+
+    text, code = explain(Path(args.run_dir), args.image_id, args.tag)
+    print(text)
+    return code
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m pipeline", description="RAM data engine")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -73,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--out", required=True)
     w.add_argument("--preview", help="also write a contact sheet PNG here")
     w.set_defaults(fn=_cmd_scene_world)
+    e = sub.add_parser("explain", help="print one tag's history on one image: every event, with evidence")
+    e.add_argument("run_dir")
+    e.add_argument("image_id")
+    e.add_argument("tag", help="tag name (or a synonym of it) or tag id")
+    e.set_defaults(fn=_cmd_explain)
     return ap
 
 

@@ -22,6 +22,9 @@ REJECT_CODES: dict[str, str] = {
     "row_duplicate_id": "image_id already seen earlier in the input",
     "row_bad_record": "record in the input file has the wrong shape",
     "image_decode_failed": "image could not be decoded",
+    "image_truncated": "image file ends early (truncated)",
+    "image_too_small": "image is smaller than the stage's min_side",
+    "image_too_large": "image has more pixels than the stage's max_pixels",
     # input files (level "input": a whole file could not be read; the run goes on without it)
     "input_missing": "input file does not exist",
     "input_unreadable": "input file could not be read or parsed",

@@ -19,6 +19,10 @@ STAGE_MODULES = (
     "stages.label",
     "stages.export",
     "stages.train",
+    "stages.pseudolabel",
+    "stages.regions",
+    "stages.decide",
+    "stages.report",
 )
 
 

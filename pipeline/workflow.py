@@ -20,7 +20,7 @@ BASE_COLUMNS = ("image_id",)
 
 
 # Code a stage's output depends on besides its own module: the text and vision libraries and data.
-SHARED_CODE = ("tagset", "model", "stages/world", "stages/columns.py")
+SHARED_CODE = ("tagset", "model", "stages/world", "stages/columns.py", "stages/vision.py")
 
 
 @functools.lru_cache(maxsize=None)

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Literal
 
 import pyarrow.parquet as pq
-from PIL import Image
 from pydantic import Field
 
 from pipeline.errors import Reject
@@ -31,6 +30,7 @@ class TrainStageConfig(StageConfig):
     val_fraction: float = Field(0.1, gt=0, lt=1, description="held-out share, chosen by hash of image_id")
     seed: int | None = Field(None, description="default: the run seed")
     device: str = Field("cpu", description="cpu or cuda")
+    cache_images: bool = Field(True, description="keep decoded, resized images in memory (small corpora)")
 
 
 def truth_map(scores, image_ids: list[str], truth_by_id: dict, id_names: dict[int, set[str]]) -> tuple[float, float]:
@@ -46,16 +46,21 @@ def truth_map(scores, image_ids: list[str], truth_by_id: dict, id_names: dict[in
     return float(np.nanmean(average_precision(s, y))), float(np.nanmean(chance))
 
 
-def decode_error(path: str, base: Path) -> str | None:
-    """Why an image cannot be used for training, or None."""
-    from model.preprocess import load_rgb
+def decode_errors(files: list[Path]) -> tuple[list[str], list[Reject]]:
+    """Ids of rows whose image decodes, and rejects (with stable codes) for the others."""
+    from stages.vision import ImageLimits, open_image
 
-    p = Path(path)
-    try:
-        load_rgb(str(p if p.is_absolute() else base / p))
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        return f"{type(e).__name__}: {e}"[:300]
-    return None
+    ids, rejects = [], []
+    for f in files:
+        names = pq.ParquetFile(f).schema_arrow.names
+        cols = [c for c in ("image_id", "image_path", "image", "image_bytes") if c in names]
+        for r in pq.read_table(f, columns=cols).to_pylist():
+            _, rej = open_image(r, Path(f).parent, ImageLimits(min_side=1))
+            if rej is not None:
+                rejects.append(rej)
+            else:
+                ids.append(r["image_id"])
+    return ids, rejects
 
 
 def held_out(image_id: str, fraction: float) -> bool:
@@ -68,7 +73,7 @@ class TrainStage(Stage):
 
     kind = "reduce"
     Config = TrainStageConfig
-    inputs = ("image_id", "image_path", "union_label_id")
+    inputs = ("image_id", "union_label_id")  # + image_path (export) or image / image_bytes
     needs = ("tagset",)
     provides = ("tagger",)
 
@@ -115,17 +120,10 @@ class TrainStage(Stage):
             model.set_vocabulary(emb, tagset.thresholds(), trainable=not c.freeze_label_embed)
         model.set_thresholds(tagset.thresholds())
         model.to(c.device)
-        ids, rejects = [], []
-        for f in rows.files:
-            for r in pq.read_table(f, columns=["image_id", "image_path"]).to_pylist():
-                err = decode_error(r["image_path"], f.parent)
-                if err:
-                    rejects.append(Reject(r["image_id"], "image_decode_failed", err, payload=r["image_path"]))
-                else:
-                    ids.append(r["image_id"])
+        ids, rejects = decode_errors(rows.files)
         val_ids = {i for i in ids if held_out(i, c.val_fraction)}
-        train_set = ExportDataset(rows.files, len(tagset), model.cfg, set(ids) - val_ids)
-        val_set = ExportDataset(rows.files, len(tagset), model.cfg, val_ids)
+        train_set = ExportDataset(rows.files, len(tagset), model.cfg, set(ids) - val_ids, cache=c.cache_images)
+        val_set = ExportDataset(rows.files, len(tagset), model.cfg, val_ids, cache=c.cache_images)
         out = Path(self.context.run_dir) / self.context.step
         tc = TrainConfig(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, weight_decay=c.weight_decay,
                          warmup_steps=c.warmup_steps, seed=seed)

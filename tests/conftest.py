@@ -54,7 +54,7 @@ def write_config(path: Path, text: str) -> Path:
 
 
 SMALL_WORLD = """
-workflow: clean
+workflow: parse_only
 seed: 3
 ray: {{enabled: {ray}, progress: false}}
 input: {{images: {images}, shard_rows: {shard_rows}, size: 64}}

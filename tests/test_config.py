@@ -18,14 +18,14 @@ def _cfg(tmp_path, text: str) -> Path:
 
 
 @pytest.mark.parametrize("text, key, fragment", [
-    ("workflow: clean\nparse: {max_wordz: 3}\n", "parse.max_wordz", "unknown key"),
-    ("workflow: clean\nparse: {max_words: lots}\n", "parse.max_words", "valid integer"),
-    ("workflow: clean\nparse: {use: parse.nope.v9}\n", "parse.use", "unknown stage"),
+    ("workflow: parse_only\nparse: {max_wordz: 3}\n", "parse.max_wordz", "unknown key"),
+    ("workflow: parse_only\nparse: {max_words: lots}\n", "parse.max_words", "valid integer"),
+    ("workflow: parse_only\nparse: {use: parse.nope.v9}\n", "parse.use", "unknown stage"),
     ("workflow: nope\n", "workflow", "expected one of"),
-    ("workflow: clean\nbogus: 1\n", "bogus", "unknown key"),
-    ("workflow: clean\nparse: {resources: {pool_size: 0}}\n", "parse.resources.pool_size", "greater than or equal"),
-    ("workflow: clean\nseed: abc\n", "seed", "expected an integer"),
-    ("workflow: clean\nray: {adress: auto}\n", "ray.adress", "unknown key"),
+    ("workflow: parse_only\nbogus: 1\n", "bogus", "unknown key"),
+    ("workflow: parse_only\nparse: {resources: {pool_size: 0}}\n", "parse.resources.pool_size", "greater than or equal"),
+    ("workflow: parse_only\nseed: abc\n", "seed", "expected an integer"),
+    ("workflow: parse_only\nray: {adress: auto}\n", "ray.adress", "unknown key"),
 ])
 def test_bad_config_names_file_key_and_expectation(tmp_path, text, key, fragment):
     path = _cfg(tmp_path, text)
@@ -37,7 +37,7 @@ def test_bad_config_names_file_key_and_expectation(tmp_path, text, key, fragment
 
 
 def test_cli_bad_config_exits_2_and_writes_nothing(tmp_path, capsys):
-    path = _cfg(tmp_path, "workflow: clean\nparse: {max_wordz: 3}\n")
+    path = _cfg(tmp_path, "workflow: parse_only\nparse: {max_wordz: 3}\n")
     out = tmp_path / "run"
     assert main(["run", str(path), "--out", str(out)]) == 2
     assert not out.exists()
@@ -46,7 +46,7 @@ def test_cli_bad_config_exits_2_and_writes_nothing(tmp_path, capsys):
 
 
 def test_set_overrides_by_dotted_path(tmp_path):
-    path = _cfg(tmp_path, "workflow: clean\ninput: {images: 10}\n")
+    path = _cfg(tmp_path, "workflow: parse_only\ninput: {images: 10}\n")
     cfg = load_run_config(path, ["input.images=25", "parse.max_words=7", "ray.enabled=false"])
     assert cfg.step("input").config.images == 25
     assert cfg.step("parse").config.max_words == 7
@@ -54,7 +54,7 @@ def test_set_overrides_by_dotted_path(tmp_path):
 
 
 def test_set_override_with_wrong_type_is_a_config_error(tmp_path):
-    path = _cfg(tmp_path, "workflow: clean\n")
+    path = _cfg(tmp_path, "workflow: parse_only\n")
     with pytest.raises(ConfigError) as ei:
         load_run_config(path, ["input.images=many"])
     assert ei.value.key == "input.images"
@@ -69,9 +69,10 @@ def test_shipped_configs_validate_and_satisfy_contract():
 def test_registry_names_are_pinned():
     # A behaviour change gets a new versioned name; removing or renaming one breaks users' configs.
     assert registry.names() == [
-        "export.ram.v1", "label.v1", "parse.sng.v1", "source.cc3m_tsv.v1", "source.coco.v1",
+        "cluster.v1", "decide.v1", "embed.v1", "export.ram.v1", "ground.v1", "label.v1", "parse.sng.v1",
+        "pseudolabel.v1", "report.v1", "source.cc3m_tsv.v1", "source.coco.v1",
         "source.flickr30k.v1", "source.folder.v1", "source.img2dataset.v1", "source.multi.v1", "source.parquet.v1",
-        "source.scene_world.v1", "train.ram.v1", "vocab.wordnet.v1",
+        "source.scene_world.v1", "train.ram.v1", "verify.v1", "vocab.wordnet.v1",
     ]
 
 

@@ -100,7 +100,7 @@ def test_bad_rows_are_kept_in_rejects_through_a_run(tmp_path):
         "captions": [["A red car on the street."], ["", "  "], ["A dog."], ["A cat on a mat.", "<b>x</b> y"]],
     }), rows)
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"workflow: clean\nray: {{enabled: false}}\ninput: {{use: source.parquet.v1, path: {rows}}}\n")
+    cfg.write_text(f"workflow: parse_only\nray: {{enabled: false}}\ninput: {{use: source.parquet.v1, path: {rows}}}\n")
     out = tmp_path / "run"
     assert main(["run", str(cfg), "--out", str(out)]) == 0
     m = manifests(out)

@@ -1,0 +1,179 @@
+"""decide.v1: the only stage that changes labels. Evidence in, ``union_label_id`` + ``tag_events`` out.
+
+Two rules, both computed for every image (``stage_labels`` keeps each one's result, so the report
+scores both and the chain parse -> pseudolabel -> cluster -> verify):
+
+* ``paper``: parse tags + pseudo tags scoring >= ``add_threshold``, minus the outermost
+  ``outer_share`` of every tag's regions (K-Means distance), minus tags whose crop scores below
+  ``crop_threshold``. It drops a fixed share of every tag, true ones included.
+* ``combined`` (default): a parse tag is dropped only when at least ``votes_to_drop`` of three
+  independent signals speak against it: its whole-image score < ``drop_score``, its crop score <
+  ``crop_threshold``, its distance > ``far_relative`` x its tag's median distance. A pseudo tag is
+  added when its score >= ``add_threshold`` and its crop agrees (crop score >= ``add_crop_min``).
+
+Only this stage reads thresholds, so changing them re-runs decide alone.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from pipeline.registry import register
+from pipeline.stage import Stage, StageConfig, StageResult
+from stages.columns import TAG_EVENT
+
+# Stable reason codes of decision events (part of the data contract: add, never rename).
+REASONS: dict[str, str] = {
+    "pseudo_label": "base tagger scored the tag >= add_threshold on the whole image",
+    "pseudo_below": "pseudo tag scored >= add_threshold but its crop disagreed",
+    "region": "the grounding backend placed a box for the tag",
+    "no_region": "the grounding backend found no box for the tag",
+    "cluster_inlier": "region is within the tag's usual distance",
+    "cluster_outlier": "region is among the outermost outer_share of its tag (the paper's rule)",
+    "cluster_far": "region is farther than far_relative x its tag's median distance",
+    "too_few_regions": "the tag has too few regions to cluster",
+    "verify_pass": "base tagger scores the tag on its own crop >= crop_threshold",
+    "verify_reject": "base tagger scores the tag on its own crop < crop_threshold",
+    "kept": "the rule keeps the tag",
+    "dropped": "the rule drops the tag (evidence lists which signals voted)",
+    "added": "the rule adds the pseudo tag",
+}
+
+STAGE_LABELS = pa.struct([(k, pa.list_(pa.int32())) for k in
+                          ("parse", "pseudolabel", "cluster", "verify", "paper", "combined")])
+
+
+class DecideConfig(StageConfig):
+    rule: Literal["combined", "paper"] = Field("combined", description="which rule writes union_label_id")
+    add_threshold: float = Field(0.7, ge=0, le=1, description="pseudo score needed to add a tag")
+    add_crop_min: float = Field(0.3, ge=0, le=1, description="combined: crop score an added tag needs")
+    outer_share: float = Field(0.10, ge=0, le=1, description="paper: outermost share of each tag's regions")
+    crop_threshold: float = Field(0.3, ge=0, le=1, description="crop score below this flags the tag")
+    drop_score: float = Field(0.3, ge=0, le=1, description="combined: whole-image score below this votes drop")
+    far_relative: float = Field(1.5, gt=0, description="combined: distance / tag median above this votes drop")
+    votes_to_drop: int = Field(2, ge=1, le=3, description="combined: signals needed to drop a parse tag")
+
+
+def _ev(tag: int, stage: str, action: str, reason: str, score: float | None, evidence: dict) -> dict:
+    assert reason in REASONS, reason
+    return {"tag_id": tag, "stage": stage, "action": action, "reason": reason,
+            "score": None if score is None or (isinstance(score, float) and math.isnan(score)) else float(score),
+            "evidence": json.dumps(evidence, sort_keys=True)}
+
+
+@register("decide.v1")
+class DecideStage(Stage):
+    """Applies the configured rule; every step of every candidate tag becomes a tag event."""
+
+    Config = DecideConfig
+    inputs = ("image_id", "union_label_id", "tag_events", "tag_scores", "regions", "crop_scores")
+    outputs = ("union_label_id", "tag_events", "stage_labels")
+    needs = ("clusters",)
+    provides = ("decisions",)
+
+    def setup(self) -> None:
+        t = pq.read_table(Path(self.context.artifact("clusters")) / "distances.parquet")
+        self.dist = {(i, g): (c, d, q, r) for i, g, c, d, q, r in zip(*(t.column(n).to_pylist() for n in (
+            "image_id", "tag_id", "cluster", "distance", "quantile", "relative")))}
+        c = pq.read_table(Path(self.context.artifact("clusters")) / "clusters.parquet").to_pylist()
+        self.too_few = {r["tag_id"] for r in c if r["status"] != "clustered"}
+
+    def decide_row(self, iid: str, parse: list[int], scores: list[dict], regions: list[dict],
+                   crops: list[dict]) -> tuple[dict, list[dict]]:
+        c = self.config
+        score = {d["tag_id"]: d["score"] for d in scores or []}
+        box = {d["tag_id"]: d for d in regions or []}
+        crop = {d["tag_id"]: d["score"] for d in crops or []}
+        parse_set = set(parse or [])
+        pseudo = {t for t, s in score.items() if s >= c.add_threshold and t not in parse_set}
+        events: list[dict] = []
+        labels = {k: set() for k in STAGE_LABELS.names}
+        labels["parse"] = set(parse_set)
+        labels["pseudolabel"] = parse_set | pseudo
+        cluster_keep, verify_keep = set(), set()
+        for t in sorted(parse_set | pseudo):
+            s, cs = score.get(t, float("nan")), crop.get(t, float("nan"))
+            ev = {"pseudo_score": None if math.isnan(s) else round(s, 4)}
+            if t in pseudo:
+                events.append(_ev(t, "pseudolabel", "add", "pseudo_label", s, {"score": round(s, 4),
+                                                                                "add_threshold": c.add_threshold}))
+            if t in box:
+                b = [round(v, 1) for v in box[t]["box"]]
+                ev["box"] = b
+                events.append(_ev(t, "ground", "box", "region", box[t]["score"], {"box": b,
+                                                                                   "backend": box[t]["backend"]}))
+            else:
+                events.append(_ev(t, "ground", "none", "no_region", None, {}))
+            d = self.dist.get((iid, t))
+            outer = far = False
+            if d is not None:
+                cl, dist, q, rel = d
+                outer, far = q > 1 - c.outer_share, rel > c.far_relative
+                ev.update(distance=round(dist, 4), quantile=round(q, 4), relative=round(rel, 3), cluster=cl)
+                reason = "cluster_outlier" if outer else ("cluster_far" if far else "cluster_inlier")
+                events.append(_ev(t, "cluster", "flag" if outer or far else "pass", reason, dist,
+                                  {"distance": round(dist, 4), "quantile": round(q, 4), "relative": round(rel, 3),
+                                   "cluster": cl, "outer_share": c.outer_share, "far_relative": c.far_relative}))
+            elif t in box and t in self.too_few:
+                events.append(_ev(t, "cluster", "none", "too_few_regions", None, {}))
+            low_crop = not math.isnan(cs) and cs < c.crop_threshold
+            if not math.isnan(cs):
+                ev["crop_score"] = round(cs, 4)
+                events.append(_ev(t, "verify", "flag" if low_crop else "pass",
+                                  "verify_reject" if low_crop else "verify_pass", cs,
+                                  {"crop_score": round(cs, 4), "crop_threshold": c.crop_threshold}))
+            if not outer:
+                cluster_keep.add(t)
+                if not low_crop:
+                    verify_keep.add(t)
+            # the combined rule
+            if t in parse_set:
+                votes = [name for name, hit in (("low_score", not math.isnan(s) and s < c.drop_score),
+                                                ("low_crop_score", low_crop), ("far_region", far)) if hit]
+                keep = len(votes) < c.votes_to_drop
+                if keep:
+                    labels["combined"].add(t)
+                ev.update(votes=votes, rule="combined")
+                events.append(_ev(t, "decide", "keep" if keep else "drop", "kept" if keep else "dropped",
+                                  s, ev) if c.rule == "combined" else None)
+            else:
+                ok = math.isnan(cs) or cs >= c.add_crop_min
+                if ok:
+                    labels["combined"].add(t)
+                ev.update(rule="combined", add_crop_min=c.add_crop_min)
+                if c.rule == "combined":
+                    events.append(_ev(t, "decide", "add" if ok else "skip", "added" if ok else "pseudo_below", s, ev))
+            if c.rule == "paper":
+                kept = t in verify_keep
+                ev.update(rule="paper")
+                events.append(_ev(t, "decide", ("add" if t in pseudo else "keep") if kept else "drop",
+                                  ("added" if t in pseudo else "kept") if kept else "dropped", s, ev))
+        labels["cluster"] = cluster_keep
+        labels["verify"] = verify_keep
+        labels["paper"] = verify_keep
+        return {k: sorted(v) for k, v in labels.items()}, [e for e in events if e is not None]
+
+    def __call__(self, batch: pa.Table) -> StageResult:
+        cols = {n: batch.column(n).to_pylist() for n in self.inputs}
+        new_labels, new_events, stage_labels = [], [], []
+        for i, iid in enumerate(cols["image_id"]):
+            labs, evs = self.decide_row(iid, cols["union_label_id"][i], cols["tag_scores"][i], cols["regions"][i],
+                                        cols["crop_scores"][i])
+            stage_labels.append(labs)
+            new_labels.append(labs[self.config.rule])
+            new_events.append((cols["tag_events"][i] or []) + evs)
+        out = batch
+        for name, arr in (("union_label_id", pa.array(new_labels, pa.list_(pa.int32()))),
+                          ("tag_events", pa.array(new_events, pa.list_(TAG_EVENT))),
+                          ("stage_labels", pa.array(stage_labels, STAGE_LABELS))):
+            if name in out.column_names:
+                out = out.set_column(out.schema.get_field_index(name), name, arr)
+            else:
+                out = out.append_column(name, arr)
+        return StageResult(out)

@@ -1,0 +1,185 @@
+"""pseudolabel.v1 and ground.v1: the base tagger's scores for every image, then a region per candidate tag.
+
+Neither decides anything: pseudolabel keeps sparse scores (every tag at or above ``floor``, the
+``top_k`` best, and the image's parse tags whatever their score); ground boxes the candidate tags.
+``decide.v1`` turns the evidence into labels.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field
+
+from pipeline.registry import register
+from pipeline.stage import Stage, StageResult
+from stages.vision import BaseTagger, ImageLimits, TaggerConfig, attention_box, clip_box, open_image, region_types
+
+
+class VisionConfig(TaggerConfig, ImageLimits):
+    """Base tagger + image limits, shared by every stage that looks at pixels."""
+
+
+def image_base(context) -> Path:
+    return Path(context.run_dir)
+
+
+def load_images(stage: Stage, batch: pa.Table) -> tuple[list[int], list, list]:
+    """Decoded images of a batch: (row indices that decoded, images, rejects)."""
+    cols = [c for c in ("image_id", "image", "image_bytes", "image_path") if c in batch.column_names]
+    keep, images, rejects = [], [], []
+    for i, r in enumerate(batch.select(cols).to_pylist()):
+        img, rej = open_image(r, image_base(stage.context), stage.config)
+        if rej is not None:
+            rejects.append(rej)
+        else:
+            keep.append(i)
+            images.append(img)
+    return keep, images, rejects
+
+
+class PseudoLabelConfig(VisionConfig):
+    floor: float = Field(0.05, ge=0, le=1, description="keep every tag scoring at least this")
+    top_k: int = Field(10, ge=0, description="and the k best tags of each image")
+
+
+@register("pseudolabel.v1")
+class PseudoLabelStage(Stage):
+    """Batched base-tagger scores; an actor per worker holds the model (GPU if resources ask for one)."""
+
+    Config = PseudoLabelConfig
+    inputs = ("image_id", "union_label_id")
+    outputs = ("tag_scores",)
+    needs = ("tagset",)
+
+    def setup(self) -> None:
+        from tagset.tagset import TagSet
+
+        self.tagset = TagSet.load(self.context.artifact("tagset"))
+        self.tagger = BaseTagger.load(self.config, self.context.artifacts, self.tagset.names)
+
+    def input_fingerprint(self) -> str:
+        return _checkpoint_fingerprint(self.config)
+
+    def __call__(self, batch: pa.Table) -> StageResult:
+        score_t, _, _ = region_types()
+        keep, images, rejects = load_images(self, batch)
+        scores = self.tagger.scores(images) if images else np.zeros((0, 0), np.float32)
+        parse = batch.column("union_label_id").to_pylist()
+        out = []
+        for j, i in enumerate(keep):
+            s = scores[j]
+            chosen = set(np.nonzero(np.nan_to_num(s, nan=-1) >= self.config.floor)[0].tolist())
+            if self.config.top_k:
+                order = np.argsort(-np.nan_to_num(s, nan=-1), kind="stable")[: self.config.top_k]
+                chosen |= {int(t) for t in order if not np.isnan(s[t])}
+            chosen |= {t for t in (parse[i] or []) if t < len(s) and not np.isnan(s[t])}
+            out.append([{"tag_id": int(t), "score": float(s[t])} for t in sorted(chosen)])
+        table = batch.take(pa.array(keep, pa.int64())).append_column("tag_scores", pa.array(out, pa.list_(score_t)))
+        return StageResult(table, rejects)
+
+
+def _checkpoint_fingerprint(cfg: TaggerConfig) -> str:
+    """A released checkpoint's identity (size + mtime) joins the step fingerprint."""
+    parts = []
+    for p in (cfg.checkpoint, cfg.tag_list):
+        if p and Path(p).exists():
+            st = Path(p).stat()
+            parts.append(f"{p}:{st.st_size}:{int(st.st_mtime)}")
+    return ";".join(parts)
+
+
+class GroundConfig(VisionConfig):
+    backend: Literal["attention", "transformers", "groundingdino"] = Field(
+        "attention", description="attention: the tagger's own cross-attention; transformers: HF Grounding DINO")
+    candidate_score: float = Field(0.5, ge=0, le=1, description="pseudo tags at or above this are grounded too")
+    attention_rel: float = Field(0.5, gt=0, le=1, description="attention cells >= this x the peak form the box")
+    detector: str | None = Field(None, description="local Grounding DINO directory (HF format) or .pth")
+    box_threshold: float = Field(0.25, ge=0, le=1)
+    text_threshold: float = Field(0.25, ge=0, le=1)
+    max_text_tokens: int = Field(256, ge=8, description="prompts are chunked to the detector's text limit")
+
+
+def candidate_tags(parse: list[int] | None, tag_scores: list[dict] | None, min_score: float) -> list[int]:
+    """An image's parse tags and its pseudo tags scoring at least ``min_score``, sorted."""
+    out = set(parse or [])
+    out |= {d["tag_id"] for d in tag_scores or [] if d["score"] >= min_score}
+    return sorted(out)
+
+
+@register("ground.v1")
+class GroundStage(Stage):
+    """One box per (image, candidate tag); a tag the backend cannot place gets no region."""
+
+    Config = GroundConfig
+    inputs = ("image_id", "union_label_id", "tag_scores")
+    outputs = ("regions",)
+    needs = ("tagset",)
+
+    def setup(self) -> None:
+        from tagset.tagset import TagSet
+
+        self.tagset = TagSet.load(self.context.artifact("tagset"))
+        c = self.config
+        if c.backend == "attention":
+            self.tagger = BaseTagger.load(c, self.context.artifacts, self.tagset.names)
+        elif c.backend == "transformers":
+            from stages.detectors import HFGroundingDino
+
+            if not c.detector:
+                raise ValueError("ground.backend 'transformers' needs ground.detector: a local Grounding DINO "
+                                 "directory in Hugging Face format")
+            self.detector = HFGroundingDino(c.detector, c.device, c.max_text_tokens)
+        else:
+            from stages.detectors import OriginalGroundingDino
+
+            self.detector = OriginalGroundingDino(c.detector, c.device)
+
+    def input_fingerprint(self) -> str:
+        return _checkpoint_fingerprint(self.config) + (f";{self.config.detector}" if self.config.detector else "")
+
+    def __call__(self, batch: pa.Table) -> StageResult:
+        _, region_t, _ = region_types()
+        keep, images, rejects = load_images(self, batch)
+        parse = batch.column("union_label_id").to_pylist()
+        scores = batch.column("tag_scores").to_pylist()
+        cands = [candidate_tags(parse[i], scores[i], self.config.candidate_score) for i in keep]
+        if self.config.backend == "attention":
+            regions = self._attention(images, cands)
+        else:
+            names = [[self.tagset.names[t] for t in c] for c in cands]
+            found = self.detector.detect(images, names, self.config.box_threshold, self.config.text_threshold)
+            regions = []
+            for img, c, dets in zip(images, cands, found):
+                rs = []
+                for t, name in zip(c, [self.tagset.names[t] for t in c]):
+                    best = max((d for d in dets if d["label"] == name), key=lambda d: d["score"], default=None)
+                    box = clip_box(best["box"], *img.size) if best else None
+                    if box is not None:
+                        rs.append({"tag_id": t, "box": box, "score": float(best["score"]),
+                                   "backend": self.config.backend})
+                regions.append(rs)
+        table = batch.take(pa.array(keep, pa.int64())).append_column("regions", pa.array(regions, pa.list_(region_t)))
+        return StageResult(table, rejects)
+
+    def _attention(self, images, cands) -> list[list[dict]]:
+        _, maps = self.tagger.scores(images, attention=True)
+        out = []
+        for img, c, m in zip(images, cands, maps):
+            rs = []
+            for t in c:
+                if self.tagger.class_of_tag[t] < 0 or not np.any(m[t] > 0):
+                    continue  # the model lacks the tag: no region (decide records no_region)
+                box, mass = attention_box(m[t], *img.size, rel=self.config.attention_rel)
+                box = clip_box(box, *img.size)
+                if box is not None:
+                    rs.append({"tag_id": t, "box": box, "score": mass, "backend": "attention"})
+            out.append(rs)
+        return out
+
+
+def dump(obj) -> str:
+    return json.dumps(obj, sort_keys=True)

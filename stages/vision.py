@@ -1,0 +1,235 @@
+"""What the vision stages share: opening a row's image safely, the base tagger, boxes and crops.
+
+The base tagger is either the ``tagger`` artifact of an earlier ``train`` step (``model.json`` +
+``model.pth``) or a released checkpoint named in the stage config (entrypoint, local checkpoint, the
+checkpoint's tag list). Tags of the run's tagset are matched to the model's classes by name; a tag the
+model does not know gets no score (NaN), never a made-up one.
+"""
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from pydantic import Field
+
+from pipeline.errors import Reject
+from pipeline.stage import StageConfig
+
+REGION = None  # pyarrow struct types, built lazily (stages import this module on the driver too)
+
+
+def region_types():
+    import pyarrow as pa
+
+    score = pa.struct([("tag_id", pa.int32()), ("score", pa.float32())])
+    region = pa.struct([("tag_id", pa.int32()), ("box", pa.list_(pa.float32(), 4)), ("score", pa.float32()),
+                        ("backend", pa.string())])
+    embed = pa.struct([("tag_id", pa.int32()), ("embedding", pa.list_(pa.float16()))])
+    return score, region, embed
+
+
+class ImageLimits(StageConfig):
+    min_side: int = Field(8, ge=1, description="images with a smaller side are rejected (image_too_small)")
+    max_pixels: int = Field(64_000_000, ge=1, description="larger images are rejected (image_too_large)")
+
+
+def open_image(row: dict, base: Path | None, limits: ImageLimits) -> tuple[Image.Image | None, Reject | None]:
+    """RGB image of a row (path or inline bytes), or a reject with a stable code.
+
+    16-bit grey, CMYK, palette and alpha images are converted to RGB (alpha over white): they are
+    usable, so they are not rejected.
+    """
+    iid = row.get("image_id")
+    data, path = row.get("image_bytes"), row.get("image") or row.get("image_path")
+    if data is None and not path:
+        return None, Reject(iid, "row_no_image", "no image path or bytes")
+    src = io.BytesIO(data) if data is not None else (Path(path) if Path(path).is_absolute() or base is None
+                                                      else base / path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(src)
+            w, h = img.size
+            if w * h > limits.max_pixels:
+                return None, Reject(iid, "image_too_large", f"{w}x{h} > max_pixels {limits.max_pixels}",
+                                    payload=str(path) if path else None)
+            img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        return None, Reject(iid, "image_too_large", str(e)[:300], payload=str(path) if path else None)
+    except OSError as e:
+        code = "image_truncated" if "truncated" in str(e).lower() else "image_decode_failed"
+        return None, Reject(iid, code, f"{type(e).__name__}: {e}"[:300], payload=str(path) if path else None)
+    except (ValueError, SyntaxError) as e:
+        return None, Reject(iid, "image_decode_failed", f"{type(e).__name__}: {e}"[:300],
+                            payload=str(path) if path else None)
+    if min(img.size) < limits.min_side:
+        return None, Reject(iid, "image_too_small", f"{img.size[0]}x{img.size[1]} < min_side {limits.min_side}")
+    return to_rgb(img), None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float32)
+        img = Image.fromarray((arr / max(1.0, float(arr.max())) * 255).astype(np.uint8))
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        bg = Image.new("RGB", img.size, (255, 255, 255))
+        bg.paste(img.convert("RGBA"), mask=img.convert("RGBA").getchannel("A"))
+        return bg
+    return img.convert("RGB")
+
+
+class TaggerConfig(StageConfig):
+    """Which base tagger a stage uses: the run's ``tagger`` artifact, or a released checkpoint."""
+
+    model: str | None = Field(None, description="entrypoint of a released checkpoint (null: the train step's)")
+    checkpoint: str | None = Field(None, description="local checkpoint path (official layout)")
+    tag_list: str | None = Field(None, description="the checkpoint's tag list (one name per line)")
+    model_args: dict = Field(default_factory=dict, description="entrypoint overrides")
+    device: str = Field("cpu", description="cpu or cuda")
+    batch_size: int = Field(32, ge=1)
+
+
+@dataclass
+class BaseTagger:
+    model: object  # model.ram.RAM
+    class_of_tag: np.ndarray  # tagset id -> model class index, -1 when the model has no such class
+    device: str = "cpu"
+    batch_size: int = 32
+
+    @classmethod
+    def load(cls, cfg: TaggerConfig, artifacts: dict[str, str], tag_names: list[str]) -> "BaseTagger":
+        import torch
+
+        from model.ram import create_model, load_checkpoint
+
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+        if cfg.model is None:
+            if "tagger" not in artifacts:
+                raise ValueError("no base tagger: set model + checkpoint in the stage config, or run a train "
+                                 "step (it provides the 'tagger' artifact) before this one")
+            d = Path(artifacts["tagger"])
+            spec = json.loads((d / "model.json").read_text())
+            model = create_model(spec["entrypoint"], **spec["model_args"])
+            state = torch.load(d / spec["checkpoint"], map_location="cpu", weights_only=True)
+            n = state["model"]["label_embed"].shape[0] // (
+                model.cfg.descriptions_per_class if model.cfg.variant == "ram_plus" else 1)
+            if n != model.cfg.num_classes:
+                model.set_vocabulary(state["model"]["label_embed"])
+            load_checkpoint(model, state)
+            model_names = (d / "tag_list.txt").read_text().split("\n") if (d / "tag_list.txt").exists() \
+                else list(tag_names)
+            thresholds = json.loads((d / "thresholds.json").read_text()) if (d / "thresholds.json").exists() else None
+        else:
+            if not cfg.checkpoint:
+                raise ValueError(f"model {cfg.model!r} needs a local checkpoint path (checkpoint:)")
+            state = torch.load(cfg.checkpoint, map_location="cpu", weights_only=False)
+            sd = state.get("model", state)
+            model = create_model(cfg.model, **cfg.model_args)
+            per = model.cfg.descriptions_per_class if model.cfg.variant == "ram_plus" else 1
+            if "label_embed" in sd and sd["label_embed"].shape[0] // per != model.cfg.num_classes:
+                model.set_vocabulary(sd["label_embed"] if sd["label_embed"].shape[1] == model.cfg.label_dim
+                                     else torch.zeros(sd["label_embed"].shape[0], model.cfg.label_dim))
+            load_checkpoint(model, state)
+            model_names = Path(cfg.tag_list).read_text().split("\n") if cfg.tag_list else list(tag_names)
+            thresholds = None
+        model_names = [n.strip() for n in model_names if n.strip()]
+        if thresholds is not None:
+            model.set_thresholds(thresholds)
+        index = {n: i for i, n in enumerate(model_names)}
+        class_of_tag = np.array([index.get(n, -1) for n in tag_names], dtype=np.int64)
+        return cls(model.eval().to(cfg.device), class_of_tag, cfg.device, cfg.batch_size)
+
+    @property
+    def image_size(self) -> int:
+        return self.model.cfg.image_size
+
+    def _pixels(self, images: list[Image.Image]):
+        import torch
+
+        from model.preprocess import to_tensor
+
+        return torch.stack([to_tensor(im, self.model.cfg) for im in images]).to(self.device)
+
+    def scores(self, images: list[Image.Image], attention: bool = False):
+        """``[B, tags]`` sigmoid scores (NaN for tags the model lacks); with ``attention`` also the last
+        tagging layer's attention over image tokens, ``[B, tags, g, g]`` (zeros for unknown tags)."""
+        import torch
+
+        known = self.class_of_tag >= 0
+        classes = torch.as_tensor(self.class_of_tag[known], device=self.device)
+        out = np.full((len(images), len(self.class_of_tag)), np.nan, dtype=np.float32)
+        maps = None
+        for i in range(0, len(images), self.batch_size):
+            x = self._pixels(images[i:i + self.batch_size])
+            with torch.inference_mode():
+                if attention:
+                    logits, attn = self.model(x, classes, return_attn=True)
+                    a = attn.float().mean(dim=1)[:, :, 1:]  # heads averaged, pooled token dropped
+                    g = int(round(a.shape[-1] ** 0.5))
+                    if maps is None:
+                        maps = np.zeros((len(images), len(self.class_of_tag), g, g), dtype=np.float32)
+                    maps[i:i + len(x), known] = a.reshape(len(x), -1, g, g).cpu().numpy()
+                else:
+                    logits = self.model(x, classes)
+            out[i:i + len(x), known] = torch.sigmoid(logits.float()).cpu().numpy()
+        return (out, maps) if attention else out
+
+    def embed(self, images: list[Image.Image]) -> np.ndarray:
+        """The pooled image feature (``image_embeds[:, 0]``), ``[B, label_dim]`` float32."""
+        import torch
+
+        feats = []
+        for i in range(0, len(images), self.batch_size):
+            with torch.inference_mode():
+                feats.append(self.model.image_embeds(self._pixels(images[i:i + self.batch_size]))[:, 0].float().cpu())
+        return torch.cat(feats).numpy() if feats else np.zeros((0, self.model.cfg.label_dim), np.float32)
+
+
+def clip_box(box, w: int, h: int) -> list[float] | None:
+    """Box clipped to the image; None when nothing of it is inside (or it is degenerate)."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if not all(np.isfinite([x0, y0, x1, y1])):
+        return None
+    x0, x1 = sorted((x0, x1))
+    y0, y1 = sorted((y0, y1))
+    x0, y0, x1, y1 = max(0.0, x0), max(0.0, y0), min(float(w), x1), min(float(h), y1)
+    if x1 - x0 < 1 or y1 - y0 < 1:
+        return None
+    return [x0, y0, x1, y1]
+
+
+def crop(img: Image.Image, box, pad: float = 0.0) -> Image.Image:
+    """The box with ``pad`` of its size added on each side (clipped to the image)."""
+    x0, y0, x1, y1 = box
+    px, py = (x1 - x0) * pad, (y1 - y0) * pad
+    b = clip_box([x0 - px, y0 - py, x1 + px, y1 + py], *img.size) or [0, 0, img.size[0], img.size[1]]
+    return img.crop(tuple(int(round(v)) for v in b))
+
+
+def attention_box(amap: np.ndarray, w: int, h: int, rel: float = 0.5) -> tuple[list[float], float]:
+    """Box around the attention peak: the 4-connected cells at >= ``rel`` x peak that touch the peak,
+    scaled to the image. Returns the box and the share of attention mass inside it."""
+    g_h, g_w = amap.shape
+    peak = np.unravel_index(int(np.argmax(amap)), amap.shape)
+    keep = amap >= rel * amap[peak]
+    seen = np.zeros_like(keep)
+    stack = [peak]
+    seen[peak] = True
+    while stack:
+        y, x = stack.pop()
+        for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+            ny, nx = y + dy, x + dx
+            if 0 <= ny < g_h and 0 <= nx < g_w and keep[ny, nx] and not seen[ny, nx]:
+                seen[ny, nx] = True
+                stack.append((ny, nx))
+    ys, xs = np.nonzero(seen)
+    box = [xs.min() * w / g_w, ys.min() * h / g_h, (xs.max() + 1) * w / g_w, (ys.max() + 1) * h / g_h]
+    total = float(amap.sum())
+    return [float(v) for v in box], float(amap[seen].sum() / total) if total > 0 else 0.0
