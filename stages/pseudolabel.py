@@ -96,6 +96,7 @@ class GroundConfig(VisionConfig):
     backend: Literal["attention", "transformers", "groundingdino"] = Field(
         "attention", description="attention: the tagger's own cross-attention; transformers: HF Grounding DINO")
     candidate_score: float = Field(0.5, ge=0, le=1, description="pseudo tags at or above this are grounded too")
+    max_candidates: int = Field(16, ge=1, description="per image: parse tags first, then the best pseudo tags")
     attention_rel: float = Field(0.5, gt=0, le=1, description="attention cells >= this x the peak form the box")
     detector: str | None = Field(None, description="local Grounding DINO directory (HF format) or .pth")
     box_threshold: float = Field(0.25, ge=0, le=1)
@@ -103,11 +104,15 @@ class GroundConfig(VisionConfig):
     max_text_tokens: int = Field(256, ge=8, description="prompts are chunked to the detector's text limit")
 
 
-def candidate_tags(parse: list[int] | None, tag_scores: list[dict] | None, min_score: float) -> list[int]:
-    """An image's parse tags and its pseudo tags scoring at least ``min_score``, sorted."""
-    out = set(parse or [])
-    out |= {d["tag_id"] for d in tag_scores or [] if d["score"] >= min_score}
-    return sorted(out)
+def candidate_tags(parse: list[int] | None, tag_scores: list[dict] | None, min_score: float,
+                   limit: int | None = None) -> list[int]:
+    """An image's parse tags, then its pseudo tags scoring at least ``min_score`` (best first) up to
+    ``limit`` tags in all (parse tags are never cut); sorted by id."""
+    out = list(dict.fromkeys(parse or []))
+    extra = sorted((d for d in tag_scores or [] if d["score"] >= min_score and d["tag_id"] not in set(out)),
+                   key=lambda d: (-d["score"], d["tag_id"]))
+    room = len(extra) if limit is None else max(0, limit - len(out))
+    return sorted(out + [d["tag_id"] for d in extra[:room]])
 
 
 @register("ground.v1")
@@ -146,7 +151,8 @@ class GroundStage(Stage):
         keep, images, rejects = load_images(self, batch)
         parse = batch.column("union_label_id").to_pylist()
         scores = batch.column("tag_scores").to_pylist()
-        cands = [candidate_tags(parse[i], scores[i], self.config.candidate_score) for i in keep]
+        cands = [candidate_tags(parse[i], scores[i], self.config.candidate_score, self.config.max_candidates)
+                 for i in keep]
         if self.config.backend == "attention":
             regions = self._attention(images, cands)
         else:

@@ -1,0 +1,282 @@
+"""The vision stages on hand-made batches: images (good and bad), a tiny random tagger, boxes, clusters,
+decisions. Real parts throughout: a real RAM model (tiny config), faiss, Arrow tables."""
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.stage import RowSource, StageContext
+from stages.decide import REASONS, DecideConfig, DecideStage
+from stages.pseudolabel import GroundConfig, GroundStage, PseudoLabelConfig, PseudoLabelStage, candidate_tags
+from stages.regions import (ClusterConfig, ClusterStage, CropConfig, EmbedStage, VerifyStage, fit_tag,
+                            kmeans_pp_init)
+from stages.vision import ImageLimits, attention_box, clip_box, open_image
+from tagset.tagset import Tag, TagSet
+
+NAMES = ["red", "ball", "grass", "sky", "tree"]
+
+
+def _png(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def artifacts(tmp_path):
+    """A tagset dir and a 'tagger' dir holding a tiny random RAM (what a train step provides)."""
+    from model.ram import create_model
+
+    ts = TagSet([Tag(i, n) for i, n in enumerate(NAMES)])
+    vocab = tmp_path / "vocab"
+    vocab.mkdir()
+    pq.write_table(ts.to_table(), vocab / "tagset.parquet")
+    torch.manual_seed(0)
+    args = {"num_classes": len(NAMES), "image_size": 64, "window_size": 4, "embed_dim": 8, "depths": [2, 2, 2],
+            "num_heads": [1, 2, 4], "head_hidden": 32, "head_intermediate": 64, "label_dim": 16}
+    model = create_model("ram_test", **args)
+    tagger = tmp_path / "train"
+    tagger.mkdir()
+    torch.save({"model": model.state_dict()}, tagger / "model.pth")
+    (tagger / "model.json").write_text(json.dumps({"entrypoint": "ram_test", "model_args": args,
+                                                   "checkpoint": "model.pth"}))
+    return {"tagset": str(vocab), "tagger": str(tagger)}
+
+
+def _ctx(tmp_path, artifacts, step="s"):
+    return StageContext(str(tmp_path), step, 0, artifacts)
+
+
+def _batch() -> pa.Table:
+    rng = np.random.default_rng(0)
+    good = Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8))
+    rgba = Image.new("RGBA", (70, 70), (255, 0, 0, 128))
+    return pa.table({
+        "image_id": ["a", "b", "bad"],
+        "image": [None, None, None],
+        "image_bytes": [_png(good), _png(rgba), b"not an image"],
+        "union_label_id": [[0, 1], [2], [3]],
+    })
+
+
+# -- images --------------------------------------------------------------------------------------------
+
+def test_open_image_handles_every_kind_of_bad_and_odd_image():
+    limits = ImageLimits(min_side=2, max_pixels=100 * 100)
+    rgb = Image.new("RGB", (40, 30), (10, 20, 30))
+    full = _png(rgb)
+    cases = {
+        "decode": {"image_id": "x", "image_bytes": b"GIF89a but not really an image"},
+        "truncated": {"image_id": "x", "image_bytes": _png(rgb, "JPEG")[:200]},
+        "tiny": {"image_id": "x", "image_bytes": _png(Image.new("RGB", (1, 1)))},
+        "huge": {"image_id": "x", "image_bytes": _png(Image.new("RGB", (200, 200)))},
+        "none": {"image_id": "x"},
+    }
+    codes = {k: open_image(r, None, limits)[1].code for k, r in cases.items()}
+    assert codes == {"decode": "image_decode_failed", "truncated": "image_truncated", "tiny": "image_too_small",
+                     "huge": "image_too_large", "none": "row_no_image"}
+    # usable odd formats become RGB, not rejects
+    grey16 = Image.fromarray(np.full((20, 20), 40000, dtype=np.uint16))
+    cmyk = Image.new("CMYK", (20, 20), (0, 255, 255, 0))
+    rgba = Image.new("RGBA", (20, 20), (0, 0, 255, 0))  # fully transparent -> white background
+    for img in (grey16, cmyk, rgba):
+        out, rej = open_image({"image_id": "x", "image_bytes": _png(img, "TIFF" if img.mode == "CMYK" else "PNG")},
+                              None, limits)
+        assert rej is None and out.mode == "RGB" and out.size == (20, 20)
+    assert open_image({"image_id": "x", "image_bytes": _png(rgba)}, None, limits)[0].getpixel((0, 0)) == (255, 255, 255)
+    assert open_image({"image_id": "x", "image_bytes": full}, None, limits)[0].getpixel((0, 0)) == (10, 20, 30)
+
+
+def test_boxes_are_clipped_and_outside_boxes_dropped():
+    assert clip_box([-10, 5, 50, 200], 40, 30) == [0.0, 5.0, 40.0, 30.0]
+    assert clip_box([50, 50, 60, 60], 40, 30) is None  # wholly outside
+    assert clip_box([10, 10, 10.5, 20], 40, 30) is None  # degenerate
+    assert clip_box([30, 20, 10, 5], 40, 30) == [10.0, 5.0, 30.0, 20.0]  # corners given in any order
+    assert clip_box([float("nan"), 0, 1, 1], 40, 30) is None
+
+
+def test_attention_box_takes_the_connected_peak_region():
+    amap = np.zeros((4, 4), np.float32)
+    amap[1, 1], amap[1, 2], amap[3, 3] = 1.0, 0.8, 0.9  # (3,3) is high but not connected to the peak
+    box, mass = attention_box(amap, 80, 40)
+    assert box == [20.0, 10.0, 60.0, 20.0]
+    assert mass == pytest.approx(1.8 / 2.7)
+
+
+def test_candidates_keep_parse_tags_and_cut_pseudo_tags_by_score():
+    scores = [{"tag_id": 4, "score": 0.9}, {"tag_id": 3, "score": 0.6}, {"tag_id": 2, "score": 0.4}]
+    assert candidate_tags([0, 1], scores, 0.5) == [0, 1, 3, 4]
+    assert candidate_tags([0, 1], scores, 0.5, limit=3) == [0, 1, 4]
+    assert candidate_tags([0, 1, 2], scores, 0.5, limit=2) == [0, 1, 2]  # parse tags are never cut
+
+
+# -- stages with the tiny tagger -------------------------------------------------------------------------
+
+def test_pseudolabel_ground_embed_verify_on_a_hand_made_batch(tmp_path, artifacts):
+    batch = _batch()
+    pl = PseudoLabelStage(PseudoLabelConfig(floor=0.0, top_k=2), _ctx(tmp_path, artifacts))
+    pl.setup()
+    res = pl(batch)
+    assert [r.code for r in res.rejects] == ["image_decode_failed"] and res.rejects[0].image_id == "bad"
+    rows = res.table.to_pylist()
+    assert [r["image_id"] for r in rows] == ["a", "b"]
+    assert len(rows[0]["tag_scores"]) == len(NAMES)  # floor 0 keeps everything
+    assert all(0 <= d["score"] <= 1 for d in rows[0]["tag_scores"])
+
+    gr = GroundStage(GroundConfig(candidate_score=1.0), _ctx(tmp_path, artifacts))
+    gr.setup()
+    g = gr(res.table)
+    regions = g.table.column("regions").to_pylist()
+    assert [sorted(r["tag_id"] for r in rs) for rs in regions] == [[0, 1], [2]]  # only parse tags at 1.0
+    for rs, size in zip(regions, [(96, 80), (70, 70)]):
+        for r in rs:
+            x0, y0, x1, y1 = r["box"]
+            assert 0 <= x0 < x1 <= size[0] and 0 <= y0 < y1 <= size[1]
+            assert r["backend"] == "attention" and 0 < r["score"] <= 1
+
+    em = EmbedStage(CropConfig(), _ctx(tmp_path, artifacts))
+    em.setup()
+    e = em(g.table)
+    embs = e.table.column("region_embeds")
+    assert embs.type.value_type.field("embedding").type == pa.list_(pa.float16())
+    vecs = embs.to_pylist()
+    assert [len(v) for v in vecs] == [2, 1] and len(vecs[0][0]["embedding"]) == 16
+
+    ve = VerifyStage(CropConfig(), _ctx(tmp_path, artifacts))
+    ve.setup()
+    v = ve(g.table)
+    crops = v.table.column("crop_scores").to_pylist()
+    assert [[d["tag_id"] for d in c] for c in crops] == [[0, 1], [2]]
+    # the crop score is the tagger's score on exactly that crop
+    from stages.vision import crop, open_image as oi
+
+    img, _ = oi(batch.to_pylist()[0], None, ImageLimits())
+    box = regions[0][0]["box"]
+    direct = ve.tagger.scores([crop(img, box, 0.1)])[0, regions[0][0]["tag_id"]]
+    assert crops[0][0]["score"] == pytest.approx(float(direct), abs=1e-6)
+
+
+def test_a_released_checkpoint_maps_tags_by_name(tmp_path, artifacts):
+    """A checkpoint with its own tag list: our tags it lacks get no score (NaN), never a made-up one."""
+    from stages.vision import BaseTagger, TaggerConfig
+
+    spec = json.loads((tmp_path / "train" / "model.json").read_text())
+    (tmp_path / "ckpt_tags.txt").write_text("\n".join(["tree", "sky", "dog", "red", "car"]))
+    cfg = TaggerConfig(model="ram_test", checkpoint=str(tmp_path / "train" / "model.pth"),
+                       tag_list=str(tmp_path / "ckpt_tags.txt"), model_args=spec["model_args"])
+    t = BaseTagger.load(cfg, {}, NAMES)
+    assert t.class_of_tag.tolist() == [3, -1, -1, 1, 0]
+    s = t.scores([Image.new("RGB", (64, 64))])
+    assert np.isnan(s[0, 1]) and np.isnan(s[0, 2]) and not np.isnan(s[0, [0, 3, 4]]).any()
+
+
+# -- cluster ---------------------------------------------------------------------------------------------
+
+def test_kmeans_pp_and_distances_find_the_outlier():
+    rng = np.random.default_rng(0)
+    a = rng.normal(0, 0.05, (30, 8)) + np.eye(8)[0]
+    b = rng.normal(0, 0.05, (30, 8)) + np.eye(8)[1]
+    x = np.vstack([a, b, np.eye(8)[5:6] * 3]).astype(np.float32)
+    init = kmeans_pp_init(x, 2, np.random.default_rng(1))
+    assert init.shape == (2, 8)
+    centroids, dist, assign, k = fit_tag(x, 2, 10, seed=3, fit_sample=1000)
+    assert k == 2 and int(np.argmax(dist)) == 60
+    assert len(set(assign[:30].tolist())) == 1 and assign[0] != assign[30]
+    again = fit_tag(x, 2, 10, seed=3, fit_sample=1000)
+    np.testing.assert_array_equal(dist, again[1])
+
+
+def test_cluster_stage_handles_few_regions_and_small_tags(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(12):
+        embs = [{"tag_id": 0, "embedding": rng.normal(size=4).astype(np.float16).tolist()}]
+        if i < 2:
+            embs.append({"tag_id": 1, "embedding": rng.normal(size=4).astype(np.float16).tolist()})
+        rows.append({"image_id": f"i{i}", "region_embeds": embs})
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "part-00000.parquet")
+    st = ClusterStage(ClusterConfig(min_regions=3, k=50), StageContext(str(tmp_path), "cluster", 0, {}))
+    res = st.run(RowSource([tmp_path / "part-00000.parquet"]))
+    clusters = res.tables["clusters"].to_pylist()
+    assert clusters == [{"tag_id": 0, "regions": 12, "k": 12, "status": "clustered"},  # k clipped to n
+                        {"tag_id": 1, "regions": 2, "k": 0, "status": "too_few_regions"}]
+    d = res.tables["distances"]
+    assert d.num_rows == 12 and set(d.column("tag_id").to_pylist()) == {0}
+    q = sorted(d.column("quantile").to_pylist())
+    assert q[0] == pytest.approx(1 / 12) and q[-1] == pytest.approx(1.0)
+
+
+# -- decide ----------------------------------------------------------------------------------------------
+
+def _decide(tmp_path, **cfg) -> DecideStage:
+    cdir = tmp_path / "cluster"
+    cdir.mkdir(exist_ok=True)
+    pq.write_table(pa.table({"image_id": ["a", "a", "a"], "tag_id": pa.array([0, 1, 2], pa.int32()),
+                             "cluster": pa.array([0, 0, 0], pa.int32()),
+                             "distance": pa.array([0.1, 0.9, 0.2], pa.float32()),
+                             "quantile": pa.array([0.2, 0.95, 0.5], pa.float32()),
+                             "relative": pa.array([0.5, 2.0, 1.0], pa.float32())}), cdir / "distances.parquet")
+    pq.write_table(pa.table({"tag_id": pa.array([0, 1, 2, 5], pa.int32()), "regions": [9, 9, 9, 1],
+                             "k": pa.array([1, 1, 1, 0], pa.int32()),
+                             "status": ["clustered"] * 3 + ["too_few_regions"]}), cdir / "clusters.parquet")
+    st = DecideStage(DecideConfig(**cfg), StageContext(str(tmp_path), "decide", 0, {"clusters": str(cdir)}))
+    st.setup()
+    return st
+
+
+EVIDENCE = dict(
+    parse=[0, 1, 5],
+    scores=[{"tag_id": 0, "score": 0.9}, {"tag_id": 1, "score": 0.1}, {"tag_id": 2, "score": 0.95},
+            {"tag_id": 3, "score": 0.8}, {"tag_id": 5, "score": 0.6}],
+    regions=[{"tag_id": t, "box": [0.0, 0.0, 10.0, 10.0], "score": 0.5, "backend": "attention"} for t in (0, 1, 2, 5)],
+    crops=[{"tag_id": 0, "score": 0.8}, {"tag_id": 1, "score": 0.1}, {"tag_id": 2, "score": 0.7},
+           {"tag_id": 3, "score": 0.1}, {"tag_id": 5, "score": 0.5}],
+)
+
+
+def test_combined_rule_needs_two_signals_and_logs_every_step(tmp_path):
+    st = _decide(tmp_path, add_threshold=0.7, add_crop_min=0.3, crop_threshold=0.3, drop_score=0.3)
+    labels, events = st.decide_row("a", EVIDENCE["parse"], EVIDENCE["scores"], EVIDENCE["regions"],
+                                   EVIDENCE["crops"])
+    # tag 1: low score + low crop + far region -> dropped; tag 2: pseudo 0.95 with a good crop -> added;
+    # tag 3: pseudo 0.8 but its crop disagrees -> not added; tags 0 and 5 kept
+    assert labels["combined"] == [0, 2, 5]
+    assert labels["pseudolabel"] == [0, 1, 2, 3, 5]
+    assert labels["cluster"] == [0, 2, 3, 5]  # paper: tag 1 is in the outermost 10%
+    assert labels["verify"] == labels["paper"] == [0, 2, 5]
+    drop = [e for e in events if e["tag_id"] == 1 and e["stage"] == "decide"][0]
+    ev = json.loads(drop["evidence"])
+    assert drop["action"] == "drop" and ev["votes"] == ["low_score", "low_crop_score", "far_region"]
+    assert ev["box"] == [0.0, 0.0, 10.0, 10.0] and ev["crop_score"] == 0.1 and ev["distance"] == pytest.approx(0.9)
+    assert [e["stage"] for e in events if e["tag_id"] == 1] == ["ground", "cluster", "verify", "decide"]
+    assert [e["reason"] for e in events if e["tag_id"] == 5 and e["stage"] == "cluster"] == ["too_few_regions"]
+    skip = [e for e in events if e["tag_id"] == 3 and e["stage"] == "decide"][0]
+    assert (skip["action"], skip["reason"]) == ("skip", "pseudo_below")
+    assert {e["reason"] for e in events} <= set(REASONS)
+
+
+def test_paper_rule_writes_its_labels_and_one_signal_never_drops(tmp_path):
+    st = _decide(tmp_path, rule="paper")
+    labels, events = st.decide_row("a", EVIDENCE["parse"], EVIDENCE["scores"], EVIDENCE["regions"],
+                                   EVIDENCE["crops"])
+    assert labels["paper"] == [0, 2, 5]
+    one = _decide(tmp_path, votes_to_drop=2)
+    labels, _ = one.decide_row("a", [0], [{"tag_id": 0, "score": 0.1}], [], [])  # low score alone
+    assert labels["combined"] == [0]
+
+
+def test_decide_appends_events_and_replaces_labels(tmp_path):
+    st = _decide(tmp_path)
+    old = [{"tag_id": 0, "stage": "label", "action": "add", "reason": "parse", "score": 1.0, "evidence": "{}"}]
+    batch = pa.table({"image_id": ["a"], "union_label_id": [EVIDENCE["parse"]], "tag_events": [old],
+                      "tag_scores": [EVIDENCE["scores"]], "regions": [EVIDENCE["regions"]],
+                      "crop_scores": [EVIDENCE["crops"]]})
+    out = st(batch).table.to_pylist()[0]
+    assert out["union_label_id"] == [0, 2, 5]
+    assert out["tag_events"][0]["stage"] == "label" and len(out["tag_events"]) > 1
+    assert out["stage_labels"]["parse"] == [0, 1, 5]
