@@ -48,8 +48,10 @@ def open_image(row: dict, base: Path | None, limits: ImageLimits) -> tuple[Image
     data, path = row.get("image_bytes"), row.get("image") or row.get("image_path")
     if data is None and not path:
         return None, Reject(iid, "row_no_image", "no image path or bytes")
-    src = io.BytesIO(data) if data is not None else (Path(path) if Path(path).is_absolute() or base is None
-                                                      else base / path)
+    if data is not None:
+        src = io.BytesIO(data)
+    else:  # a relative path is as the source wrote it (relative to the working directory), else to ``base``
+        src = Path(path) if Path(path).is_absolute() or base is None or Path(path).exists() else base / path
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -1,0 +1,104 @@
+"""stages/clean_coco.yaml with tiny random models: a RAM checkpoint in the official layout with its own
+tag list, and a Hugging Face Grounding DINO directory (the transformers backend)."""
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+TAGS = ["red", "blue", "green", "ball", "car", "tree", "grass", "sky", "sand", "boat", "water", "snow"]
+RAM_ARGS = {"image_size": 64, "window_size": 4, "embed_dim": 8, "depths": [2, 2, 2], "num_heads": [1, 2, 4],
+            "head_hidden": 32, "head_intermediate": 64, "label_dim": 16, "num_classes": len(TAGS)}
+
+
+def tiny_grounding_dino(path: Path, words: list[str]) -> Path:
+    from transformers import (BertConfig, BertTokenizerFast, GroundingDinoConfig, GroundingDinoForObjectDetection,
+                              GroundingDinoProcessor, SwinConfig)
+    from transformers.models.grounding_dino import GroundingDinoImageProcessorPil
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "."] + sorted(set(words))
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+    proc = GroundingDinoProcessor(image_processor=GroundingDinoImageProcessorPil(
+        size={"shortest_edge": 64, "longest_edge": 96}), tokenizer=tok)
+    cfg = GroundingDinoConfig(
+        backbone_config=SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4,
+                                   image_size=64, out_features=["stage2", "stage3", "stage4"]),
+        text_config=BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=64, max_position_embeddings=64),
+        d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=20, max_text_len=16, num_feature_levels=3,
+        encoder_n_points=2, decoder_n_points=2)
+    torch.manual_seed(0)
+    GroundingDinoForObjectDetection(cfg).save_pretrained(path)
+    proc.save_pretrained(path)
+    return path
+
+
+def coco_from_world(tmp: Path, n: int = 12) -> Path:
+    from stages.world.generate import NoiseRates
+    from stages.world.tables import to_tables, world_images
+
+    rows, _ = to_tables(world_images(5, 0, n, 64, NoiseRates()))
+    (tmp / "images").mkdir()
+    images, anns = [], []
+    for k, r in enumerate(rows.to_pylist()):
+        name = f"{r['image_id']}.png"
+        (tmp / "images" / name).write_bytes(r["image_bytes"])
+        images.append({"id": k + 1, "file_name": name})
+        anns += [{"id": len(anns) + 1, "image_id": k + 1, "caption": c} for c in r["captions"]]
+    (tmp / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    images.append({"id": n + 1, "file_name": "broken.png"})
+    anns.append({"id": len(anns) + 1, "image_id": n + 1, "caption": "A red ball on the grass."})
+    path = tmp / "captions.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns}))
+    return path
+
+
+def test_clean_coco_with_tiny_released_style_models(tmp_path, capsys):
+    from model.ram import create_model
+
+    captions = coco_from_world(tmp_path)
+    (tmp_path / "tags.txt").write_text("\n".join(TAGS))
+    torch.manual_seed(0)
+    torch.save({"model": create_model("ram_test", **RAM_ARGS).state_dict()}, tmp_path / "ram.pth")
+    gd = tiny_grounding_dino(tmp_path / "gdino", [w for t in TAGS for w in t.split()])
+    sets = [f"input.path={captions}", "ray.enabled=false", f"vocab.tag_list={tmp_path / 'tags.txt'}",
+            "vocab.threshold_file=null", "vocab.chinese_file=null", f"ground.detector={gd}",
+            "ground.box_threshold=0.0", "ground.text_threshold=0.0", "cluster.min_regions=2",
+            "cluster.regions_per_cluster=3"]
+    for step in ("pseudolabel", "ground", "embed", "verify"):
+        sets += [f"{step}.model=ram_test", f"{step}.checkpoint={tmp_path / 'ram.pth'}",
+                 f"{step}.tag_list={tmp_path / 'tags.txt'}", f"{step}.device=cpu",
+                 f"{step}.model_args={json.dumps(RAM_ARGS)}", f"{step}.resources.num_gpus=0"]
+    out = tmp_path / "run"
+    argv = ["run", str(REPO / "stages" / "clean_coco.yaml"), "--out", str(out)]
+    for s in sets:
+        argv += ["--set", s]
+    assert main(argv) == 0, capsys.readouterr()
+    # the broken image leaves at pseudolabel with a stable code; everything else goes through
+    rej = pq.read_table(out / "pseudolabel" / "rejects").to_pylist()
+    assert [r["code"] for r in rej] == ["image_truncated"]
+    decide = pq.read_table(out / "decide").to_pylist()
+    assert len(decide) == 12
+    regions = [r for row in decide for r in row["regions"]]
+    assert regions and {r["backend"] for r in regions} == {"transformers"}
+    for row in decide:
+        for r in row["regions"]:
+            assert 0 <= r["box"][0] < r["box"][2] <= 64 and 0 <= r["box"][1] < r["box"][3] <= 64
+    report = json.loads((out / "report.json").read_text())
+    assert "quality" not in report  # no truth on real data
+    assert report["images"] == 12 and report["tags"]["parse"] > 0
+
+
+@pytest.mark.skipif(not (REPO.parent / "shared" / "data" / "coco20").exists(),
+                    reason="../shared/data/coco20 is absent (real COCO photos live beside the repo)")
+def test_clean_coco_default_input_reads_the_real_coco20(tmp_path):
+    from stages.sources import CocoCaptions
+
+    cfg = CocoCaptions.Config(path=str(REPO.parent / "shared" / "data" / "coco20" / "captions_train2017.json"))
+    recs, rejects = CocoCaptions(cfg, None).records(cfg.path)
+    assert len(recs) == 20 and not rejects and all(Path(r["image"]).exists() for r in recs)
