@@ -3,13 +3,19 @@
 Two rules, both computed for every image (``stage_labels`` keeps each one's result, so the report
 scores both and the chain parse -> pseudolabel -> cluster -> verify):
 
-* ``paper``: parse tags + pseudo tags scoring >= ``add_threshold``, minus the outermost
+A tag's own threshold comes with its score (``tag_scores[].threshold``: calibrated on held-out images
+by the train stage, or the released checkpoint's threshold file). A tag whose threshold is 1.0 is one
+the tagger cannot predict at the wanted precision: it is never added, and the tagger's scores of it
+never vote (an unreliable witness is not a witness).
+
+* ``paper``: parse tags + pseudo tags scoring >= max(``add_threshold``, own threshold), minus the outermost
   ``outer_share`` of every tag's regions (K-Means distance), minus tags whose crop scores below
   ``crop_threshold``. It drops a fixed share of every tag, true ones included.
 * ``combined`` (default): a parse tag is dropped only when at least ``votes_to_drop`` of three
   independent signals speak against it: its whole-image score < ``drop_score``, its crop score <
-  ``crop_threshold``, its distance > ``far_relative`` x its tag's median distance. A pseudo tag is
-  added when its score >= ``add_threshold`` and its crop agrees (crop score >= ``add_crop_min``).
+  ``crop_threshold`` (both only for tags the tagger can predict), its distance > ``far_relative`` x its
+  tag's median distance. A pseudo tag is added when its score >= max(``add_threshold``, own threshold)
+  and its crop agrees (crop score >= ``add_crop_min``).
 
 Only this stage reads thresholds, so changing them re-runs decide alone.
 """
@@ -30,7 +36,7 @@ from stages.columns import TAG_EVENT
 
 # Stable reason codes of decision events (part of the data contract: add, never rename).
 REASONS: dict[str, str] = {
-    "pseudo_label": "base tagger scored the tag >= add_threshold on the whole image",
+    "pseudo_label": "base tagger scored the tag >= max(add_threshold, its own threshold) on the whole image",
     "pseudo_below": "pseudo tag scored >= add_threshold but its crop disagreed",
     "region": "the grounding backend placed a box for the tag",
     "no_region": "the grounding backend found no box for the tag",
@@ -51,7 +57,8 @@ STAGE_LABELS = pa.struct([(k, pa.list_(pa.int32())) for k in
 
 class DecideConfig(StageConfig):
     rule: Literal["combined", "paper"] = Field("combined", description="which rule writes union_label_id")
-    add_threshold: float = Field(0.7, ge=0, le=1, description="pseudo score needed to add a tag")
+    add_threshold: float = Field(0.5, ge=0, le=1, description="pseudo score needed to add a tag (and the tag's "
+                                 "own threshold)")
     add_crop_min: float = Field(0.3, ge=0, le=1, description="combined: crop score an added tag needs")
     outer_share: float = Field(0.10, ge=0, le=1, description="paper: outermost share of each tag's regions")
     crop_threshold: float = Field(0.3, ge=0, le=1, description="crop score below this flags the tag")
@@ -88,10 +95,13 @@ class DecideStage(Stage):
                    crops: list[dict]) -> tuple[dict, list[dict]]:
         c = self.config
         score = {d["tag_id"]: d["score"] for d in scores or []}
+        own = {d["tag_id"]: d.get("threshold") for d in scores or []}
+        reliable = {t for t, th in own.items() if th is None or (not math.isnan(th) and th < 1.0)}
         box = {d["tag_id"]: d for d in regions or []}
         crop = {d["tag_id"]: d["score"] for d in crops or []}
         parse_set = set(parse or [])
-        pseudo = {t for t, s in score.items() if s >= c.add_threshold and t not in parse_set}
+        pseudo = {t for t, s in score.items() if t in reliable and t not in parse_set
+                  and s >= max(c.add_threshold, own[t] if own[t] is not None else 0.0)}
         events: list[dict] = []
         labels = {k: set() for k in STAGE_LABELS.names}
         labels["parse"] = set(parse_set)
@@ -99,10 +109,11 @@ class DecideStage(Stage):
         cluster_keep, verify_keep = set(), set()
         for t in sorted(parse_set | pseudo):
             s, cs = score.get(t, float("nan")), crop.get(t, float("nan"))
-            ev = {"pseudo_score": None if math.isnan(s) else round(s, 4)}
+            ev = {"pseudo_score": None if math.isnan(s) else round(s, 4), "tag_threshold": own.get(t),
+                  "tagger_reliable": t in reliable}
             if t in pseudo:
-                events.append(_ev(t, "pseudolabel", "add", "pseudo_label", s, {"score": round(s, 4),
-                                                                                "add_threshold": c.add_threshold}))
+                events.append(_ev(t, "pseudolabel", "add", "pseudo_label", s, {
+                    "score": round(s, 4), "add_threshold": c.add_threshold, "tag_threshold": own.get(t)}))
             if t in box:
                 b = [round(v, 1) for v in box[t]["box"]]
                 ev["box"] = b
@@ -134,8 +145,9 @@ class DecideStage(Stage):
                     verify_keep.add(t)
             # the combined rule
             if t in parse_set:
-                votes = [name for name, hit in (("low_score", not math.isnan(s) and s < c.drop_score),
-                                                ("low_crop_score", low_crop), ("far_region", far)) if hit]
+                trust = t in reliable
+                votes = [name for name, hit in (("low_score", trust and not math.isnan(s) and s < c.drop_score),
+                                                ("low_crop_score", trust and low_crop), ("far_region", far)) if hit]
                 keep = len(votes) < c.votes_to_drop
                 if keep:
                     labels["combined"].add(t)

@@ -16,7 +16,8 @@ from pydantic import Field
 
 from pipeline.registry import register
 from pipeline.stage import Stage, StageResult
-from stages.vision import BaseTagger, ImageLimits, TaggerConfig, attention_box, clip_box, open_image, region_types
+from stages.vision import (BaseTagger, ImageLimits, TaggerConfig, attention_box, clip_box, open_image, pseudo_type,
+                           region_types)
 
 
 class VisionConfig(TaggerConfig, ImageLimits):
@@ -59,13 +60,15 @@ class PseudoLabelStage(Stage):
         from tagset.tagset import TagSet
 
         self.tagset = TagSet.load(self.context.artifact("tagset"))
-        self.tagger = BaseTagger.load(self.config, self.context.artifacts, self.tagset.names)
+        self.tagger = BaseTagger.load(self.config, self.context.artifacts, self.tagset.names,
+                                      self.tagset.thresholds())
 
     def input_fingerprint(self) -> str:
         return _checkpoint_fingerprint(self.config)
 
     def __call__(self, batch: pa.Table) -> StageResult:
-        score_t, _, _ = region_types()
+        score_t = pseudo_type()
+        th = self.tagger.threshold_of_tag
         keep, images, rejects = load_images(self, batch)
         scores = self.tagger.scores(images) if images else np.zeros((0, 0), np.float32)
         parse = batch.column("union_label_id").to_pylist()
@@ -77,7 +80,7 @@ class PseudoLabelStage(Stage):
                 order = np.argsort(-np.nan_to_num(s, nan=-1), kind="stable")[: self.config.top_k]
                 chosen |= {int(t) for t in order if not np.isnan(s[t])}
             chosen |= {t for t in (parse[i] or []) if t < len(s) and not np.isnan(s[t])}
-            out.append([{"tag_id": int(t), "score": float(s[t])} for t in sorted(chosen)])
+            out.append([{"tag_id": int(t), "score": float(s[t]), "threshold": float(th[t])} for t in sorted(chosen)])
         table = batch.take(pa.array(keep, pa.int64())).append_column("tag_scores", pa.array(out, pa.list_(score_t)))
         return StageResult(table, rejects)
 

@@ -31,6 +31,9 @@ class TrainStageConfig(StageConfig):
     seed: int | None = Field(None, description="default: the run seed")
     device: str = Field("cpu", description="cpu or cuda")
     cache_images: bool = Field(True, description="keep decoded, resized images in memory (small corpora)")
+    calibrate_precision: float = Field(0.9, gt=0, le=1, description="per-class thresholds: the lowest score "
+                                       "whose held-out precision (vs the labels) reaches this; 1.0 if none does")
+    calibrate_min_hits: int = Field(3, ge=1, description="a threshold needs this many held-out true hits above it")
 
 
 def truth_map(scores, image_ids: list[str], truth_by_id: dict, id_names: dict[int, set[str]]) -> tuple[float, float]:
@@ -63,6 +66,23 @@ def decode_errors(files: list[Path]) -> tuple[list[str], list[Reject]]:
     return ids, rejects
 
 
+def calibrate(scores, labels, precision: float, min_hits: int) -> list[float]:
+    """Per class, the lowest threshold at which held-out precision reaches ``precision`` with at least
+    ``min_hits`` true hits above it; 1.0 (never fires) where no threshold does. Tags the tagger cannot
+    predict thus never pseudo-label, whatever their raw scores look like."""
+    import numpy as np
+
+    out = []
+    for c in range(scores.shape[1]):
+        order = np.argsort(-scores[:, c], kind="stable")
+        hits = np.cumsum(labels[order, c])
+        prec = hits / np.arange(1, len(order) + 1)
+        ok = np.nonzero((prec >= precision) & (hits >= min_hits))[0]
+        # the deepest cut that still holds the precision, and never below a tie with the next image
+        out.append(round(float(scores[order[ok[-1]], c]), 6) if len(ok) else 1.0)
+    return out
+
+
 def held_out(image_id: str, fraction: float) -> bool:
     return int(hashlib.sha1(image_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
 
@@ -93,6 +113,17 @@ class TrainStage(Stage):
         ids = [r["image_id"] for r in val_set.rows]
         m, chance = truth_map(scores, ids, truth, names_for_ids(tagset))
         return {"val_truth_mAP_after": round(m, 4), "val_truth_chance_mAP": round(chance, 4)}
+
+    def _calibrate(self, model, val_set, n: int) -> list[float]:
+        import numpy as np
+        import torch
+
+        loader = torch.utils.data.DataLoader(val_set, batch_size=64)
+        model.eval()
+        with torch.no_grad():
+            pairs = [(torch.sigmoid(model(x)).numpy(), y.numpy()) for x, y, _ in loader]
+        scores, labels = np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
+        return calibrate(scores, labels, self.config.calibrate_precision, self.config.calibrate_min_hits)
 
     def run(self, rows: RowSource) -> ReduceResult:
         import torch
@@ -138,6 +169,7 @@ class TrainStage(Stage):
         spec = {"entrypoint": c.model, "model_args": {k: v for k, v in args.items()}, "checkpoint": "model.pth",
                 "variant": model.cfg.variant, "label_dim": model.cfg.label_dim, "num_classes": len(tagset)}
         torch.save({"model": model.state_dict()}, out / "model.pth")
+        thresholds = self._calibrate(model, val_set, len(tagset)) if len(val_set) else tagset.thresholds()
         stats = {"train_images": len(train_set), "val_images": len(val_set), "steps": res["steps"],
                  "loss_first_epoch": hist[1]["loss"], "loss_last_epoch": hist[-1]["loss"],
                  "val_mAP_before": round(hist[0]["mAP"], 4), "val_mAP_after": round(hist[-1]["mAP"], 4),
@@ -149,5 +181,10 @@ class TrainStage(Stage):
             stats["summary"] += (f"; vs truth: val mAP {truth_q['val_truth_mAP_before']:.3f} -> "
                                  f"{truth_q['val_truth_mAP_after']:.3f} "
                                  f"(chance {truth_q['val_truth_chance_mAP']:.3f})")
+        stats["classes_calibrated"] = sum(1 for t in thresholds if t < 1.0)
+        stats["summary"] += f"; {stats['classes_calibrated']} of {len(tagset)} tags reach precision " \
+                            f"{c.calibrate_precision} on held-out images (the others never pseudo-label)"
         return ReduceResult(rejects=rejects, files={"model.json": (json.dumps(spec, indent=1) + "\n").encode(),
+                                   "thresholds.json": (json.dumps(thresholds) + "\n").encode(),
+                                   "tag_list.txt": "\n".join(tagset.names).encode(),
                                    "history.json": (json.dumps(hist, indent=1) + "\n").encode()}, stats=stats)

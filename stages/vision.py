@@ -33,6 +33,13 @@ def region_types():
     return score, region, embed
 
 
+def pseudo_type():
+    """``tag_scores`` items: the tagger's score and the tag's own threshold (calibrated or released)."""
+    import pyarrow as pa
+
+    return pa.struct([("tag_id", pa.int32()), ("score", pa.float32()), ("threshold", pa.float32())])
+
+
 class ImageLimits(StageConfig):
     min_side: int = Field(8, ge=1, description="images with a smaller side are rejected (image_too_small)")
     max_pixels: int = Field(64_000_000, ge=1, description="larger images are rejected (image_too_large)")
@@ -102,11 +109,14 @@ class TaggerConfig(StageConfig):
 class BaseTagger:
     model: object  # model.ram.RAM
     class_of_tag: np.ndarray  # tagset id -> model class index, -1 when the model has no such class
+    threshold_of_tag: np.ndarray  # tagset id -> the tag's threshold (NaN when the model lacks the tag)
     device: str = "cpu"
     batch_size: int = 32
 
     @classmethod
-    def load(cls, cfg: TaggerConfig, artifacts: dict[str, str], tag_names: list[str]) -> "BaseTagger":
+    def load(cls, cfg: TaggerConfig, artifacts: dict[str, str], tag_names: list[str],
+             tag_thresholds: list[float] | None = None) -> "BaseTagger":
+        """``tag_thresholds`` (the tagset's) apply where the tagger brings none of its own."""
         import torch
 
         from model.ram import create_model, load_checkpoint
@@ -146,7 +156,11 @@ class BaseTagger:
             model.set_thresholds(thresholds)
         index = {n: i for i, n in enumerate(model_names)}
         class_of_tag = np.array([index.get(n, -1) for n in tag_names], dtype=np.int64)
-        return cls(model.eval().to(cfg.device), class_of_tag, cfg.device, cfg.batch_size)
+        own = model.class_threshold.cpu().numpy()
+        fallback = tag_thresholds if tag_thresholds is not None else [0.65] * len(tag_names)
+        th = np.array([np.nan if c < 0 else (own[c] if thresholds is not None else fallback[t])
+                       for t, c in enumerate(class_of_tag)], dtype=np.float32)
+        return cls(model.eval().to(cfg.device), class_of_tag, th, cfg.device, cfg.batch_size)
 
     @property
     def image_size(self) -> int:

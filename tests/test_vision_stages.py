@@ -280,3 +280,26 @@ def test_decide_appends_events_and_replaces_labels(tmp_path):
     assert out["union_label_id"] == [0, 2, 5]
     assert out["tag_events"][0]["stage"] == "label" and len(out["tag_events"]) > 1
     assert out["stage_labels"]["parse"] == [0, 1, 5]
+
+
+def test_tags_the_tagger_cannot_predict_never_pseudo_label_nor_vote(tmp_path):
+    st = _decide(tmp_path, add_threshold=0.5, drop_score=0.3, crop_threshold=0.3)
+    scores = [{"tag_id": 0, "score": 0.05, "threshold": 1.0},  # parse tag, unreliable: its low score is ignored
+              {"tag_id": 2, "score": 0.99, "threshold": 1.0},  # unreliable: never added
+              {"tag_id": 3, "score": 0.80, "threshold": 0.85},  # below its own threshold: not added
+              {"tag_id": 4, "score": 0.90, "threshold": 0.85}]  # added
+    crops = [{"tag_id": 0, "score": 0.01}, {"tag_id": 4, "score": 0.9}]
+    labels, events = st.decide_row("a", [0], scores, [], crops)
+    assert labels["combined"] == [0, 4] and labels["pseudolabel"] == [0, 4]
+    keep = [e for e in events if e["tag_id"] == 0 and e["stage"] == "decide"][0]
+    assert keep["action"] == "keep" and json.loads(keep["evidence"])["tagger_reliable"] is False
+
+
+def test_calibrated_thresholds_reach_the_precision_or_never_fire():
+    from stages.train import calibrate
+
+    scores = np.array([[0.9, 0.9], [0.8, 0.8], [0.7, 0.7], [0.6, 0.6], [0.5, 0.5]])
+    labels = np.array([[1, 0], [1, 1], [1, 0], [0, 1], [1, 0]])
+    th = calibrate(scores, labels, precision=0.75, min_hits=2)
+    assert th[0] == pytest.approx(0.5)  # 4 of 5 above 0.5 are right (0.8 >= 0.75)
+    assert th[1] == 1.0  # precision never reaches 0.75 with 2 hits
