@@ -17,7 +17,7 @@ from pydantic import Field
 from pipeline.registry import register
 from pipeline.stage import Stage, StageResult
 from stages.vision import (BaseTagger, ImageLimits, TaggerConfig, attention_box, clip_box, open_image, pseudo_type,
-                           region_types)
+                           region_types, resolve_device)
 
 
 class VisionConfig(TaggerConfig, ImageLimits):
@@ -140,11 +140,11 @@ class GroundStage(Stage):
             if not c.detector:
                 raise ValueError("ground.backend 'transformers' needs ground.detector: a local Grounding DINO "
                                  "directory in Hugging Face format")
-            self.detector = HFGroundingDino(c.detector, c.device, c.max_text_tokens)
+            self.detector = HFGroundingDino(c.detector, resolve_device(c.device), c.max_text_tokens)
         else:
             from stages.detectors import OriginalGroundingDino
 
-            self.detector = OriginalGroundingDino(c.detector, c.device)
+            self.detector = OriginalGroundingDino(c.detector, resolve_device(c.device))
 
     def input_fingerprint(self) -> str:
         return _checkpoint_fingerprint(self.config) + (f";{self.config.detector}" if self.config.detector else "")

@@ -101,7 +101,8 @@ class TaggerConfig(StageConfig):
     checkpoint: str | None = Field(None, description="local checkpoint path (official layout)")
     tag_list: str | None = Field(None, description="the checkpoint's tag list (one name per line)")
     model_args: dict = Field(default_factory=dict, description="entrypoint overrides")
-    device: str = Field("cpu", description="cpu or cuda")
+    device: str = Field("auto", description="auto (cuda when this worker sees a GPU: under Ray, when the "
+                        "step's resources ask for one), cpu or cuda")
     batch_size: int = Field(32, ge=1)
 
 
@@ -160,7 +161,8 @@ class BaseTagger:
         fallback = tag_thresholds if tag_thresholds is not None else [0.65] * len(tag_names)
         th = np.array([np.nan if c < 0 else (own[c] if thresholds is not None else fallback[t])
                        for t, c in enumerate(class_of_tag)], dtype=np.float32)
-        return cls(model.eval().to(cfg.device), class_of_tag, th, cfg.device, cfg.batch_size)
+        device = resolve_device(cfg.device)
+        return cls(model.eval().to(device), class_of_tag, th, device, cfg.batch_size)
 
     @property
     def image_size(self) -> int:
@@ -206,6 +208,14 @@ class BaseTagger:
             with torch.inference_mode():
                 feats.append(self.model.image_embeds(self._pixels(images[i:i + self.batch_size]))[:, 0].float().cpu())
         return torch.cat(feats).numpy() if feats else np.zeros((0, self.model.cfg.label_dim), np.float32)
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def clip_box(box, w: int, h: int) -> list[float] | None:

@@ -52,22 +52,23 @@ def test_clean_loop_end_to_end_then_decide_only_then_explain(tmp_path, capsys):
     assert export.column_names == ["image_id", "image_path", "caption", "union_label_id", "parse_label_id"]
 
     # Only a threshold changes: the scoring stages are skipped, decide and what follows re-run.
-    assert main(["run", str(cfg), "--out", str(out), "--set", "decide.drop_score=1.0",
-                 "--set", "decide.votes_to_drop=1"]) == 0
+    assert main(["run", str(cfg), "--out", str(out), "--set", "decide.rule=paper",
+                 "--set", "decide.outer_share=0.5"]) == 0
     st = _statuses(capsys.readouterr().out)
     assert all(st[s] == "skipped" for s in STEPS[:STEPS.index("decide")])
     assert st["decide"] == st["export"] == st["report"] == "ran"
 
-    # With drop_score 1.0 and one vote enough, every parse tag is dropped: explain one.
-    row = pq.read_table(out / "decide" / "part-00000.parquet").to_pylist()[0]
+    # The paper rule with the outer half flagged drops many tags: explain one.
+    rows = pq.read_table(out / "decide" / "part-00000.parquet").to_pylist()
+    row = next(r for r in rows if any(e["stage"] == "decide" and e["action"] == "drop" for e in r["tag_events"]))
     dropped = [e for e in row["tag_events"] if e["stage"] == "decide" and e["action"] == "drop"]
-    assert dropped and row["union_label_id"] == sorted(set(row["union_label_id"]))
+    assert row["union_label_id"] == row["stage_labels"]["paper"]
     tag_id = dropped[0]["tag_id"]
     names = (out / "vocab" / "tag_list.txt").read_text().split("\n")
     assert main(["explain", str(out), row["image_id"], names[tag_id]]) == 0
     text = capsys.readouterr().out
-    for piece in ("label", "parse", "ground", "region", "decide", "drop", "dropped", "votes", "low_score",
-                  "pseudo_score", "box", "NOT in union_label_id"):
+    for piece in ("label", "parse", "ground", "region", "cluster", "cluster_outlier", "quantile", "decide", "drop",
+                  "dropped", "rule: paper", "pseudo_score", "box", "NOT in union_label_id"):
         assert piece in text, piece
     assert main(["explain", str(out), row["image_id"], "no-such-tag"]) == 1
     assert main(["explain", str(out), "no-such-image", names[tag_id]]) == 1
