@@ -176,7 +176,7 @@ class ReportStage(Stage):
                          {"tags": [n for _, n in rows] or [0]})
 
     def _contact_sheet(self, ddir: StepDir, tagset) -> bytes:
-        """Crops of dropped regions, grouped by the signals that voted (or the paper rule)."""
+        """Crops of dropped regions per rule and reason."""
         from stages.vision import ImageLimits, crop, open_image
 
         cell, per = 96, self.config.sheet_per_reason
@@ -184,19 +184,16 @@ class ReportStage(Stage):
         for f in ddir.data_files():
             import pyarrow.parquet as pq
 
-            cols = [c for c in ("image_id", "image", "image_bytes", "tag_events", "regions")
+            cols = [c for c in ("image_id", "image", "image_bytes", "tag_events", "regions", "stage_labels")
                     if c in pq.ParquetFile(f).schema_arrow.names]
             for r in pq.read_table(f, columns=cols).to_pylist():
-                drops = [e for e in r["tag_events"] if e["stage"] == "decide" and e["action"] == "drop"]
                 boxes = {g["tag_id"]: g["box"] for g in r.get("regions") or []}
-                for e in drops:
-                    ev = json.loads(e["evidence"])
-                    key = "+".join(ev.get("votes") or []) or ev.get("rule", "dropped")
-                    if len(groups.setdefault(key, [])) < per and e["tag_id"] in boxes:
+                labels = r.get("stage_labels") or {}
+                for tag, key in self._drops(r["tag_events"], labels):
+                    if len(groups.setdefault(key, [])) < per and tag in boxes:
                         img, _ = open_image(r, Path(self.context.run_dir), ImageLimits())
                         if img is not None:
-                            groups[key].append((crop(img, boxes[e["tag_id"]], 0.1), tagset.names[e["tag_id"]],
-                                                r["image_id"]))
+                            groups[key].append((crop(img, boxes[tag], 0.1), tagset.names[tag], r["image_id"]))
         cols = 8
         height = sum(20 + ((len(v) + cols - 1) // cols) * (cell + 14) for v in groups.values()) or 40
         sheet = Image.new("RGB", (cols * cell, height + 10), "white")
@@ -217,6 +214,23 @@ class ReportStage(Stage):
         buf = io.BytesIO()
         sheet.save(buf, "PNG")
         return buf.getvalue()
+
+    @staticmethod
+    def _drops(events: list[dict], labels: dict) -> list[tuple[int, str]]:
+        """(tag, group) for every tag either rule drops: the combined rule by the signals that voted,
+        the paper rule by its reason (outermost share, or the crop)."""
+        out = []
+        by_tag: dict[int, dict[str, dict]] = {}
+        for e in events:
+            by_tag.setdefault(e["tag_id"], {})[e["stage"]] = e
+        parse = set(labels.get("parse") or [])
+        for t in sorted(parse - set(labels.get("combined") or [])):
+            ev = json.loads(by_tag.get(t, {}).get("decide", {}).get("evidence") or "{}")
+            out.append((t, "combined: " + ("+".join(ev.get("votes") or []) or "dropped")))
+        for t in sorted(set(labels.get("pseudolabel") or []) - set(labels.get("paper") or [])):
+            outer = by_tag.get(t, {}).get("cluster", {}).get("reason") == "cluster_outlier"
+            out.append((t, "paper: " + ("cluster_outlier" if outer else "verify_reject")))
+        return out
 
     def _markdown(self, r: dict) -> str:
         lines = ["# Data engine report", "", f"Images: {r['images']}. Tags from parsing: {r['tags']['parse']}; "
