@@ -303,3 +303,17 @@ def test_calibrated_thresholds_reach_the_precision_or_never_fire():
     th = calibrate(scores, labels, precision=0.75, min_hits=2)
     assert th[0] == pytest.approx(0.5)  # 4 of 5 above 0.5 are right (0.8 >= 0.75)
     assert th[1] == 1.0  # precision never reaches 0.75 with 2 hits
+
+
+def test_detector_prompts_are_chunked_to_the_text_limit():
+    from stages.detectors import build_prompts
+
+    names = ["red ball", "tree", "brick wall", "sky", "car"]
+    count = lambda text: len(text.split()) + 2  # noqa: E731 - words + [CLS] [SEP]
+    prompts = build_prompts(names, count, limit=8)
+    assert [[n for n, _, _ in spans] for _, spans in prompts] == [["red ball", "tree"], ["brick wall", "sky"], ["car"]]
+    for text, spans in prompts:
+        assert count(text) <= 8
+        for name, s, e in spans:
+            assert text[s:e] == name
+    assert build_prompts(["a very long tag name indeed"], count, limit=3)[0][1][0][0] == "a very long tag name indeed"
