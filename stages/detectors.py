@@ -48,34 +48,41 @@ class HFGroundingDino:
     def _count(self, text: str) -> int:
         return len(self.processor.tokenizer(text)["input_ids"])
 
-    def detect(self, images: list, names: list[list[str]], box_threshold: float, text_threshold: float) -> list[list[dict]]:
-        """Per image, the best box of each name (names the detector cannot place are absent)."""
+    def detect(self, images: list, names: list[list[str]], box_threshold: float, text_threshold: float,
+               batch_size: int = 8) -> list[list[dict]]:
+        """Per image, the best box of each name (names the detector cannot place are absent).
+
+        (image, prompt chunk) pairs run in batches of ``batch_size``; prompts of a batch are padded
+        to the longest, so each keeps its own token positions."""
         torch = self.torch
         found: list[list[dict]] = [[] for _ in images]
         jobs = []  # (image index, prompt text, spans)
         for i, ns in enumerate(names):
             for text, spans in build_prompts(ns, self._count, self.limit):
                 jobs.append((i, text, spans))
-        for i, text, spans in jobs:
-            img = images[i]
-            enc = self.processor(images=img, text=text, return_tensors="pt")
-            offsets = self.processor.tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
+        for b in range(0, len(jobs), batch_size):
+            part = jobs[b:b + batch_size]
+            enc = self.processor(images=[images[i] for i, _, _ in part], text=[t for _, t, _ in part],
+                                 return_tensors="pt", padding=True)
             with torch.inference_mode():
                 out = self.model(**{k: v.to(self.device) for k, v in enc.items()})
-            logits = out.logits[0].float().sigmoid().cpu().numpy()  # [queries, max_text_len]
-            boxes = out.pred_boxes[0].float().cpu().numpy()  # cx, cy, w, h in [0, 1]
-            w, h = img.size
-            for name, s, e in spans:
-                toks = [j for j, (a, b) in enumerate(offsets) if b > a and a >= s and b <= e and j < logits.shape[1]]
-                if not toks:
-                    continue
-                phrase = logits[:, toks].max(axis=1)
-                q = int(np.argmax(phrase))
-                if phrase[q] < box_threshold or logits[q, toks].max() < text_threshold:
-                    continue
-                cx, cy, bw, bh = boxes[q]
-                found[i].append({"label": name, "score": float(phrase[q]),
-                                 "box": [(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h]})
+            all_logits = out.logits.float().sigmoid().cpu().numpy()  # [batch, queries, max_text_len]
+            all_boxes = out.pred_boxes.float().cpu().numpy()  # cx, cy, w, h in [0, 1]
+            for (i, text, spans), logits, boxes in zip(part, all_logits, all_boxes):
+                offsets = self.processor.tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
+                w, h = images[i].size
+                for name, s, e in spans:
+                    toks = [j for j, (a, c) in enumerate(offsets) if c > a and a >= s and c <= e
+                            and j < logits.shape[1]]
+                    if not toks:
+                        continue
+                    phrase = logits[:, toks].max(axis=1)
+                    q = int(np.argmax(phrase))
+                    if phrase[q] < box_threshold or logits[q, toks].max() < text_threshold:
+                        continue
+                    cx, cy, bw, bh = boxes[q]
+                    found[i].append({"label": name, "score": float(phrase[q]), "box": [
+                        (cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h]})
         return found
 
 
@@ -95,7 +102,7 @@ class OriginalGroundingDino:
         self.model = load_model(cfg, weights, device=device)
         self.device = device
 
-    def detect(self, images, names, box_threshold, text_threshold):  # pragma: no cover - needs the extra
+    def detect(self, images, names, box_threshold, text_threshold, batch_size=1):  # pragma: no cover - extra
         import torch
         from groundingdino.util.inference import predict  # type: ignore[import-not-found]
 

@@ -160,7 +160,8 @@ class GroundStage(Stage):
             regions = self._attention(images, cands)
         else:
             names = [[self.tagset.names[t] for t in c] for c in cands]
-            found = self.detector.detect(images, names, self.config.box_threshold, self.config.text_threshold)
+            found = self.detector.detect(images, names, self.config.box_threshold, self.config.text_threshold,
+                                         self.config.batch_size)
             regions = []
             for img, c, dets in zip(images, cands, found):
                 rs = []

@@ -102,3 +102,23 @@ def test_clean_coco_default_input_reads_the_real_coco20(tmp_path):
     cfg = CocoCaptions.Config(path=str(REPO.parent / "shared" / "data" / "coco20" / "captions_train2017.json"))
     recs, rejects = CocoCaptions(cfg, None).records(cfg.path)
     assert len(recs) == 20 and not rejects and all(Path(r["image"]).exists() for r in recs)
+
+
+def test_batched_grounding_equals_one_prompt_at_a_time(tmp_path):
+    """Prompts of different lengths padded into one batch give the boxes each gives alone."""
+    import numpy as np
+    from PIL import Image
+
+    from stages.detectors import HFGroundingDino
+
+    gd = HFGroundingDino(str(tiny_grounding_dino(tmp_path / "gd", TAGS)), "cpu", max_text_tokens=8)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(3)]
+    names = [["red", "ball", "grass", "sky", "tree"], ["car"], ["blue", "water"]]  # 5 names -> 2 prompts
+    one = gd.detect(images, names, 0.0, 0.0, batch_size=1)
+    many = gd.detect(images, names, 0.0, 0.0, batch_size=8)
+    assert [[d["label"] for d in x] for x in one] == [[d["label"] for d in x] for x in many] == names
+    for a, b in zip(one, many):
+        for da, db in zip(a, b):
+            assert da["score"] == pytest.approx(db["score"], abs=1e-4)
+            assert da["box"] == pytest.approx(db["box"], abs=1e-2)
