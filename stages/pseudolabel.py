@@ -6,7 +6,6 @@ Neither decides anything: pseudolabel keeps sparse scores (every tag at or above
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
@@ -189,7 +188,3 @@ class GroundStage(Stage):
                     rs.append({"tag_id": t, "box": box, "score": mass, "backend": "attention"})
             out.append(rs)
         return out
-
-
-def dump(obj) -> str:
-    return json.dumps(obj, sort_keys=True)

@@ -20,9 +20,6 @@ from pydantic import Field
 from pipeline.errors import Reject
 from pipeline.stage import StageConfig
 
-REGION = None  # pyarrow struct types, built lazily (stages import this module on the driver too)
-
-
 def region_types():
     import pyarrow as pa
 
