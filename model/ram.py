@@ -299,12 +299,18 @@ def register_model(fn: Callable[..., RAM]) -> Callable[..., RAM]:
     return fn
 
 
+def _load_entrypoints() -> None:
+    import model.cnn  # noqa: F401  (registers the small CNN tagger's entrypoints)
+
+
 def list_models() -> list[str]:
+    _load_entrypoints()
     return sorted(_ENTRYPOINTS)
 
 
 def create_model(name: str, pretrained: str | None = None, **overrides) -> RAM:
     """Build a registered model; ``pretrained`` is a local path (never a download)."""
+    _load_entrypoints()
     if name not in _ENTRYPOINTS:
         raise KeyError(f"unknown model {name!r}; registered: {list_models()}")
     model = _ENTRYPOINTS[name](**overrides)

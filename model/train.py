@@ -107,6 +107,8 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0
     save_every_epochs: int = 1
+    loss: str = "asl"  # asl (RAM's) | bce
+    hflip: bool = False  # flip half of each batch left-right (tags do not depend on left and right)
 
 
 def lr_lambda(cfg: TrainConfig, total: int):
@@ -185,13 +187,23 @@ def train(model: RAM, train_set, val_set, cfg: TrainConfig, out_dir: Path, teach
         total_loss, n = 0.0, 0
         for x, y, idx in loader:
             x, y = x.to(device), y.to(device)
+            if cfg.hflip:
+                flip = torch.rand(x.shape[0], generator=g) < 0.5
+                x = torch.where(flip.to(device)[:, None, None, None], x.flip(-1), x)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                img = model.image_embeds(x)
-                logits = model.fc(model.tagging_head(model.label_queries(img), img)[0]).squeeze(-1)
-                loss = asl_loss(logits, y) / x.shape[0]
-                if teacher is not None and cfg.distill_weight > 0:
+                if isinstance(model, RAM):
+                    img = model.image_embeds(x)
+                    logits = model.fc(model.tagging_head(model.label_queries(img), img)[0]).squeeze(-1)
+                else:
+                    img, logits = None, model(x)
+                if cfg.loss == "bce":
+                    loss = F.binary_cross_entropy_with_logits(logits.float(), y, reduction="sum") / x.shape[0]
+                else:
+                    loss = asl_loss(logits, y) / x.shape[0]
+                if img is not None and teacher is not None and cfg.distill_weight > 0:
                     loss = loss + cfg.distill_weight * F.l1_loss(img[:, 0].float(), teacher(x).float())
-                if caption_encoder is not None and cfg.align_weight > 0 and model.cfg.variant == "ram_plus":
+                if img is not None and caption_encoder is not None and cfg.align_weight > 0 \
+                        and model.cfg.variant == "ram_plus":
                     caps = [(train_set.rows[int(i)]["caption"] or [""])[0] for i in idx]
                     loss = loss + cfg.align_weight * alignment_loss(model, img, caption_encoder.encode(caps).to(device))
             opt.zero_grad(set_to_none=True)

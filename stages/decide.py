@@ -57,14 +57,16 @@ STAGE_LABELS = pa.struct([(k, pa.list_(pa.int32())) for k in
 
 class DecideConfig(StageConfig):
     rule: Literal["combined", "paper"] = Field("combined", description="which rule writes union_label_id")
-    add_threshold: float = Field(0.5, ge=0, le=1, description="pseudo score needed to add a tag (and the tag's "
+    add_threshold: float = Field(0.4, ge=0, le=1, description="pseudo score needed to add a tag (and the tag's "
                                  "own threshold)")
-    add_crop_min: float = Field(0.3, ge=0, le=1, description="combined: crop score an added tag needs")
+    add_crop_min: float = Field(0.0, ge=0, le=1, description="combined: crop score an added tag needs")
     outer_share: float = Field(0.10, ge=0, le=1, description="paper: outermost share of each tag's regions")
-    crop_threshold: float = Field(0.3, ge=0, le=1, description="crop score below this flags the tag")
-    drop_score: float = Field(0.3, ge=0, le=1, description="combined: whole-image score below this votes drop")
+    crop_threshold: float = Field(0.1, ge=0, le=1, description="crop score below this flags the tag")
+    drop_score: float = Field(0.05, ge=0, le=1, description="combined: whole-image score below this votes drop")
     far_relative: float = Field(1.5, gt=0, description="combined: distance / tag median above this votes drop")
     votes_to_drop: int = Field(2, ge=1, le=3, description="combined: signals needed to drop a parse tag")
+    trust: Literal["calibrated", "all"] = Field(
+        "all", description="whose scores count (add and vote): tags with a calibrated threshold, or all")
 
 
 def _ev(tag: int, stage: str, action: str, reason: str, score: float | None, evidence: dict) -> dict:
@@ -97,6 +99,9 @@ class DecideStage(Stage):
         score = {d["tag_id"]: d["score"] for d in scores or []}
         own = {d["tag_id"]: d.get("threshold") for d in scores or []}
         reliable = {t for t, th in own.items() if th is None or (not math.isnan(th) and th < 1.0)}
+        if c.trust == "all":  # every tag the model scores; an uncalibrated tag uses add_threshold alone
+            own = {t: (th if th is not None and not math.isnan(th) and th < 1.0 else None) for t, th in own.items()}
+            reliable = set(score)
         box = {d["tag_id"]: d for d in regions or []}
         crop = {d["tag_id"]: d["score"] for d in crops or []}
         parse_set = set(parse or [])

@@ -16,7 +16,8 @@ from pipeline.stage import ReduceResult, RowSource, Stage, StageConfig
 
 
 class TrainStageConfig(StageConfig):
-    model: str = Field("ram_test", description="registered entrypoint (ram_swin_l_384, ram_plus_swin_l_384, ...)")
+    model: str = Field("ram_test", description="registered entrypoint (ram_swin_l_384, ram_plus_swin_l_384, "
+                       "ram_test, cnn_tagger_tiny, ...)")
     model_args: dict = Field(default_factory=dict, description="entrypoint overrides, e.g. {image_size: 128}")
     init_checkpoint: str | None = Field(None, description="local checkpoint to start from (official layout)")
     text_encoder: Literal["minilm", "clip", "none"] = Field("minilm", description="label queries from tag names")
@@ -30,6 +31,8 @@ class TrainStageConfig(StageConfig):
     val_fraction: float = Field(0.1, gt=0, lt=1, description="held-out share, chosen by hash of image_id")
     seed: int | None = Field(None, description="default: the run seed")
     device: str = Field("cpu", description="cpu or cuda")
+    loss: Literal["asl", "bce"] = Field("asl", description="asl: RAM's asymmetric loss; bce: plain")
+    hflip: bool = Field(False, description="flip half of each batch left-right")
     cache_images: bool = Field(True, description="keep decoded, resized images in memory (small corpora)")
     calibrate_precision: float = Field(0.9, gt=0, le=1, description="per-class thresholds: the lowest score "
                                        "whose held-out precision (vs the labels) reaches this; 1.0 if none does")
@@ -137,11 +140,14 @@ class TrainStage(Stage):
         seed = c.seed if c.seed is not None else self.context.seed
         torch.manual_seed(seed)
         tagset = TagSet.load(self.context.artifact("tagset"))
-        encoder = make_encoder(c.text_encoder, c.text_weights) if c.text_encoder != "none" else None
         args = {"num_classes": len(tagset), **c.model_args}
+        model = create_model(c.model, **args)
+        # label queries from tag names: RAM models only (a CNN tagger has one output per tag)
+        encoder = make_encoder(c.text_encoder, c.text_weights) \
+            if c.text_encoder != "none" and hasattr(model, "set_vocabulary") else None
         if encoder is not None:
             args["label_dim"] = encoder.dim
-        model = create_model(c.model, **args)
+            model = create_model(c.model, **args)
         if c.init_checkpoint:
             load_checkpoint(model, c.init_checkpoint)
         if encoder is not None:
@@ -157,7 +163,7 @@ class TrainStage(Stage):
         val_set = ExportDataset(rows.files, len(tagset), model.cfg, val_ids, cache=c.cache_images)
         out = Path(self.context.run_dir) / self.context.step
         tc = TrainConfig(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, weight_decay=c.weight_decay,
-                         warmup_steps=c.warmup_steps, seed=seed)
+                         warmup_steps=c.warmup_steps, seed=seed, loss=c.loss, hflip=c.hflip)
         has_truth = "truth" in self.context.artifacts
         truth_before = self._truth_map(model, val_set, tagset) if has_truth and len(val_set) else {}
         res = train(model, train_set, val_set, tc, out / "checkpoints",

@@ -128,11 +128,14 @@ class BaseTagger:
             spec = json.loads((d / "model.json").read_text())
             model = create_model(spec["entrypoint"], **spec["model_args"])
             state = torch.load(d / spec["checkpoint"], map_location="cpu", weights_only=True)
-            n = state["model"]["label_embed"].shape[0] // (
-                model.cfg.descriptions_per_class if model.cfg.variant == "ram_plus" else 1)
-            if n != model.cfg.num_classes:
-                model.set_vocabulary(state["model"]["label_embed"])
-            load_checkpoint(model, state)
+            if "label_embed" in state["model"]:  # RAM / RAM++
+                n = state["model"]["label_embed"].shape[0] // (
+                    model.cfg.descriptions_per_class if model.cfg.variant == "ram_plus" else 1)
+                if n != model.cfg.num_classes:
+                    model.set_vocabulary(state["model"]["label_embed"])
+                load_checkpoint(model, state)
+            else:  # a tagger without label queries (model/cnn.py): its own strict load
+                model.load_state_dict(state["model"])
             model_names = (d / "tag_list.txt").read_text().split("\n") if (d / "tag_list.txt").exists() \
                 else list(tag_names)
             thresholds = json.loads((d / "thresholds.json").read_text()) if (d / "thresholds.json").exists() else None
@@ -142,11 +145,14 @@ class BaseTagger:
             state = torch.load(cfg.checkpoint, map_location="cpu", weights_only=False)
             sd = state.get("model", state)
             model = create_model(cfg.model, **cfg.model_args)
-            per = model.cfg.descriptions_per_class if model.cfg.variant == "ram_plus" else 1
-            if "label_embed" in sd and sd["label_embed"].shape[0] // per != model.cfg.num_classes:
-                model.set_vocabulary(sd["label_embed"] if sd["label_embed"].shape[1] == model.cfg.label_dim
-                                     else torch.zeros(sd["label_embed"].shape[0], model.cfg.label_dim))
-            load_checkpoint(model, state)
+            if "label_embed" not in sd and not hasattr(model, "set_vocabulary"):
+                model.load_state_dict(sd)
+            else:
+                per = model.cfg.descriptions_per_class if model.cfg.variant == "ram_plus" else 1
+                if "label_embed" in sd and sd["label_embed"].shape[0] // per != model.cfg.num_classes:
+                    model.set_vocabulary(sd["label_embed"] if sd["label_embed"].shape[1] == model.cfg.label_dim
+                                         else torch.zeros(sd["label_embed"].shape[0], model.cfg.label_dim))
+                load_checkpoint(model, state)
             model_names = Path(cfg.tag_list).read_text().split("\n") if cfg.tag_list else list(tag_names)
             thresholds = None
         model_names = [n.strip() for n in model_names if n.strip()]

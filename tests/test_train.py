@@ -163,3 +163,37 @@ def test_ram_plus_alignment_loss_prefers_matching_captions():
     matched = alignment_loss(m, img, caps)
     shuffled = alignment_loss(m, img, caps[[1, 2, 3, 0]])
     assert matched.ndim == 0 and float(matched) < float(shuffled)
+
+
+def test_cnn_tagger_interface_training_and_round_trip(tmp_path):
+    """The small CNN base tagger: RAM-shaped outputs for the vision stages, BCE + flips train it,
+    and a saved state loads back exactly through the stages' loader."""
+    import json
+
+    from stages.vision import BaseTagger, TaggerConfig
+
+    torch.manual_seed(0)
+    model = create_model("cnn_tagger_tiny", num_classes=4, widths=[8, 16, 16, 16])
+    x = torch.randn(3, 3, 64, 64)
+    logits, attn = model(x, return_attn=True)
+    assert logits.shape == (3, 4) and attn.shape == (3, 1, 4, 17)
+    torch.testing.assert_close(attn.sum(-1), torch.ones(3, 1, 4))
+    assert torch.all(attn[..., 0] == 0)  # no pooled-token slot in use
+    torch.testing.assert_close(model(x, torch.tensor([2, 0])), logits[:, [2, 0]])
+    assert model.image_embeds(x).shape == (3, 17, 16)
+
+    files = _tiny_export(tmp_path, 48)
+    ds = ExportDataset(files, 4, model.cfg, cache=True)
+    res = train(model, ds, ds, TrainConfig(epochs=6, batch_size=8, warmup_steps=4, lr=3e-3, loss="bce",
+                                           hflip=True), tmp_path / "ck", log=lambda m: None)
+    losses = [h["loss"] for h in res["history"][1:]]
+    assert losses[-1] < 0.8 * losses[0]
+
+    d = tmp_path / "tagger"
+    d.mkdir()
+    torch.save({"model": model.state_dict()}, d / "model.pth")
+    (d / "model.json").write_text(json.dumps({"entrypoint": "cnn_tagger_tiny", "checkpoint": "model.pth",
+                                              "model_args": {"num_classes": 4, "widths": [8, 16, 16, 16]}}))
+    loaded = BaseTagger.load(TaggerConfig(device="cpu"), {"tagger": str(d)}, ["red", "green", "blue", "yellow"])
+    model.eval()
+    torch.testing.assert_close(loaded.model(x), model(x))

@@ -240,7 +240,8 @@ EVIDENCE = dict(
 
 
 def test_combined_rule_needs_two_signals_and_logs_every_step(tmp_path):
-    st = _decide(tmp_path, add_threshold=0.7, add_crop_min=0.3, crop_threshold=0.3, drop_score=0.3)
+    st = _decide(tmp_path, add_threshold=0.7, add_crop_min=0.3, crop_threshold=0.3, drop_score=0.3,
+                 trust="calibrated")
     labels, events = st.decide_row("a", EVIDENCE["parse"], EVIDENCE["scores"], EVIDENCE["regions"],
                                    EVIDENCE["crops"])
     # tag 1: low score + low crop + far region -> dropped; tag 2: pseudo 0.95 with a good crop -> added;
@@ -261,17 +262,17 @@ def test_combined_rule_needs_two_signals_and_logs_every_step(tmp_path):
 
 
 def test_paper_rule_writes_its_labels_and_one_signal_never_drops(tmp_path):
-    st = _decide(tmp_path, rule="paper")
+    st = _decide(tmp_path, rule="paper", add_threshold=0.7, crop_threshold=0.3)
     labels, events = st.decide_row("a", EVIDENCE["parse"], EVIDENCE["scores"], EVIDENCE["regions"],
                                    EVIDENCE["crops"])
     assert labels["paper"] == [0, 2, 5]
-    one = _decide(tmp_path, votes_to_drop=2)
+    one = _decide(tmp_path, votes_to_drop=2, drop_score=0.3)
     labels, _ = one.decide_row("a", [0], [{"tag_id": 0, "score": 0.1}], [], [])  # low score alone
     assert labels["combined"] == [0]
 
 
 def test_decide_appends_events_and_replaces_labels(tmp_path):
-    st = _decide(tmp_path)
+    st = _decide(tmp_path, add_threshold=0.7, add_crop_min=0.3, crop_threshold=0.3, drop_score=0.3)
     old = [{"tag_id": 0, "stage": "label", "action": "add", "reason": "parse", "score": 1.0, "evidence": "{}"}]
     batch = pa.table({"image_id": ["a"], "union_label_id": [EVIDENCE["parse"]], "tag_events": [old],
                       "tag_scores": [EVIDENCE["scores"]], "regions": [EVIDENCE["regions"]],
@@ -283,7 +284,7 @@ def test_decide_appends_events_and_replaces_labels(tmp_path):
 
 
 def test_tags_the_tagger_cannot_predict_never_pseudo_label_nor_vote(tmp_path):
-    st = _decide(tmp_path, add_threshold=0.5, drop_score=0.3, crop_threshold=0.3)
+    st = _decide(tmp_path, add_threshold=0.5, drop_score=0.3, crop_threshold=0.3, trust="calibrated")
     scores = [{"tag_id": 0, "score": 0.05, "threshold": 1.0},  # parse tag, unreliable: its low score is ignored
               {"tag_id": 2, "score": 0.99, "threshold": 1.0},  # unreliable: never added
               {"tag_id": 3, "score": 0.80, "threshold": 0.85},  # below its own threshold: not added

@@ -1,0 +1,93 @@
+"""A small convolutional tagger: the base tagger a CPU can train in minutes.
+
+Why it exists: on the scene world, a tiny RAM (Swin + cross-attention tagging head) trained on CPU for
+minutes learns scenes and some colours but not object classes (held-out AP at chance after 14
+epochs on 8,000 images), while this network learns them (class AP 0.1 -> 0.78 in 10 epochs). It
+speaks the interface the vision stages use, so it is a drop-in base tagger:
+
+* ``forward(pixels, classes=None, return_attn=False)`` -> logits ``[B, N]`` and, with ``return_attn``,
+  class activation maps shaped like RAM's last-layer attention ``[B, 1, N, 1 + L]`` (softmax over
+  the L positions; index 0, RAM's pooled token, is 0);
+* ``image_embeds(pixels)`` -> ``[B, 1 + L, C]`` (max-pooled feature first, then every position);
+* ``class_threshold``, ``set_thresholds``, ``cfg.image_size`` / ``mean`` / ``std`` / ``interpolation``
+  for the shared preprocessing.
+
+Per position a 1x1 convolution scores every class; an image's logit is the max over positions
+(multiple-instance pooling: a tag is present if some place shows it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.ram import IMAGENET_MEAN, IMAGENET_STD, register_model
+
+
+@dataclass(frozen=True)
+class CnnConfig:
+    variant: str = "cnn"
+    image_size: int = 64
+    widths: tuple[int, ...] = (32, 64, 128, 128)
+    num_classes: int = 50
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+
+    @property
+    def label_dim(self) -> int:  # width of the pooled feature (what embed stores)
+        return self.widths[-1]
+
+
+class CnnTagger(nn.Module):
+    def __init__(self, cfg: CnnConfig):
+        super().__init__()
+        self.cfg = cfg
+        layers, c = [], 3
+        for w in cfg.widths:
+            layers += [nn.Conv2d(c, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            c = w
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Conv2d(c, cfg.num_classes, 1)
+        self.register_buffer("class_threshold", torch.full((cfg.num_classes,), 0.65), persistent=False)
+
+    def _maps(self, pixels: torch.Tensor, classes: torch.Tensor | None):
+        f = self.features(pixels)
+        w, b = self.classifier.weight, self.classifier.bias
+        if classes is not None:
+            w, b = w[classes], b[classes]
+        return f, F.conv2d(f, w, b)  # [B, C, h, w], [B, N, h, w]
+
+    def forward(self, pixels: torch.Tensor, classes: torch.Tensor | None = None, return_attn: bool = False):
+        _, maps = self._maps(pixels, classes)
+        flat = maps.flatten(2)  # [B, N, L]
+        logits = flat.amax(dim=-1)
+        if not return_attn:
+            return logits
+        attn = torch.cat([torch.zeros_like(flat[..., :1]), flat.softmax(dim=-1)], dim=-1).unsqueeze(1)
+        return logits, attn
+
+    def image_embeds(self, pixels: torch.Tensor) -> torch.Tensor:
+        f = self.features(pixels).flatten(2).transpose(1, 2)  # [B, L, C]
+        return torch.cat([f.amax(dim=1, keepdim=True), f], dim=1)
+
+    @torch.no_grad()
+    def generate_tag(self, pixels: torch.Tensor, classes: torch.Tensor | None = None):
+        scores = torch.sigmoid(self(pixels, classes))
+        th = self.class_threshold if classes is None else self.class_threshold[classes]
+        return scores, scores > th
+
+    def set_thresholds(self, thresholds) -> None:
+        self.class_threshold.copy_(torch.as_tensor(list(thresholds), dtype=torch.float32))
+
+
+CFG_CNN_TAGGER_TINY = CnnConfig()
+
+
+@register_model
+def cnn_tagger_tiny(**kw) -> CnnTagger:
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}
+    kw.pop("label_dim", None)  # the feature width is the label dimension; a text encoder's is ignored
+    return CnnTagger(replace(CFG_CNN_TAGGER_TINY, **kw))
