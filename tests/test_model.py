@@ -14,7 +14,7 @@ GOLDEN_MODELS = [("ram", "ram_test", "tiny_ram.pth"), ("ram_plus", "ram_plus_tes
 
 
 def test_entrypoints_are_pinned():
-    assert list_models() == ["ram_plus_swin_l_384", "ram_plus_test", "ram_swin_l_384", "ram_test"]
+    assert list_models() == ["cnn_tagger_tiny", "ram_plus_swin_l_384", "ram_plus_test", "ram_swin_l_384", "ram_test"]
 
 
 @pytest.mark.parametrize("name", ["ram_swin_l_384", "ram_plus_swin_l_384"])
