@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.ram import IMAGENET_MEAN, IMAGENET_STD, register_model
+from model.ram import IMAGENET_MEAN, IMAGENET_STD, ThresholdedTagger, register_model
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class CnnConfig:
         return self.widths[-1]
 
 
-class CnnTagger(nn.Module):
+class CnnTagger(ThresholdedTagger, nn.Module):
     def __init__(self, cfg: CnnConfig):
         super().__init__()
         self.cfg = cfg
@@ -72,15 +72,6 @@ class CnnTagger(nn.Module):
     def image_embeds(self, pixels: torch.Tensor) -> torch.Tensor:
         f = self.features(pixels).flatten(2).transpose(1, 2)  # [B, L, C]
         return torch.cat([f.amax(dim=1, keepdim=True), f], dim=1)
-
-    @torch.no_grad()
-    def generate_tag(self, pixels: torch.Tensor, classes: torch.Tensor | None = None):
-        scores = torch.sigmoid(self(pixels, classes))
-        th = self.class_threshold if classes is None else self.class_threshold[classes]
-        return scores, scores > th
-
-    def set_thresholds(self, thresholds) -> None:
-        self.class_threshold.copy_(torch.as_tensor(list(thresholds), dtype=torch.float32))
 
 
 CFG_CNN_TAGGER_TINY = CnnConfig()

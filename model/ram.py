@@ -157,7 +157,23 @@ class RamConfig:
         return self.num_classes * (self.descriptions_per_class if self.variant == "ram_plus" else 1)
 
 
-class RAM(nn.Module):
+class ThresholdedTagger:
+    """What every tagger shares: a ``class_threshold`` buffer and RAM's firing rule."""
+
+    class_threshold: torch.Tensor
+
+    @torch.no_grad()
+    def generate_tag(self, pixels: torch.Tensor, classes: torch.Tensor | None = None):
+        """Official rule: a tag fires when ``sigmoid(logit) > class_threshold`` (strict)."""
+        scores = torch.sigmoid(self(pixels, classes))  # type: ignore[operator]
+        th = self.class_threshold if classes is None else self.class_threshold[classes]
+        return scores, scores > th
+
+    def set_thresholds(self, thresholds) -> None:
+        self.class_threshold.copy_(torch.as_tensor(list(thresholds), dtype=torch.float32))
+
+
+class RAM(ThresholdedTagger, nn.Module):
     """RAM (``variant='ram'``) and RAM++ (``variant='ram_plus'``) tagging path."""
 
     def __init__(self, cfg: RamConfig):
@@ -203,16 +219,6 @@ class RAM(nn.Module):
         tagged, attns = self.tagging_head(self.label_queries(img, classes), img, return_attn)
         logits = self.fc(tagged).squeeze(-1)
         return (logits, attns[-1]) if return_attn else logits
-
-    @torch.no_grad()
-    def generate_tag(self, pixels: torch.Tensor, classes: torch.Tensor | None = None):
-        """Official rule: a tag fires when ``sigmoid(logit) > class_threshold`` (strict)."""
-        scores = torch.sigmoid(self(pixels, classes))
-        th = self.class_threshold if classes is None else self.class_threshold[classes]
-        return scores, scores > th
-
-    def set_thresholds(self, thresholds) -> None:
-        self.class_threshold.copy_(torch.as_tensor(list(thresholds), dtype=torch.float32))
 
     def set_vocabulary(self, label_embed: torch.Tensor, thresholds=None, trainable: bool = True) -> None:
         """Open set: new label rows (``[N, dim]``, or ``[N*D, dim]`` for RAM++) and thresholds."""

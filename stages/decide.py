@@ -157,8 +157,8 @@ class DecideStage(Stage):
                 if keep:
                     labels["combined"].add(t)
                 ev.update(votes=votes, rule="combined")
-                events.append(_ev(t, "decide", "keep" if keep else "drop", "kept" if keep else "dropped",
-                                  s, ev) if c.rule == "combined" else None)
+                if c.rule == "combined":
+                    events.append(_ev(t, "decide", "keep" if keep else "drop", "kept" if keep else "dropped", s, ev))
             else:
                 ok = math.isnan(cs) or cs >= c.add_crop_min
                 if ok:
@@ -174,7 +174,7 @@ class DecideStage(Stage):
         labels["cluster"] = cluster_keep
         labels["verify"] = verify_keep
         labels["paper"] = verify_keep
-        return {k: sorted(v) for k, v in labels.items()}, [e for e in events if e is not None]
+        return {k: sorted(v) for k, v in labels.items()}, events
 
     def __call__(self, batch: pa.Table) -> StageResult:
         cols = {n: batch.column(n).to_pylist() for n in self.inputs}

@@ -44,6 +44,11 @@ class _CropStage(Stage):
                 items.append((j, r["tag_id"], crop(img, r["box"], self.config.crop_pad)))
         return keep, rejects, items
 
+    @staticmethod
+    def emit(batch: pa.Table, keep: list[int], name: str, column: pa.Array, rejects) -> StageResult:
+        """The kept rows with the new column; undecodable rows leave as rejects."""
+        return StageResult(batch.take(pa.array(keep, pa.int64())).append_column(name, column), rejects)
+
 
 @register("embed.v1")
 class EmbedStage(_CropStage):
@@ -59,9 +64,7 @@ class EmbedStage(_CropStage):
         out: list[list[dict]] = [[] for _ in keep]
         for (j, t, _), f in zip(items, feats):
             out[j].append({"tag_id": t, "embedding": f})
-        col = _embed_array(out, embed_t)
-        table = batch.take(pa.array(keep, pa.int64())).append_column("region_embeds", col)
-        return StageResult(table, rejects)
+        return self.emit(batch, keep, "region_embeds", _embed_array(out, embed_t), rejects)
 
 
 def _embed_array(rows: list[list[dict]], embed_t: pa.DataType) -> pa.Array:
@@ -96,8 +99,7 @@ class VerifyStage(_CropStage):
             for k, (j, t, _) in enumerate(items):
                 if not np.isnan(s[k, t]):
                     out[j].append({"tag_id": t, "score": float(s[k, t])})
-        table = batch.take(pa.array(keep, pa.int64())).append_column("crop_scores", pa.array(out, pa.list_(score_t)))
-        return StageResult(table, rejects)
+        return self.emit(batch, keep, "crop_scores", pa.array(out, pa.list_(score_t)), rejects)
 
 
 # -- cluster -------------------------------------------------------------------------------------------
