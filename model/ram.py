@@ -1,9 +1,12 @@
 """RAM and RAM++ tagging models with the official parameter names, timm-style anatomy.
 
 Order: helpers, blocks (the cross-attention tagging head), model classes, ``checkpoint_filter_fn``,
-factory, default configs, registered entrypoints. Only the tagging path is built: a tagging-only
-RAM ignores the official checkpoint's caption branch (``tag_encoder.*``, ``text_decoder.*``), which
-the filter drops; every other key loads strictly.
+factory, default configs, registered entrypoints. RAM's caption branch (``tag_encoder.*``,
+``text_decoder.*``: image-tag interaction encoder and image-tag-text decoder, ``model/bert.py``) is
+built with ``caption_branch=True`` — then every official key loads strictly, the lowest tag-encoder
+layers being the tagging head's own tensors, as in the official model. A tagging-only model (the
+default; inference never reads the branch) ignores those keys and their ``position_ids``; every other
+key loads strictly.
 """
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.swin import SwinTransformer, relative_position_index, shifted_window_mask
+from model.bert import BertEncoder, BertLayer, TextDecoder, TextEncoder
+from model.swin import SwinTransformer
 
 # -- helpers ---------------------------------------------------------------------------------------
 
@@ -29,83 +33,19 @@ class CheckpointError(ValueError):
 
 # -- blocks: the tagging head (BERT layers with only cross-attention) --------------------------------
 
-class CrossAttentionSelf(nn.Module):
-    def __init__(self, hidden: int, heads: int, kv_width: int):
-        super().__init__()
-        self.heads, self.head_dim = heads, hidden // heads
-        self.query = nn.Linear(hidden, hidden)
-        self.key = nn.Linear(kv_width, hidden)
-        self.value = nn.Linear(kv_width, hidden)
-
-    def _split(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, _ = x.shape
-        return x.view(b, n, self.heads, self.head_dim).permute(0, 2, 1, 3)
-
-    def forward(self, q: torch.Tensor, kv: torch.Tensor, return_attn: bool = False):
-        qh, kh, vh = self._split(self.query(q)), self._split(self.key(kv)), self._split(self.value(kv))
-        scores = (qh @ kh.transpose(-1, -2)) / math.sqrt(self.head_dim)
-        probs = scores.softmax(dim=-1)
-        out = (probs @ vh).permute(0, 2, 1, 3).reshape(q.shape[0], q.shape[1], -1)
-        return (out, probs) if return_attn else (out, None)
-
-
-class AddNorm(nn.Module):
-    def __init__(self, d_in: int, d_out: int, eps: float):
-        super().__init__()
-        self.dense = nn.Linear(d_in, d_out)
-        self.LayerNorm = nn.LayerNorm(d_out, eps=eps)
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dense(x) + residual)
-
-
-class CrossAttention(nn.Module):
-    def __init__(self, hidden: int, heads: int, kv_width: int, eps: float):
-        super().__init__()
-        self.self = CrossAttentionSelf(hidden, heads, kv_width)
-        self.output = AddNorm(hidden, hidden, eps)
-
-
-class Intermediate(nn.Module):
-    def __init__(self, hidden: int, inter: int):
-        super().__init__()
-        self.dense = nn.Linear(hidden, inter)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.dense(x))
-
-
-class TaggingLayer(nn.Module):
-    def __init__(self, hidden: int, heads: int, inter: int, kv_width: int, eps: float):
-        super().__init__()
-        self.crossattention = CrossAttention(hidden, heads, kv_width, eps)
-        self.intermediate = Intermediate(hidden, inter)
-        self.output = AddNorm(inter, hidden, eps)
-
-    def forward(self, x: torch.Tensor, kv: torch.Tensor, return_attn: bool = False):
-        a, probs = self.crossattention.self(x, kv, return_attn)
-        a = self.crossattention.output(a, x)
-        return self.output(self.intermediate(a), a), probs
-
-
-class TaggingEncoder(nn.Module):
-    def __init__(self, layers: int, hidden: int, heads: int, inter: int, kv_width: int, eps: float):
-        super().__init__()
-        self.layer = nn.ModuleList([TaggingLayer(hidden, heads, inter, kv_width, eps) for _ in range(layers)])
-
-
 class TaggingHead(nn.Module):
     """Label queries attend to image tokens (``tagging_head.encoder.layer.N`` in the checkpoints)."""
 
     def __init__(self, layers: int, hidden: int, heads: int, inter: int, kv_width: int, eps: float = 1e-12):
         super().__init__()
-        self.encoder = TaggingEncoder(layers, hidden, heads, inter, kv_width, eps)
+        self.encoder = BertEncoder([BertLayer(hidden, heads, inter, kv_width, eps, self_attention=False)
+                                    for _ in range(layers)])
 
     def forward(self, queries: torch.Tensor, image_embeds: torch.Tensor, return_attn: bool = False):
         attns = []
         x = queries
         for layer in self.encoder.layer:
-            x, probs = layer(x, image_embeds, return_attn)
+            x, probs = layer(x, image_embeds, return_attn=return_attn)
             attns.append(probs)
         return x, attns
 
@@ -143,6 +83,12 @@ class RamConfig:
     head_heads: int = 12
     head_intermediate: int = 3072
     descriptions_per_class: int = 51  # RAM++ only
+    # RAM's caption branch (tag_encoder + text_decoder), built only when asked: tagging never reads it.
+    # Its width, heads and feed-forward are the tagging head's (the lowest layers are the same tensors).
+    caption_branch: bool = False
+    text_layers: int = 12
+    text_vocab: int = 30524  # bert-base-uncased + [DEC] + [ENC]
+    text_max_positions: int = 512
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bilinear"
@@ -184,8 +130,17 @@ class RAM(ThresholdedTagger, nn.Module):
             self.reweight_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.visual_encoder = SwinTransformer(cfg.image_size, cfg.embed_dim, list(cfg.depths), list(cfg.num_heads),
                                               cfg.window_size)
-        self.tagging_head = TaggingHead(cfg.head_layers, cfg.head_hidden, cfg.head_heads, cfg.head_intermediate,
-                                        cfg.label_dim)
+        head = TaggingHead(cfg.head_layers, cfg.head_hidden, cfg.head_heads, cfg.head_intermediate, cfg.label_dim)
+        if cfg.caption_branch:
+            if cfg.variant != "ram":
+                raise ValueError("the caption branch (tag_encoder, text_decoder) exists in RAM only, not RAM++")
+            # registered before tagging_head: the official state_dict order
+            self.tag_encoder = TextEncoder(cfg.text_vocab, cfg.head_hidden, cfg.text_layers, cfg.head_heads,
+                                           cfg.head_intermediate, cfg.label_dim, cfg.text_max_positions,
+                                           shared=list(head.encoder.layer))
+            self.text_decoder = TextDecoder(cfg.text_vocab, cfg.head_hidden, cfg.text_layers, cfg.head_heads,
+                                            cfg.head_intermediate, cfg.head_hidden, cfg.text_max_positions)
+        self.tagging_head = head
         self.wordvec_proj = nn.Linear(cfg.label_dim, cfg.head_hidden)
         self.fc = nn.Linear(cfg.head_hidden, 1)
         self.image_proj = nn.Linear(cfg.vision_width, cfg.label_dim)
@@ -220,6 +175,31 @@ class RAM(ThresholdedTagger, nn.Module):
         logits = self.fc(tagged).squeeze(-1)
         return (logits, attns[-1]) if return_attn else logits
 
+    def caption_loss(self, image_embeds: torch.Tensor, tags, captions, label_smoothing: float = 0.1) -> torch.Tensor:
+        """Image-tag-text generation loss: the tag encoder reads the tag text against the image, the
+        decoder predicts the caption from it. ``tags``/``captions``: :class:`model.caption.TokenBatch`
+        (``model.caption.CaptionTokenizer`` makes them; only caption words are targets, not the prompt)."""
+        if not self.cfg.caption_branch:
+            raise ValueError("this model has no caption branch; build it with caption_branch=True")
+        tag_hidden = self.tag_encoder(tags.ids, tags.mask, image_embeds)
+        return self.text_decoder.loss(captions.ids, captions.mask, captions.targets, tag_hidden, tags.mask,
+                                      label_smoothing)
+
+    @torch.no_grad()
+    def generate_caption(self, pixels: torch.Tensor, tags, tokenizer, max_new_tokens: int = 30) -> list[str]:
+        """Greedy captions for ``pixels`` given tag text (``tags``: a TokenBatch), after the prompt."""
+        tag_hidden = self.tag_encoder(tags.ids, tags.mask, self.image_embeds(pixels))
+        ids = tokenizer.prompt_ids(pixels.shape[0]).to(pixels.device)
+        done = torch.zeros(pixels.shape[0], dtype=torch.bool, device=pixels.device)
+        for _ in range(max_new_tokens):
+            logits = self.text_decoder(ids, torch.ones_like(ids), tag_hidden, tags.mask)[:, -1]
+            nxt = logits.argmax(-1).masked_fill(done, tokenizer.pad_token_id)
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            done |= nxt == tokenizer.sep_token_id
+            if bool(done.all()):
+                break
+        return tokenizer.decode_captions(ids)
+
     def set_vocabulary(self, label_embed: torch.Tensor, thresholds=None, trainable: bool = True) -> None:
         """Open set: new label rows (``[N, dim]``, or ``[N*D, dim]`` for RAM++) and thresholds."""
         if label_embed.shape[1] != self.cfg.label_dim:
@@ -238,7 +218,7 @@ class RAM(ThresholdedTagger, nn.Module):
 # -- checkpoint filter --------------------------------------------------------------------------------
 
 CAPTION_BRANCH = ("tag_encoder.", "text_decoder.")
-BUFFER_SUFFIXES = ("relative_position_index", "attn_mask")
+BUFFER_SUFFIXES = ("relative_position_index", "attn_mask", "position_ids")
 
 
 def resize_rel_pos_table(table: torch.Tensor, new_len: int) -> torch.Tensor:
@@ -254,7 +234,8 @@ def checkpoint_filter_fn(state_dict: dict, model: RAM) -> dict:
     """Official checkpoint -> this model's state_dict keys. Pure: the input is not modified.
 
     Unwraps ``['model']``, renames the legacy ``vision_multi`` to ``tagging_head``, drops the caption
-    branch and the persistent buffers (the model's own are used), resizes relative-position tables.
+    branch unless the model has one, drops the persistent buffers (the model's own are used), resizes
+    relative-position tables.
     """
     if "model" in state_dict and isinstance(state_dict["model"], dict):
         state_dict = state_dict["model"]
@@ -262,7 +243,7 @@ def checkpoint_filter_fn(state_dict: dict, model: RAM) -> dict:
     out: dict[str, torch.Tensor] = {}
     for k, v in state_dict.items():
         k = k.replace("vision_multi.", "tagging_head.")
-        if k.startswith(CAPTION_BRANCH) or k.endswith(BUFFER_SUFFIXES) or k.endswith("position_ids"):
+        if k.endswith(BUFFER_SUFFIXES) or (k.startswith(CAPTION_BRANCH) and not getattr(model.cfg, "caption_branch", False)):
             continue
         if k.endswith("relative_position_bias_table") and k in own and v.shape != own[k].shape:
             v = resize_rel_pos_table(v, own[k].shape[0])

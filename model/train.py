@@ -5,7 +5,10 @@ the pooled image embedding towards a teacher's (CLIP image features in RAM); for
 alignment term (ASL γ−=4 over image·caption similarities, the matching caption as the positive).
 AdamW, linear warm-up then cosine decay, bf16 autocast on CUDA. Checkpoints keep the official layout
 (``{'model': state_dict}`` plus optimizer, scheduler and step) so official tools load ours, and a run
-resumes from its last checkpoint. The RAM caption branch is not built (see model/ram.py).
+resumes from its last checkpoint. When the model has RAM's caption branch, the image-tag-text
+generation loss is added (``caption_weight``): each step picks one caption per image (seeded) and that
+caption's own parse tags, as the official data loader does, with the prompt masking done right
+(``model/caption.py`` says how).
 """
 from __future__ import annotations
 
@@ -61,7 +64,7 @@ class ExportDataset(torch.utils.data.Dataset):
         for f in files:
             names = pq.ParquetFile(f).schema_arrow.names
             cols = [c for c in ("image_id", "image_path", "image", "image_bytes", "caption", "captions",
-                                "union_label_id") if c in names]
+                                "union_label_id", "parse_label_id") if c in names]
             for r in pq.read_table(f, columns=cols).to_pylist():
                 if ids is None or r["image_id"] in ids:
                     src = r.get("image_path") or r.get("image")
@@ -109,6 +112,7 @@ class TrainConfig:
     save_every_epochs: int = 1
     loss: str = "asl"  # asl (RAM's) | bce
     hflip: bool = False  # flip half of each batch left-right (tags do not depend on left and right)
+    caption_weight: float = 1.0  # image-tag-text generation loss, when the model has RAM's caption branch
 
 
 def lr_lambda(cfg: TrainConfig, total: int):
@@ -149,12 +153,27 @@ def alignment_loss(model: RAM, img: torch.Tensor, caption_emb: torch.Tensor) -> 
     return asl_loss(logits, torch.eye(len(cls), device=cls.device), gamma_neg=4.0) / len(cls)
 
 
+def caption_batch(rows: list[dict], tag_names: list[str], g: torch.Generator) -> tuple[list[list[str]], list[str]]:
+    """One caption per image (drawn from ``g``) and the tags parsed from that caption (the image's
+    ``union_label_id`` when the row has no per-caption parse)."""
+    tags, caps = [], []
+    for r in rows:
+        captions = r["caption"] or [""]
+        j = int(torch.randint(len(captions), (1,), generator=g))
+        parsed = r.get("parse_label_id") or []
+        ids = parsed[j] if j < len(parsed) else r["union_label_id"]
+        tags.append([tag_names[t] for t in ids if t < len(tag_names)])
+        caps.append(captions[j])
+    return tags, caps
+
+
 def train(model: RAM, train_set, val_set, cfg: TrainConfig, out_dir: Path, teacher=None, caption_encoder=None,
-          log=print) -> dict:
+          log=print, tag_names: list[str] | None = None, caption_tokenizer=None) -> dict:
     """Train, checkpoint every ``save_every_epochs`` into ``out_dir``, resume from ``last.pth``.
 
     ``teacher``: callable images -> pooled embedding (distillation); ``caption_encoder``: a text
-    encoder whose width is the model's label_dim (RAM++ alignment).
+    encoder whose width is the model's label_dim (RAM++ alignment); ``tag_names`` and
+    ``caption_tokenizer`` (default: :class:`model.caption.CaptionTokenizer`) for RAM's caption branch.
     """
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -169,6 +188,14 @@ def train(model: RAM, train_set, val_set, cfg: TrainConfig, out_dir: Path, teach
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
     device = next(model.parameters()).device
     amp = device.type == "cuda"
+    captioning = getattr(model.cfg, "caption_branch", False) and cfg.caption_weight > 0
+    if captioning:
+        if tag_names is None:
+            raise ValueError("training RAM's caption branch needs the tag names (tag_names=...)")
+        if caption_tokenizer is None:
+            from model.caption import CaptionTokenizer
+
+            caption_tokenizer = CaptionTokenizer()
     start_epoch, step, history = 0, 0, []
     last = out_dir / "last.pth"
     if last.exists():
@@ -206,6 +233,10 @@ def train(model: RAM, train_set, val_set, cfg: TrainConfig, out_dir: Path, teach
                         and model.cfg.variant == "ram_plus":
                     caps = [(train_set.rows[int(i)]["caption"] or [""])[0] for i in idx]
                     loss = loss + cfg.align_weight * alignment_loss(model, img, caption_encoder.encode(caps).to(device))
+                if captioning:
+                    tags, caps = caption_batch([train_set.rows[int(i)] for i in idx], tag_names, g)
+                    loss = loss + cfg.caption_weight * model.caption_loss(
+                        img, caption_tokenizer.tags(tags).to(device), caption_tokenizer.captions(caps).to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -33,6 +33,8 @@ class TrainStageConfig(StageConfig):
     device: str = Field("cpu", description="cpu or cuda")
     loss: Literal["asl", "bce"] = Field("asl", description="asl: RAM's asymmetric loss; bce: plain")
     hflip: bool = Field(False, description="flip half of each batch left-right")
+    caption_weight: float = Field(1.0, ge=0, description="weight of RAM's image-tag-text generation loss when "
+                                  "the model has the caption branch (model_args: {caption_branch: true})")
     cache_images: bool = Field(True, description="keep decoded, resized images in memory (small corpora)")
     calibrate_precision: float = Field(0.9, gt=0, le=1, description="per-class thresholds: the lowest score "
                                        "whose held-out precision (vs the labels) reaches this; 1.0 if none does")
@@ -163,10 +165,11 @@ class TrainStage(Stage):
         val_set = ExportDataset(rows.files, len(tagset), model.cfg, val_ids, cache=c.cache_images)
         out = Path(self.context.run_dir) / self.context.step
         tc = TrainConfig(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, weight_decay=c.weight_decay,
-                         warmup_steps=c.warmup_steps, seed=seed, loss=c.loss, hflip=c.hflip)
+                         warmup_steps=c.warmup_steps, seed=seed, loss=c.loss, hflip=c.hflip,
+                         caption_weight=c.caption_weight)
         has_truth = "truth" in self.context.artifacts
         truth_before = self._truth_map(model, val_set, tagset) if has_truth and len(val_set) else {}
-        res = train(model, train_set, val_set, tc, out / "checkpoints",
+        res = train(model, train_set, val_set, tc, out / "checkpoints", tag_names=list(tagset.names),
                     log=lambda m: print(f"  [{self.context.step}] {m}", flush=True))
         hist = res["history"]
         truth_q = self._truth_map(model, val_set, tagset) if truth_before else {}

@@ -17,18 +17,42 @@ def test_entrypoints_are_pinned():
     assert list_models() == ["cnn_tagger_tiny", "ram_plus_swin_l_384", "ram_plus_test", "ram_swin_l_384", "ram_test"]
 
 
-@pytest.mark.parametrize("name", ["ram_swin_l_384", "ram_plus_swin_l_384"])
-def test_full_size_state_dict_equals_official_manifest(shared, name):
+@pytest.mark.parametrize("name, caption", [("ram_swin_l_384", False), ("ram_swin_l_384", True),
+                                           ("ram_plus_swin_l_384", False)])
+def test_full_size_state_dict_equals_official_manifest(shared, name, caption):
     with torch.device("meta"):
-        model = create_model(name)
+        model = create_model(name, **({"caption_branch": True} if caption else {}))
     ours = {k: list(v.shape) for k, v in model.state_dict().items()}
     manifest = json.loads((shared / "ref/ram/manifests" / f"{name}.state_dict.json").read_text())
     ref = {k: v["shape"] for k, v in manifest["state_dict"].items()
-           if not k.startswith(("tag_encoder.", "text_decoder."))}  # RAM's caption branch: not built
+           if caption or not k.startswith(("tag_encoder.", "text_decoder."))}  # tagging-only: no caption branch
     assert list(ours) == list(ref)
     assert ours == ref
-    if name == "ram_plus_swin_l_384":
+    if caption or name == "ram_plus_swin_l_384":
         assert sum(p.numel() for p in model.parameters()) == manifest["total_parameters_unique"]
+
+
+def test_golden_ram_with_caption_branch_loads_every_key_with_official_ties(shared):
+    g = shared / "ref/ram/golden"
+    ref = json.loads((g / "tiny_ram.state_dict.json").read_text())["state_dict"]
+    model = create_model("ram_test", caption_branch=True, text_layers=3, text_vocab=1024,
+                         pretrained=str(g / "tiny_ram.pth")).eval()
+    sd = model.state_dict()
+    assert {k: list(v.shape) for k, v in sd.items()} == {k: v["shape"] for k, v in ref.items()}
+    assert list(sd) == list(ref)
+    tied = {k: v["tied_to"] for k, v in ref.items() if "tied_to" in v}
+    assert len(tied) == 34 and all(sd[k].data_ptr() == sd[t].data_ptr() for k, t in tied.items())
+    ckpt = torch.load(g / "tiny_ram.pth", weights_only=True)["model"]
+    assert all(torch.equal(sd[k], ckpt[k]) for k in ckpt if k.startswith(("tag_encoder.", "text_decoder.")))
+    golden = torch.load(g / "golden_outputs.pt", weights_only=True)["ram"]
+    pixels = torch.load(g / "input.pt", weights_only=True)["pixel_values"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixels), golden["logits"], atol=1e-4, rtol=1e-4)
+
+
+def test_caption_branch_is_ram_only():
+    with pytest.raises(ValueError, match="RAM only"):
+        create_model("ram_plus_test", caption_branch=True)
 
 
 @pytest.mark.parametrize("key, name, ckpt", GOLDEN_MODELS)

@@ -197,3 +197,32 @@ def test_cnn_tagger_interface_training_and_round_trip(tmp_path):
     loaded = BaseTagger.load(TaggerConfig(device="cpu"), {"tagger": str(d)}, ["red", "green", "blue", "yellow"])
     model.eval()
     torch.testing.assert_close(loaded.model(x), model(x))
+
+
+def test_training_with_the_caption_branch_round_trips_with_ties(tmp_path):
+    """RAM with its caption branch trains from the export (tagging + generation loss), and the saved
+    official-layout checkpoint loads back exactly with the tag encoder still tied to the tagging head."""
+    files = _tiny_export(tmp_path, 16)
+    names = ["red", "green", "blue", "yellow"]
+
+    def build():
+        torch.manual_seed(0)
+        return create_model("ram_test", caption_branch=True, text_layers=2, num_classes=4, image_size=64,
+                            window_size=4, embed_dim=8, head_hidden=32, head_intermediate=64)
+
+    model = build()
+    ds = ExportDataset(files, 4, model.cfg)
+    with pytest.raises(ValueError, match="tag names"):
+        train(build(), ds, ds, TrainConfig(epochs=1), tmp_path / "none", log=lambda m: None)
+    res = train(model, ds, ds, TrainConfig(epochs=2, batch_size=8, warmup_steps=1, lr=3e-3), tmp_path / "ck",
+                log=lambda m: None, tag_names=names)
+    no_caption = train(build(), ds, ds, TrainConfig(epochs=2, batch_size=8, warmup_steps=1, lr=3e-3,
+                                                    caption_weight=0.0), tmp_path / "ck0", log=lambda m: None)
+    # the generation loss is part of the objective (several nats per token at the start)
+    assert res["history"][1]["loss"] > no_caption["history"][1]["loss"] + 1.0
+    reloaded = load_checkpoint(build(), str(tmp_path / "ck" / "model.pth"))
+    sd = reloaded.state_dict()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    layer = reloaded.tagging_head.encoder.layer[0]
+    assert layer.crossattention is reloaded.tag_encoder.encoder.layer[0].crossattention
