@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import pyarrow.parquet as pq
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipeline.errors import Reject
 
@@ -36,9 +36,21 @@ class TrainStageConfig(StageConfig):
     caption_weight: float = Field(1.0, ge=0, description="weight of RAM's image-tag-text generation loss when "
                                   "the model has the caption branch (model_args: {caption_branch: true})")
     cache_images: bool = Field(True, description="keep decoded, resized images in memory (small corpora)")
+    teacher: Literal["none", "ram", "clip"] = Field("none", description="L1 distillation of the pooled image "
+                                                    "embedding: a released RAM checkpoint, or CLIP (open_clip)")
+    teacher_weights: str | None = Field(None, description="local weights of the teacher")
+    teacher_model: str = Field("ram_swin_l_384", description="teacher entrypoint (teacher: ram)")
+    teacher_model_args: dict = Field(default_factory=dict, description="teacher entrypoint overrides")
+    distill_weight: float = Field(1.0, ge=0, description="weight of the distillation term")
     calibrate_precision: float = Field(0.9, gt=0, le=1, description="per-class thresholds: the lowest score "
                                        "whose held-out precision (vs the labels) reaches this; 1.0 if none does")
     calibrate_min_hits: int = Field(3, ge=1, description="a threshold needs this many held-out true hits above it")
+
+    @model_validator(mode="after")
+    def _teacher_has_weights(self):
+        if self.teacher != "none" and not self.teacher_weights:
+            raise ValueError(f"teacher {self.teacher!r} needs teacher_weights: a local path (nothing is downloaded)")
+        return self
 
 
 def truth_map(scores, image_ids: list[str], truth_by_id: dict, id_names: dict[int, set[str]]) -> tuple[float, float]:
@@ -166,10 +178,19 @@ class TrainStage(Stage):
         out = Path(self.context.run_dir) / self.context.step
         tc = TrainConfig(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, weight_decay=c.weight_decay,
                          warmup_steps=c.warmup_steps, seed=seed, loss=c.loss, hflip=c.hflip,
-                         caption_weight=c.caption_weight)
+                         caption_weight=c.caption_weight, distill_weight=c.distill_weight)
+        teacher = None
+        if c.teacher != "none":
+            from model.teacher import make_teacher
+
+            if not hasattr(model, "image_embeds") or not hasattr(model, "label_queries"):
+                raise ValueError(f"train.teacher: distillation needs a RAM student; {c.model!r} has no pooled "
+                                 f"image embedding to distil into")
+            teacher = make_teacher(c.teacher, c.teacher_weights, model.cfg, c.teacher_model, c.teacher_model_args,
+                                   c.device)
         has_truth = "truth" in self.context.artifacts
         truth_before = self._truth_map(model, val_set, tagset) if has_truth and len(val_set) else {}
-        res = train(model, train_set, val_set, tc, out / "checkpoints", tag_names=list(tagset.names),
+        res = train(model, train_set, val_set, tc, out / "checkpoints", tag_names=list(tagset.names), teacher=teacher,
                     log=lambda m: print(f"  [{self.context.step}] {m}", flush=True))
         hist = res["history"]
         truth_q = self._truth_map(model, val_set, tagset) if truth_before else {}

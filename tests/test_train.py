@@ -226,3 +226,46 @@ def test_training_with_the_caption_branch_round_trips_with_ties(tmp_path):
         assert torch.equal(v, sd[k]), k
     layer = reloaded.tagging_head.encoder.layer[0]
     assert layer.crossattention is reloaded.tag_encoder.encoder.layer[0].crossattention
+
+
+def test_distillation_pulls_the_pooled_embedding_to_a_ram_teacher(tmp_path):
+    """A frozen RAM teacher at another input size: the student's token 0 moves towards the teacher's
+    embedding with the distillation term, and does not without it."""
+    from model.teacher import make_teacher
+
+    files = _tiny_export(tmp_path, 24)
+    torch.manual_seed(1)
+    tm = create_model("ram_test", num_classes=4, image_size=32, window_size=4, embed_dim=8, head_hidden=32,
+                      head_intermediate=64)
+    torch.save({"model": tm.state_dict()}, tmp_path / "teacher.pth")
+    args = {"num_classes": 4, "image_size": 32, "window_size": 4, "embed_dim": 8, "head_hidden": 32,
+            "head_intermediate": 64}
+
+    def gap(model, ds, teacher):
+        x = torch.stack([ds[i][0] for i in range(len(ds))])
+        model.eval()
+        with torch.no_grad():
+            return float((model.image_embeds(x)[:, 0] - teacher(x)).abs().mean())
+
+    results = {}
+    for weight in (0.0, 5.0):
+        model = _model()
+        ds = ExportDataset(files, 4, model.cfg)
+        teacher = make_teacher("ram", str(tmp_path / "teacher.pth"), model.cfg, "ram_test", args)
+        before = gap(model, ds, teacher)
+        train(model, ds, ds, TrainConfig(epochs=6, batch_size=8, warmup_steps=1, lr=3e-3, distill_weight=weight),
+              tmp_path / f"ck{weight}", teacher=teacher, log=lambda m: None)
+        results[weight] = gap(model, ds, teacher) / before
+    assert results[5.0] < 0.7 and results[5.0] < results[0.0] - 0.2, results
+    with pytest.raises(ValueError, match="label_dim"):
+        make_teacher("ram", str(tmp_path / "teacher.pth"), create_model("ram_test", label_dim=16).cfg,
+                     "ram_test", args)
+
+
+def test_a_teacher_without_weights_is_a_config_error(tmp_path):
+    from pipeline.config import ConfigError, load_run_config
+
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text("workflow: train\ntrain: {teacher: ram}\n")
+    with pytest.raises(ConfigError, match=r"t\.yaml.*train.*teacher_weights"):
+        load_run_config(cfg)
