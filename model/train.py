@@ -188,6 +188,9 @@ def train(model: RAM, train_set, val_set, cfg: TrainConfig, out_dir: Path, teach
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
     device = next(model.parameters()).device
     amp = device.type == "cuda"
+    channels_last = getattr(model, "prefers_channels_last", False)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     captioning = getattr(model.cfg, "caption_branch", False) and cfg.caption_weight > 0
     if captioning:
         if tag_names is None:
@@ -217,6 +220,8 @@ def train(model: RAM, train_set, val_set, cfg: TrainConfig, out_dir: Path, teach
             if cfg.hflip:
                 flip = torch.rand(x.shape[0], generator=g) < 0.5
                 x = torch.where(flip.to(device)[:, None, None, None], x.flip(-1), x)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 if isinstance(model, RAM):
                     img = model.image_embeds(x)
