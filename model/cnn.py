@@ -42,10 +42,6 @@ class CnnConfig:
 
 
 class CnnTagger(ThresholdedTagger, nn.Module):
-    # the training loop keeps weights and batches channels-last: oneDNN's convolutions run about 1.2x
-    # faster that way on these CPUs (bench/cnn_train.py)
-    prefers_channels_last = True
-
     def __init__(self, cfg: CnnConfig):
         super().__init__()
         self.cfg = cfg

@@ -57,6 +57,8 @@ def _init_weights(m: nn.Module) -> None:
         nn.init.trunc_normal_(m.weight, std=0.02)
         if m.bias is not None:
             nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Embedding):  # the caption branch's token and position tables (BERT's init)
+        nn.init.normal_(m.weight, std=0.02)
     elif isinstance(m, nn.LayerNorm):
         nn.init.ones_(m.weight)
         nn.init.zeros_(m.bias)

@@ -35,6 +35,8 @@ class TrainStageConfig(StageConfig):
     hflip: bool = Field(False, description="flip half of each batch left-right")
     caption_weight: float = Field(1.0, ge=0, description="weight of RAM's image-tag-text generation loss when "
                                   "the model has the caption branch (model_args: {caption_branch: true})")
+    channels_last: bool = Field(False, description="train with channels-last weights and batches (convolutional "
+                                "models: ~1.2x faster on CPU; numerically a different run)")
     cache_images: bool = Field(True, description="keep decoded, resized images in memory (small corpora)")
     teacher: Literal["none", "ram", "clip"] = Field("none", description="L1 distillation of the pooled image "
                                                     "embedding: a released RAM checkpoint, or CLIP (open_clip)")
@@ -178,7 +180,8 @@ class TrainStage(Stage):
         out = Path(self.context.run_dir) / self.context.step
         tc = TrainConfig(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, weight_decay=c.weight_decay,
                          warmup_steps=c.warmup_steps, seed=seed, loss=c.loss, hflip=c.hflip,
-                         caption_weight=c.caption_weight, distill_weight=c.distill_weight)
+                         caption_weight=c.caption_weight, distill_weight=c.distill_weight,
+                         channels_last=c.channels_last)
         teacher = None
         if c.teacher != "none":
             from model.teacher import make_teacher
