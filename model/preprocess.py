@@ -25,9 +25,10 @@ def load_rgb(data: bytes | str) -> Image.Image:
     return img.convert("RGB")
 
 
-def to_tensor(img: Image.Image, cfg: RamConfig) -> torch.Tensor:
-    s = cfg.image_size
-    arr = np.asarray(img.convert("RGB").resize((s, s), _RESAMPLE[cfg.interpolation]))
+def to_tensor(img: Image.Image, cfg: RamConfig, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """``[3, H, W]`` normalised pixels, resized to the model's square input (or to ``size``, (w, h))."""
+    s = size or (cfg.image_size, cfg.image_size)
+    arr = np.asarray(img.convert("RGB").resize(s, _RESAMPLE[cfg.interpolation]))
     x = torch.from_numpy(arr.copy()).permute(2, 0, 1).to(torch.float32).div(255)
     mean = torch.tensor(cfg.mean, dtype=torch.float32)[:, None, None]
     std = torch.tensor(cfg.std, dtype=torch.float32)[:, None, None]

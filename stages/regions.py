@@ -7,6 +7,8 @@
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import pyarrow as pa
 from pydantic import Field
@@ -14,11 +16,15 @@ from pydantic import Field
 from pipeline.registry import register
 from pipeline.stage import ReduceResult, RowSource, Stage, StageConfig, StageResult
 from stages.pseudolabel import VisionConfig, _checkpoint_fingerprint, load_images
-from stages.vision import BaseTagger, crop, region_types
+from stages.vision import BaseTagger, crop, native_crop, region_types
 
 
 class CropConfig(VisionConfig):
     crop_pad: float = Field(0.1, ge=0, le=1, description="context added around each box, share of its size")
+    crop_size: Literal["auto", "model", "native"] = Field(
+        "auto", description="model: each crop resized to the model's input (RAM's way); native: the crop at the "
+        "scale the whole image is seen at (fully convolutional taggers only: the CNN), rounded up to a multiple "
+        "of 8 px; auto: native when the tagger allows it")
 
 
 class _CropStage(Stage):
@@ -30,6 +36,12 @@ class _CropStage(Stage):
 
         self.tagset = TagSet.load(self.context.artifact("tagset"))
         self.tagger = BaseTagger.load(self.config, self.context.artifacts, self.tagset.names)
+        fc = self.tagger.fully_convolutional
+        if self.config.crop_size == "native" and not fc:
+            raise ValueError(f"{self.context.step}.crop_size: 'native' needs a fully convolutional tagger; "
+                             f"{type(self.tagger.model).__name__} takes {self.tagger.image_size} px inputs only "
+                             f"(use 'model' or 'auto')")
+        self.native = self.config.crop_size == "native" or (self.config.crop_size == "auto" and fc)
 
     def input_fingerprint(self) -> str:
         return _checkpoint_fingerprint(self.config)
@@ -39,9 +51,14 @@ class _CropStage(Stage):
         keep, images, rejects = load_images(self, batch)
         regions = batch.column("regions").to_pylist()
         items = []
+        size, interp = self.tagger.image_size, self.tagger.model.cfg.interpolation
+        min_side = getattr(self.tagger.model, "min_input_size", 16)
         for j, (i, img) in enumerate(zip(keep, images)):
             for r in regions[i] or []:
-                items.append((j, r["tag_id"], crop(img, r["box"], self.config.crop_pad)))
+                c = native_crop(img, r["box"], self.config.crop_pad, size, min_side=min_side,
+                                interpolation=interp) if self.native \
+                    else crop(img, r["box"], self.config.crop_pad)
+                items.append((j, r["tag_id"], c))
         return keep, rejects, items
 
     @staticmethod
@@ -60,7 +77,7 @@ class EmbedStage(_CropStage):
     def __call__(self, batch: pa.Table) -> StageResult:
         _, _, embed_t = region_types()
         keep, rejects, items = self.crops(batch)
-        feats = self.tagger.embed([c for _, _, c in items]).astype(np.float16)
+        feats = self.tagger.embed([c for _, _, c in items], native=self.native).astype(np.float16)
         out: list[list[dict]] = [[] for _ in keep]
         for (j, t, _), f in zip(items, feats):
             out[j].append({"tag_id": t, "embedding": f})
@@ -95,10 +112,10 @@ class VerifyStage(_CropStage):
         keep, rejects, items = self.crops(batch)
         out: list[list[dict]] = [[] for _ in keep]
         if items:
-            s = self.tagger.scores([c for _, _, c in items])
+            s = self.tagger.crop_scores([c for _, _, c in items], [t for _, t, _ in items], native=self.native)
             for k, (j, t, _) in enumerate(items):
-                if not np.isnan(s[k, t]):
-                    out[j].append({"tag_id": t, "score": float(s[k, t])})
+                if not np.isnan(s[k]):
+                    out[j].append({"tag_id": t, "score": float(s[k])})
         return self.emit(batch, keep, "crop_scores", pa.array(out, pa.list_(score_t)), rejects)
 
 

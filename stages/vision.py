@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,18 +166,58 @@ class BaseTagger:
         th = np.array([np.nan if c < 0 else (own[c] if thresholds is not None else fallback[t])
                        for t, c in enumerate(class_of_tag)], dtype=np.float32)
         device = resolve_device(cfg.device)
-        return cls(model.eval().to(device), class_of_tag, th, device, cfg.batch_size)
+        model = model.eval()
+        if hasattr(model, "for_inference"):  # same function, faster (CNN: BatchNorm folded, channels-last)
+            model = model.for_inference()
+        return cls(model.to(device), class_of_tag, th, device, cfg.batch_size)
 
     @property
     def image_size(self) -> int:
         return self.model.cfg.image_size
 
-    def _pixels(self, images: list[Image.Image]):
+    @property
+    def fully_convolutional(self) -> bool:
+        """True when the model takes inputs of any size (a crop can keep the whole image's scale)."""
+        return bool(getattr(self.model, "fully_convolutional", False))
+
+    def _pixels(self, images: list[Image.Image], native: bool = False):
+        """A batch on the model's device; ``native``: the images already have their input size (all equal)."""
         import torch
 
         from model.preprocess import to_tensor
 
-        return torch.stack([to_tensor(im, self.model.cfg) for im in images]).to(self.device)
+        x = torch.stack([to_tensor(im, self.model.cfg, im.size if native else None) for im in images])
+        if getattr(self.model, "channels_last", False):
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x.to(self.device)
+
+    def native_batches(self, images: list[Image.Image]):
+        """Indices of ``images`` grouped by size, at most ``batch_size`` each (inputs of one size stack)."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, im in enumerate(images):
+            groups.setdefault(im.size, []).append(i)
+        for size in sorted(groups):
+            idx = groups[size]
+            for s in range(0, len(idx), self.batch_size):
+                yield idx[s:s + self.batch_size]
+
+    def crop_scores(self, crops: list[Image.Image], tags: list[int], native: bool = False) -> np.ndarray:
+        """Each crop's score for its own tag (NaN when the model lacks the tag); ``native``: crops are
+        already at their input size (:func:`native_crop`), scored batch by batch of equal size."""
+        if not native:
+            s = self.scores(crops) if crops else np.zeros((0, len(self.class_of_tag)), np.float32)
+            return np.array([s[k, t] for k, t in enumerate(tags)], dtype=np.float32)
+        import torch
+
+        out = np.full(len(crops), np.nan, dtype=np.float32)
+        for idx in self.native_batches(crops):
+            with torch.inference_mode():
+                p = torch.sigmoid(self.model(self._pixels([crops[i] for i in idx], native=True)).float()).cpu().numpy()
+            for k, i in enumerate(idx):
+                c = self.class_of_tag[tags[i]]
+                if c >= 0:
+                    out[i] = p[k, c]
+        return out
 
     def scores(self, images: list[Image.Image], attention: bool = False):
         """``[B, tags]`` sigmoid scores (NaN for tags the model lacks); with ``attention`` also the last
@@ -202,10 +243,18 @@ class BaseTagger:
             out[i:i + len(x), known] = torch.sigmoid(logits.float()).cpu().numpy()
         return (out, maps) if attention else out
 
-    def embed(self, images: list[Image.Image]) -> np.ndarray:
-        """The pooled image feature (``image_embeds[:, 0]``), ``[B, label_dim]`` float32."""
+    def embed(self, images: list[Image.Image], native: bool = False) -> np.ndarray:
+        """The pooled image feature (``image_embeds[:, 0]``), ``[B, label_dim]`` float32; ``native`` as in
+        :meth:`crop_scores`."""
         import torch
 
+        if native:
+            out = np.zeros((len(images), self.model.cfg.label_dim), np.float32)
+            for idx in self.native_batches(images):
+                with torch.inference_mode():
+                    out[idx] = self.model.image_embeds(self._pixels([images[i] for i in idx], native=True))[:, 0] \
+                        .float().cpu().numpy()
+            return out
         feats = []
         for i in range(0, len(images), self.batch_size):
             with torch.inference_mode():
@@ -240,6 +289,28 @@ def crop(img: Image.Image, box, pad: float = 0.0) -> Image.Image:
     px, py = (x1 - x0) * pad, (y1 - y0) * pad
     b = clip_box([x0 - px, y0 - py, x1 + px, y1 + py], *img.size) or [0, 0, img.size[0], img.size[1]]
     return img.crop(tuple(int(round(v)) for v in b))
+
+
+def native_crop(img: Image.Image, box, pad: float, size: int, step: int = 8, min_side: int = 16,
+                interpolation: str = "bilinear") -> Image.Image:
+    """The box (plus ``pad``) at the scale the whole image is seen at by a model of input ``size``: the
+    image becomes ``size`` x ``size``, so the crop shrinks by the same factors. Each side is rounded up to
+    a multiple of ``step`` (at least ``min_side``) by taking a little more context around the box, so
+    crops fall into few sizes and batch together. Returns the crop already resized to that input size."""
+    w, h = img.size
+    fx, fy = size / w, size / h
+    x0, y0, x1, y1 = box
+    px, py = (x1 - x0) * pad, (y1 - y0) * pad
+    out = []
+    for lo, hi, p, f, full in ((x0, x1, px, fx, w), (y0, y1, py, fy, h)):
+        side = min(size, max(min_side, -(-math.ceil((hi - lo + 2 * p) * f - 1e-6) // step) * step))
+        src = side / f  # that many source pixels
+        c = (lo + hi) / 2
+        a = min(max(0.0, c - src / 2), max(0.0, full - src))
+        out.append((a, min(float(full), a + src), side))
+    (ax, bx, sw), (ay, by, sh) = out
+    resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[interpolation]
+    return img.resize((sw, sh), resample, box=(ax, ay, bx, by))
 
 
 def attention_box(amap: np.ndarray, w: int, h: int, rel: float = 0.5) -> tuple[list[float], float]:

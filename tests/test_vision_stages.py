@@ -318,3 +318,122 @@ def test_detector_prompts_are_chunked_to_the_text_limit():
         for name, s, e in spans:
             assert text[s:e] == name
     assert build_prompts(["a very long tag name indeed"], count, limit=3)[0][1][0][0] == "a very long tag name indeed"
+
+
+# -- the CNN tagger's fast paths: inference form, native-scale crops -------------------------------------
+
+@pytest.fixture
+def cnn_artifacts(tmp_path):
+    """A tagset dir and a 'tagger' dir holding a small random CNN tagger with smooth-max pooling."""
+    from model.ram import create_model
+
+    ts = TagSet([Tag(i, n) for i, n in enumerate(NAMES)])
+    vocab = tmp_path / "vocab"
+    vocab.mkdir()
+    pq.write_table(ts.to_table(), vocab / "tagset.parquet")
+    torch.manual_seed(0)
+    args = {"num_classes": len(NAMES), "widths": [8, 16, 16, 16], "pool": "lse"}
+    model = create_model("cnn_tagger_tiny", **args)
+    for m in model.modules():  # BatchNorm statistics that are not the identity, so folding them matters
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    tagger = tmp_path / "cnn"
+    tagger.mkdir()
+    torch.save({"model": model.state_dict()}, tagger / "model.pth")
+    (tagger / "model.json").write_text(json.dumps({"entrypoint": "cnn_tagger_tiny", "model_args": args,
+                                                   "checkpoint": "model.pth"}))
+    return {"tagset": str(vocab), "tagger": str(tagger)}
+
+
+def test_cnn_inference_form_computes_the_same_function():
+    """BatchNorm folded into the convolutions and channels-last weights: logits, class maps and the
+    pooled feature agree with the training form; the smooth max lies between the mean and the max."""
+    from model.ram import create_model
+
+    torch.manual_seed(0)
+    model = create_model("cnn_tagger_tiny", num_classes=6, widths=[8, 16, 16, 16], pool="lse")
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    fast = model.for_inference()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        want_logits, want_attn = model(x, return_attn=True)
+        got_logits, got_attn = fast(x.contiguous(memory_format=torch.channels_last), return_attn=True)
+        torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_attn, want_attn, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast.image_embeds(x), model.image_embeds(x), rtol=1e-5, atol=1e-5)
+        maps = model._maps(x, None)[1].flatten(2)
+    assert torch.all(want_logits <= maps.amax(-1) + 1e-6) and torch.all(want_logits >= maps.mean(-1) - 1e-6)
+    with pytest.raises(ValueError, match="pool"):
+        create_model("cnn_tagger_tiny", num_classes=2, pool="mean")
+
+
+def test_native_crops_keep_the_whole_image_scale():
+    """A native crop is what the model sees of that box in the whole image: sides rounded up to a
+    multiple of 8 px (at least 16), the box inside it, and a whole-image box gives the whole input."""
+    from model.preprocess import to_tensor
+    from model.cnn import CnnConfig
+    from stages.vision import native_crop
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8))  # w 128, h 96
+    c = native_crop(img, [10, 20, 50, 40], 0.1, 64)
+    # x: 48 px wide at 64/128 -> 24 model px; y: 24 px tall at 64/96 -> 16 model px
+    assert c.size == (24, 16)
+    small = native_crop(img, [60, 60, 62, 62], 0.0, 64)
+    assert small.size == (16, 16)
+    whole = native_crop(img, [0, 0, 128, 96], 0.0, 64)
+    assert whole.size == (64, 64)
+    cfg = CnnConfig()
+    torch.testing.assert_close(to_tensor(whole, cfg, whole.size), to_tensor(img, cfg))
+
+
+def test_verify_and_embed_score_native_crops_in_size_batches(tmp_path, cnn_artifacts):
+    """With a fully convolutional tagger, crops keep the image's scale; batching crops of equal size
+    gives what scoring each alone gives; asking a RAM tagger for native crops is a config error."""
+    from stages.vision import native_crop, open_image as oi
+
+    batch = _batch()
+    pl = PseudoLabelStage(PseudoLabelConfig(floor=0.0, top_k=2), _ctx(tmp_path, cnn_artifacts))
+    pl.setup()
+    gr = GroundStage(GroundConfig(candidate_score=0.0), _ctx(tmp_path, cnn_artifacts))
+    gr.setup()
+    g = gr(pl(batch).table)
+    ve = VerifyStage(CropConfig(batch_size=3), _ctx(tmp_path, cnn_artifacts))
+    ve.setup()
+    assert ve.native
+    crops = ve(g.table).table.column("crop_scores").to_pylist()
+    regions = g.table.column("regions").to_pylist()
+    assert [[d["tag_id"] for d in c] for c in crops] == [[r["tag_id"] for r in rs] for rs in regions]
+    img, _ = oi(batch.to_pylist()[0], None, ImageLimits())
+    for r, got in zip(regions[0], crops[0]):
+        alone = ve.tagger.crop_scores([native_crop(img, r["box"], 0.1, 64)], [r["tag_id"]], native=True)[0]
+        assert got["score"] == pytest.approx(float(alone), abs=1e-5)
+    em = EmbedStage(CropConfig(batch_size=3), _ctx(tmp_path, cnn_artifacts))
+    em.setup()
+    vecs = em(g.table).table.column("region_embeds").to_pylist()
+    assert [len(v) for v in vecs] == [len(rs) for rs in regions] and len(vecs[0][0]["embedding"]) == 16
+
+    model_size = VerifyStage(CropConfig(crop_size="model"), _ctx(tmp_path, cnn_artifacts))
+    model_size.setup()
+    assert not model_size.native
+    with pytest.raises(ValueError, match="crop_size"):
+        VerifyStage(CropConfig(crop_size="native"), _ctx(tmp_path, _ram_artifacts(tmp_path))).setup()
+
+
+def _ram_artifacts(tmp_path):
+    from model.ram import create_model
+
+    torch.manual_seed(0)
+    args = {"num_classes": len(NAMES), "image_size": 64, "window_size": 4, "embed_dim": 8, "depths": [2, 2, 2],
+            "num_heads": [1, 2, 4], "head_hidden": 32, "head_intermediate": 64, "label_dim": 16}
+    d = tmp_path / "ram_tagger"
+    d.mkdir(exist_ok=True)
+    torch.save({"model": create_model("ram_test", **args).state_dict()}, d / "model.pth")
+    (d / "model.json").write_text(json.dumps({"entrypoint": "ram_test", "model_args": args, "checkpoint": "model.pth"}))
+    return {"tagset": str(tmp_path / "vocab"), "tagger": str(d)}
