@@ -27,25 +27,37 @@ def _png(img: Image.Image, fmt: str = "PNG") -> bytes:
     return buf.getvalue()
 
 
+RAM_ARGS = {"num_classes": len(NAMES), "image_size": 64, "window_size": 4, "embed_dim": 8, "depths": [2, 2, 2],
+            "num_heads": [1, 2, 4], "head_hidden": 32, "head_intermediate": 64, "label_dim": 16}
+
+
+def _tagset_dir(tmp_path):
+    vocab = tmp_path / "vocab"
+    if not vocab.exists():
+        vocab.mkdir()
+        pq.write_table(TagSet([Tag(i, n) for i, n in enumerate(NAMES)]).to_table(), vocab / "tagset.parquet")
+    return vocab
+
+
+def _tagger_dir(d, entrypoint: str, args: dict, prepare=None):
+    """What a train step provides: a seeded random model of ``entrypoint`` saved with its model.json."""
+    from model.ram import create_model
+
+    torch.manual_seed(0)
+    model = create_model(entrypoint, **args)
+    if prepare is not None:
+        prepare(model)
+    d.mkdir(exist_ok=True)
+    torch.save({"model": model.state_dict()}, d / "model.pth")
+    (d / "model.json").write_text(json.dumps({"entrypoint": entrypoint, "model_args": args,
+                                              "checkpoint": "model.pth"}))
+    return d
+
+
 @pytest.fixture
 def artifacts(tmp_path):
     """A tagset dir and a 'tagger' dir holding a tiny random RAM (what a train step provides)."""
-    from model.ram import create_model
-
-    ts = TagSet([Tag(i, n) for i, n in enumerate(NAMES)])
-    vocab = tmp_path / "vocab"
-    vocab.mkdir()
-    pq.write_table(ts.to_table(), vocab / "tagset.parquet")
-    torch.manual_seed(0)
-    args = {"num_classes": len(NAMES), "image_size": 64, "window_size": 4, "embed_dim": 8, "depths": [2, 2, 2],
-            "num_heads": [1, 2, 4], "head_hidden": 32, "head_intermediate": 64, "label_dim": 16}
-    model = create_model("ram_test", **args)
-    tagger = tmp_path / "train"
-    tagger.mkdir()
-    torch.save({"model": model.state_dict()}, tagger / "model.pth")
-    (tagger / "model.json").write_text(json.dumps({"entrypoint": "ram_test", "model_args": args,
-                                                   "checkpoint": "model.pth"}))
-    return {"tagset": str(vocab), "tagger": str(tagger)}
+    return {"tagset": str(_tagset_dir(tmp_path)), "tagger": str(_tagger_dir(tmp_path / "train", "ram_test", RAM_ARGS))}
 
 
 def _ctx(tmp_path, artifacts, step="s"):
@@ -322,28 +334,20 @@ def test_detector_prompts_are_chunked_to_the_text_limit():
 
 # -- the CNN tagger's fast paths: inference form, native-scale crops -------------------------------------
 
-@pytest.fixture
-def cnn_artifacts(tmp_path):
-    """A tagset dir and a 'tagger' dir holding a small random CNN tagger with smooth-max pooling."""
-    from model.ram import create_model
-
-    ts = TagSet([Tag(i, n) for i, n in enumerate(NAMES)])
-    vocab = tmp_path / "vocab"
-    vocab.mkdir()
-    pq.write_table(ts.to_table(), vocab / "tagset.parquet")
-    torch.manual_seed(0)
-    args = {"num_classes": len(NAMES), "widths": [8, 16, 16, 16], "pool": "lse"}
-    model = create_model("cnn_tagger_tiny", **args)
-    for m in model.modules():  # BatchNorm statistics that are not the identity, so folding them matters
+def _random_bn_stats(model):
+    """BatchNorm statistics that are not the identity, so folding them matters."""
+    for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
-    tagger = tmp_path / "cnn"
-    tagger.mkdir()
-    torch.save({"model": model.state_dict()}, tagger / "model.pth")
-    (tagger / "model.json").write_text(json.dumps({"entrypoint": "cnn_tagger_tiny", "model_args": args,
-                                                   "checkpoint": "model.pth"}))
-    return {"tagset": str(vocab), "tagger": str(tagger)}
+
+
+@pytest.fixture
+def cnn_artifacts(tmp_path):
+    """A tagset dir and a 'tagger' dir holding a small random CNN tagger with smooth-max pooling."""
+    args = {"num_classes": len(NAMES), "widths": [8, 16, 16, 16], "pool": "lse"}
+    return {"tagset": str(_tagset_dir(tmp_path)),
+            "tagger": str(_tagger_dir(tmp_path / "cnn", "cnn_tagger_tiny", args, _random_bn_stats))}
 
 
 def test_cnn_inference_form_computes_the_same_function():
@@ -353,10 +357,7 @@ def test_cnn_inference_form_computes_the_same_function():
 
     torch.manual_seed(0)
     model = create_model("cnn_tagger_tiny", num_classes=6, widths=[8, 16, 16, 16], pool="lse")
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
+    _random_bn_stats(model)
     model.eval()
     fast = model.for_inference()
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
@@ -423,17 +424,6 @@ def test_verify_and_embed_score_native_crops_in_size_batches(tmp_path, cnn_artif
     model_size.setup()
     assert not model_size.native
     with pytest.raises(ValueError, match="crop_size"):
-        VerifyStage(CropConfig(crop_size="native"), _ctx(tmp_path, _ram_artifacts(tmp_path))).setup()
+        ram = {"tagset": str(_tagset_dir(tmp_path)), "tagger": str(_tagger_dir(tmp_path / "ram", "ram_test", RAM_ARGS))}
+        VerifyStage(CropConfig(crop_size="native"), _ctx(tmp_path, ram)).setup()
 
-
-def _ram_artifacts(tmp_path):
-    from model.ram import create_model
-
-    torch.manual_seed(0)
-    args = {"num_classes": len(NAMES), "image_size": 64, "window_size": 4, "embed_dim": 8, "depths": [2, 2, 2],
-            "num_heads": [1, 2, 4], "head_hidden": 32, "head_intermediate": 64, "label_dim": 16}
-    d = tmp_path / "ram_tagger"
-    d.mkdir(exist_ok=True)
-    torch.save({"model": create_model("ram_test", **args).state_dict()}, d / "model.pth")
-    (d / "model.json").write_text(json.dumps({"entrypoint": "ram_test", "model_args": args, "checkpoint": "model.pth"}))
-    return {"tagset": str(tmp_path / "vocab"), "tagger": str(d)}
