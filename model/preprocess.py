@@ -13,7 +13,7 @@ from PIL import Image
 
 from model.ram import RamConfig
 
-_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
 
 
 def load_rgb(data: bytes | str) -> Image.Image:
@@ -28,7 +28,7 @@ def load_rgb(data: bytes | str) -> Image.Image:
 def to_tensor(img: Image.Image, cfg: RamConfig, size: tuple[int, int] | None = None) -> torch.Tensor:
     """``[3, H, W]`` normalised pixels, resized to the model's square input (or to ``size``, (w, h))."""
     s = size or (cfg.image_size, cfg.image_size)
-    arr = np.asarray(img.convert("RGB").resize(s, _RESAMPLE[cfg.interpolation]))
+    arr = np.asarray(img.convert("RGB").resize(s, RESAMPLE[cfg.interpolation]))
     x = torch.from_numpy(arr.copy()).permute(2, 0, 1).to(torch.float32).div(255)
     mean = torch.tensor(cfg.mean, dtype=torch.float32)[:, None, None]
     std = torch.tensor(cfg.std, dtype=torch.float32)[:, None, None]

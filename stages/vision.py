@@ -309,8 +309,9 @@ def native_crop(img: Image.Image, box, pad: float, size: int, step: int = 8, min
         a = min(max(0.0, c - src / 2), max(0.0, full - src))
         out.append((a, min(float(full), a + src), side))
     (ax, bx, sw), (ay, by, sh) = out
-    resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[interpolation]
-    return img.resize((sw, sh), resample, box=(ax, ay, bx, by))
+    from model.preprocess import RESAMPLE  # the filter the whole image is resized with
+
+    return img.resize((sw, sh), RESAMPLE[interpolation], box=(ax, ay, bx, by))
 
 
 def attention_box(amap: np.ndarray, w: int, h: int, rel: float = 0.5) -> tuple[list[float], float]:
