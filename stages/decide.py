@@ -17,6 +17,15 @@ never vote (an unreliable witness is not a witness).
   tag's median distance. A pseudo tag is added when its score >= max(``add_threshold``, own threshold)
   and its crop agrees (crop score >= ``add_crop_min``).
 
+  Explaining away (on when ``add_unclaimed`` is set): a pseudo tag of a kind that occupies a region
+  (``region_kinds``) with a box is judged by where that box lies. If it overlaps (IoU >= ``claim_iou``)
+  the box of a label the image keeps, that thing is already named: the tag is most often the tagger
+  confusing one shape for another, and needs ``add_claimed`` (and its own threshold). If no label's
+  box is there, the tagger found something the captions never named, the case pseudo-labelling is
+  for, and ``add_unclaimed`` is enough. Tags are judged best first and each one added claims its own
+  box. This suits vocabularies where one region has one name (the scene world); where names nest
+  (person / man / face), leave it off or restrict ``region_kinds``.
+
 Only this stage reads thresholds, so changing them re-runs decide alone.
 """
 from __future__ import annotations
@@ -49,6 +58,13 @@ REASONS: dict[str, str] = {
     "kept": "the rule keeps the tag",
     "dropped": "the rule drops the tag (evidence lists which signals voted)",
     "added": "the rule adds the pseudo tag",
+    "pseudo_candidate": "base tagger scored the tag >= add_unclaimed on the whole image: added only if its region "
+                        "is free",
+    "region_free": "the pseudo tag's box overlaps no box of the image's labels (IoU < claim_iou) and it scored "
+                   ">= add_unclaimed",
+    "region_claimed": "the pseudo tag's box overlaps a label's box (IoU >= claim_iou) and it scored below "
+                      "max(add_claimed, its own threshold)",
+    "pseudo_weak": "the pseudo tag scored below what its evidence needs",
 }
 
 STAGE_LABELS = pa.struct([(k, pa.list_(pa.int32())) for k in
@@ -67,6 +83,24 @@ class DecideConfig(StageConfig):
     votes_to_drop: int = Field(2, ge=1, le=3, description="combined: signals needed to drop a parse tag")
     trust: Literal["calibrated", "all"] = Field(
         "all", description="whose scores count (add and vote): tags with a calibrated threshold, or all")
+    add_unclaimed: float | None = Field(
+        None, ge=0, le=1, description="combined: explaining away; a region-kind pseudo tag whose box no label's "
+        "box overlaps is added at this score (null: off). ground.candidate_score must not exceed it, or the "
+        "weaker candidates have no box")
+    add_claimed: float = Field(0.7, ge=0, le=1, description="combined: score a region-kind pseudo tag needs when a "
+                               "label's box already covers its box (and its own threshold)")
+    claim_iou: float = Field(0.2, gt=0, le=1, description="combined: IoU at which a label's box claims a pseudo "
+                             "tag's box")
+    region_kinds: list[str] = Field(["object", "scene"], description="tag kinds (the tagset's) that occupy a "
+                                    "region and so can claim or be claimed")
+
+
+def box_iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
 
 
 def _ev(tag: int, stage: str, action: str, reason: str, score: float | None, evidence: dict) -> dict:
@@ -83,10 +117,15 @@ class DecideStage(Stage):
     Config = DecideConfig
     inputs = ("image_id", "union_label_id", "tag_events", "tag_scores", "regions", "crop_scores")
     outputs = ("union_label_id", "tag_events", "stage_labels")
-    needs = ("clusters",)
+    needs = ("clusters", "tagset")
     provides = ("decisions",)
 
     def setup(self) -> None:
+        from tagset.tagset import TagSet
+
+        tags = TagSet.load(self.context.artifact("tagset")).tags
+        self.name = {t.tag_id: t.name for t in tags}
+        self.occupies = {t.tag_id for t in tags if t.kind in self.config.region_kinds}
         t = pq.read_table(Path(self.context.artifact("clusters")) / "distances.parquet")
         self.dist = {(i, g): (c, d, q, r) for i, g, c, d, q, r in zip(*(t.column(n).to_pylist() for n in (
             "image_id", "tag_id", "cluster", "distance", "quantile", "relative")))}
@@ -107,18 +146,25 @@ class DecideStage(Stage):
         parse_set = set(parse or [])
         pseudo = {t for t, s in score.items() if t in reliable and t not in parse_set
                   and s >= max(c.add_threshold, own[t] if own[t] is not None else 0.0)}
+        explain = c.add_unclaimed is not None
+        cands = pseudo | ({t for t, s in score.items() if t in reliable and t not in parse_set and t in box
+                           and t in self.occupies and s >= c.add_unclaimed} if explain else set())
         events: list[dict] = []
         labels = {k: set() for k in STAGE_LABELS.names}
         labels["parse"] = set(parse_set)
         labels["pseudolabel"] = parse_set | pseudo
         cluster_keep, verify_keep = set(), set()
-        for t in sorted(parse_set | pseudo):
+        pending = []  # pseudo tags for the combined rule, judged once the kept parse tags are known
+        for t in sorted(parse_set | cands):
             s, cs = score.get(t, float("nan")), crop.get(t, float("nan"))
             ev = {"pseudo_score": None if math.isnan(s) else round(s, 4), "tag_threshold": own.get(t),
                   "tagger_reliable": t in reliable}
             if t in pseudo:
                 events.append(_ev(t, "pseudolabel", "add", "pseudo_label", s, {
                     "score": round(s, 4), "add_threshold": c.add_threshold, "tag_threshold": own.get(t)}))
+            elif t in cands:
+                events.append(_ev(t, "pseudolabel", "candidate", "pseudo_candidate", s, {
+                    "score": round(s, 4), "add_unclaimed": c.add_unclaimed}))
             if t in box:
                 b = [round(v, 1) for v in box[t]["box"]]
                 ev["box"] = b
@@ -144,10 +190,11 @@ class DecideStage(Stage):
                 events.append(_ev(t, "verify", "flag" if low_crop else "pass",
                                   "verify_reject" if low_crop else "verify_pass", cs,
                                   {"crop_score": round(cs, 4), "crop_threshold": c.crop_threshold}))
-            if not outer:
-                cluster_keep.add(t)
-                if not low_crop:
-                    verify_keep.add(t)
+            if t in parse_set or t in pseudo:
+                if not outer:
+                    cluster_keep.add(t)
+                    if not low_crop:
+                        verify_keep.add(t)
             # the combined rule
             if t in parse_set:
                 trust = t in reliable
@@ -160,17 +207,36 @@ class DecideStage(Stage):
                 if c.rule == "combined":
                     events.append(_ev(t, "decide", "keep" if keep else "drop", "kept" if keep else "dropped", s, ev))
             else:
-                ok = math.isnan(cs) or cs >= c.add_crop_min
-                if ok:
-                    labels["combined"].add(t)
-                ev.update(rule="combined", add_crop_min=c.add_crop_min)
-                if c.rule == "combined":
-                    events.append(_ev(t, "decide", "add" if ok else "skip", "added" if ok else "pseudo_below", s, ev))
-            if c.rule == "paper":
+                pending.append((t, s, cs, ev))
+            if c.rule == "paper" and (t in parse_set or t in pseudo):
                 kept = t in verify_keep
-                ev.update(rule="paper")
+                ev = dict(ev, rule="paper")
                 events.append(_ev(t, "decide", ("add" if t in pseudo else "keep") if kept else "drop",
                                   ("added" if t in pseudo else "kept") if kept else "dropped", s, ev))
+        # the combined rule's pseudo tags, best first: a box a kept label (or a tag added before) covers
+        # is claimed (explaining away, see the module docstring)
+        claims = [(t, box[t]["box"]) for t in sorted(labels["combined"]) if explain and t in self.occupies and t in box]
+        for t, s, cs, ev in sorted(pending, key=lambda p: (-p[1], p[0])):
+            crop_ok = math.isnan(cs) or cs >= c.add_crop_min
+            ev = dict(ev, rule="combined", add_crop_min=c.add_crop_min)
+            if explain and t in self.occupies and t in box:
+                iou, by = max(((box_iou(box[t]["box"], b), u) for u, b in claims), default=(0.0, None))
+                claimed = iou >= c.claim_iou
+                need = max(c.add_claimed, own[t] or 0.0) if claimed else c.add_unclaimed
+                ev.update(claim_iou=round(iou, 3), claimed_by=self.name.get(by) if claimed else None, needs=need)
+                ok = s >= need and crop_ok
+                reason = ("region_free" if not claimed else "added") if ok else (
+                    "pseudo_below" if s >= need else "region_claimed" if claimed else "pseudo_weak")
+            else:
+                ok, reason = (t in pseudo and crop_ok), "added"
+                if not ok:
+                    reason = "pseudo_below" if t in pseudo else "pseudo_weak"
+            if ok:
+                labels["combined"].add(t)
+                if explain and t in self.occupies and t in box:
+                    claims.append((t, box[t]["box"]))
+            if c.rule == "combined":
+                events.append(_ev(t, "decide", "add" if ok else "skip", reason, s, ev))
         labels["cluster"] = cluster_keep
         labels["verify"] = verify_keep
         labels["paper"] = verify_keep

@@ -236,7 +236,13 @@ def _decide(tmp_path, **cfg) -> DecideStage:
     pq.write_table(pa.table({"tag_id": pa.array([0, 1, 2, 5], pa.int32()), "regions": [9, 9, 9, 1],
                              "k": pa.array([1, 1, 1, 0], pa.int32()),
                              "status": ["clustered"] * 3 + ["too_few_regions"]}), cdir / "clusters.parquet")
-    st = DecideStage(DecideConfig(**cfg), StageContext(str(tmp_path), "decide", 0, {"clusters": str(cdir)}))
+    vocab = tmp_path / "decide_vocab"
+    vocab.mkdir(exist_ok=True)
+    kinds = ["object", "attribute", "object", "object", "object", "object", "scene"]
+    pq.write_table(TagSet([Tag(i, f"tag{i}", kind=k) for i, k in enumerate(kinds)]).to_table(),
+                   vocab / "tagset.parquet")
+    st = DecideStage(DecideConfig(**cfg), StageContext(str(tmp_path), "decide", 0,
+                                                       {"clusters": str(cdir), "tagset": str(vocab)}))
     st.setup()
     return st
 
@@ -293,6 +299,44 @@ def test_decide_appends_events_and_replaces_labels(tmp_path):
     assert out["union_label_id"] == [0, 2, 5]
     assert out["tag_events"][0]["stage"] == "label" and len(out["tag_events"]) > 1
     assert out["stage_labels"]["parse"] == [0, 1, 5]
+
+
+def _box(x, y, side=10.0):
+    return {"box": [x, y, x + side, y + side], "score": 0.5, "backend": "attention"}
+
+
+def test_explaining_away_adds_weak_tags_on_free_regions_and_skips_claimed_ones(tmp_path):
+    # parse: tag 0 (object) at the top left, kept; tag 5 (object) at the bottom right, dropped (low score,
+    # low crop, far region) so its box claims nothing. Pseudo tags, all below add_threshold 0.4 except 2:
+    scores = [{"tag_id": 0, "score": 0.9}, {"tag_id": 5, "score": 0.01},
+              {"tag_id": 2, "score": 0.6},   # object on tag 0's box: claimed, 0.6 < add_claimed 0.7
+              {"tag_id": 3, "score": 0.35},  # object on a free box: added at add_unclaimed 0.3
+              {"tag_id": 4, "score": 0.32},  # object on tag 3's box: claimed by the tag added before it
+              {"tag_id": 6, "score": 0.31},  # scene on tag 5's box: free, since tag 5 is dropped
+              {"tag_id": 1, "score": 0.35}]  # attribute: not a region kind, needs add_threshold
+    regions = [{"tag_id": 0, **_box(0, 0)}, {"tag_id": 5, **_box(50, 50)}, {"tag_id": 2, **_box(1, 1)},
+               {"tag_id": 3, **_box(20, 20)}, {"tag_id": 4, **_box(21, 20)}, {"tag_id": 6, **_box(50, 52)},
+               {"tag_id": 1, **_box(20, 20)}]
+    crops = [{"tag_id": 5, "score": 0.01}]
+    on = _decide(tmp_path, add_threshold=0.4, add_unclaimed=0.3, add_claimed=0.7, claim_iou=0.2, drop_score=0.05,
+                 crop_threshold=0.1)
+    labels, events = on.decide_row("a", [0, 5], scores, regions, crops)
+    assert labels["combined"] == [0, 3, 6]
+    assert labels["pseudolabel"] == [0, 2, 5]  # the paper's chain: add_threshold alone
+    dec = {e["tag_id"]: e for e in events if e["stage"] == "decide"}
+    assert (dec[5]["action"], dec[2]["action"], dec[2]["reason"]) == ("drop", "skip", "region_claimed")
+    ev2 = json.loads(dec[2]["evidence"])
+    assert ev2["claimed_by"] == "tag0" and ev2["claim_iou"] == pytest.approx(81 / 119, abs=1e-3)
+    assert (dec[3]["reason"], json.loads(dec[3]["evidence"])["claimed_by"]) == ("region_free", None)
+    assert (dec[4]["reason"], json.loads(dec[4]["evidence"])["claimed_by"]) == ("region_claimed", "tag3")
+    assert dec[6]["reason"] == "region_free" and 1 not in dec  # the attribute never was a candidate
+    cand = [e for e in events if e["tag_id"] == 3 and e["stage"] == "pseudolabel"]
+    assert [(e["action"], e["reason"]) for e in cand] == [("candidate", "pseudo_candidate")]
+    assert {e["reason"] for e in events} <= set(REASONS)
+    # off (the default): the old rule, add_threshold for everything
+    off = _decide(tmp_path, add_threshold=0.4, drop_score=0.05, crop_threshold=0.1)
+    labels, _ = off.decide_row("a", [0, 5], scores, regions, crops)
+    assert labels["combined"] == [0, 2]
 
 
 def test_tags_the_tagger_cannot_predict_never_pseudo_label_nor_vote(tmp_path):
