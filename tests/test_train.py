@@ -162,7 +162,7 @@ def test_ram_plus_alignment_loss_prefers_matching_captions():
     img[:, 0] = caps  # each image's pooled token points at its own caption
     matched = alignment_loss(m, img, caps)
     shuffled = alignment_loss(m, img, caps[[1, 2, 3, 0]])
-    assert matched.ndim == 0 and float(matched) < float(shuffled)
+    assert matched.ndim == 0 and matched.item() < shuffled.item()
 
 
 def test_cnn_tagger_interface_training_and_round_trip(tmp_path):
