@@ -119,6 +119,7 @@ class ReportStage(Stage):
         return ReduceResult(files=files, stats={"summary": summary})
 
     def _quality(self, t: pa.Table, labels, final, tagset) -> tuple[dict, dict]:
+        from stages.world.generate import SCENES
         from stages.world.score import names_for_ids, score, truth_by_image
 
         truth = truth_by_image(StepDir(self.context.artifact("truth")).read(name="truth"))
@@ -142,12 +143,17 @@ class ReportStage(Stage):
         added_true = sum(1 for i, n in added if n in truth[i].tags)
         omitted = [(i, n) for i in ids for n in truth[i].omitted]
         recovered = sum(1 for i, n in omitted if n in fin[i])
+        by_kind = {}  # the target counts omitted scenes with omitted objects; each kind on its own
+        for kind, sel in (("object", lambda n: n not in SCENES), ("scene", lambda n: n in SCENES)):
+            om = [(i, n) for i, n in omitted if sel(n)]
+            by_kind[kind] = round(sum(1 for i, n in om if n in fin[i]) / max(1, len(om)), 4)
         hall = [(i, n) for i in ids for n in truth[i].hallucinated if n in parse[i]]
         removed = sum(1 for i, n in hall if n not in fin[i])
         true_parse = [(i, n) for i in ids for n in parse[i] if n in truth[i].tags]
         lost = sum(1 for i, n in true_parse if n not in fin[i])
         targets = {
             "omissions_recovered": round(recovered / max(1, len(omitted)), 4),
+            "omissions_recovered_by_kind": by_kind,
             "pseudo_precision": round(added_true / max(1, len(added)), 4),
             "pseudo_added": len(added),
             "hallucinations_removed": round(removed / max(1, len(hall)), 4),

@@ -46,6 +46,9 @@ def test_clean_loop_end_to_end_then_decide_only_then_explain(tmp_path, capsys):
         assert set(report["quality"][stage]) == {"precision", "recall", "f1"}
     assert report["quality"]["parse"]["f1"] > 0.5  # parse labels of the world are mostly right
     assert set(report["targets"]["met"]) >= {"pseudo_precision>=0.9", "f1_gain>=5"}
+    kinds = report["targets"]["omissions_recovered_by_kind"]
+    assert set(kinds) == {"object", "scene"}  # the overall rate is a mix of the two
+    assert min(kinds.values()) <= report["targets"]["omissions_recovered"] <= max(kinds.values())
     for png in ("stages.png", "long_tail.png", "quality.png", "dropped_regions.png"):
         assert (out / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     export = pq.read_table(out / "export" / "part-00000.parquet")
