@@ -87,7 +87,7 @@ class DecideConfig(StageConfig):
         None, ge=0, le=1, description="combined: explaining away; a region-kind pseudo tag whose box no label's "
         "box overlaps is added at this score (null: off). ground.candidate_score must not exceed it, or the "
         "weaker candidates have no box")
-    add_claimed: float = Field(0.7, ge=0, le=1, description="combined: score a region-kind pseudo tag needs when a "
+    add_claimed: float = Field(0.8, ge=0, le=1, description="combined: score a region-kind pseudo tag needs when a "
                                "label's box already covers its box (and its own threshold)")
     claim_iou: float = Field(0.2, gt=0, le=1, description="combined: IoU at which a label's box claims a pseudo "
                              "tag's box")
