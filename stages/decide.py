@@ -146,9 +146,9 @@ class DecideStage(Stage):
         parse_set = set(parse or [])
         pseudo = {t for t, s in score.items() if t in reliable and t not in parse_set
                   and s >= max(c.add_threshold, own[t] if own[t] is not None else 0.0)}
-        explain = c.add_unclaimed is not None
-        cands = pseudo | ({t for t, s in score.items() if t in reliable and t not in parse_set and t in box
-                           and t in self.occupies and s >= c.add_unclaimed} if explain else set())
+        # tags judged by where their box lies (explaining away): a region kind, with a box
+        by_region = {t for t in box if t in self.occupies} if c.add_unclaimed is not None else set()
+        cands = pseudo | {t for t in by_region if t in reliable and t not in parse_set and score[t] >= c.add_unclaimed}
         events: list[dict] = []
         labels = {k: set() for k in STAGE_LABELS.names}
         labels["parse"] = set(parse_set)
@@ -215,11 +215,11 @@ class DecideStage(Stage):
                                   ("added" if t in pseudo else "kept") if kept else "dropped", s, ev))
         # the combined rule's pseudo tags, best first: a box a kept label (or a tag added before) covers
         # is claimed (explaining away, see the module docstring)
-        claims = [(t, box[t]["box"]) for t in sorted(labels["combined"]) if explain and t in self.occupies and t in box]
+        claims = [(t, box[t]["box"]) for t in sorted(labels["combined"] & by_region)]
         for t, s, cs, ev in sorted(pending, key=lambda p: (-p[1], p[0])):
             crop_ok = math.isnan(cs) or cs >= c.add_crop_min
             ev = dict(ev, rule="combined", add_crop_min=c.add_crop_min)
-            if explain and t in self.occupies and t in box:
+            if t in by_region:
                 iou, by = max(((box_iou(box[t]["box"], b), u) for u, b in claims), default=(0.0, None))
                 claimed = iou >= c.claim_iou
                 need = max(c.add_claimed, own[t] or 0.0) if claimed else c.add_unclaimed
@@ -227,13 +227,11 @@ class DecideStage(Stage):
                 ok = s >= need and crop_ok
                 reason = ("region_free" if not claimed else "added") if ok else (
                     "pseudo_below" if s >= need else "region_claimed" if claimed else "pseudo_weak")
-            else:
-                ok, reason = (t in pseudo and crop_ok), "added"
-                if not ok:
-                    reason = "pseudo_below" if t in pseudo else "pseudo_weak"
+            else:  # the score rule: only tags in pseudo get here
+                ok, reason = crop_ok, "added" if crop_ok else "pseudo_below"
             if ok:
                 labels["combined"].add(t)
-                if explain and t in self.occupies and t in box:
+                if t in by_region:
                     claims.append((t, box[t]["box"]))
             if c.rule == "combined":
                 events.append(_ev(t, "decide", "add" if ok else "skip", reason, s, ev))
