@@ -26,6 +26,11 @@ never vote (an unreliable witness is not a witness).
   box. This suits vocabularies where one region has one name (the scene world); where names nest
   (person / man / face), leave it off or restrict ``region_kinds``.
 
+  Region views (when verify ran with ``views``): such a tag is judged by ``(1 - view_weight) x`` its
+  whole-image score ``+ view_weight x`` its mean score over views of its region in context (zoomed in,
+  mirrored). A small object the whole image barely resolves scores low there and higher zoomed in;
+  a shape the tagger merely guessed at does not gain. The claimed rule keeps the whole-image score.
+
 Only this stage reads thresholds, so changing them re-runs decide alone.
 """
 from __future__ import annotations
@@ -65,6 +70,7 @@ REASONS: dict[str, str] = {
     "region_claimed": "the pseudo tag's box overlaps a label's box (IoU >= claim_iou) and it scored below "
                       "max(add_claimed, its own threshold)",
     "pseudo_weak": "the pseudo tag scored below what its evidence needs",
+    "region_views": "base tagger's mean score for the tag over views of its region in context (verify.views)",
 }
 
 STAGE_LABELS = pa.struct([(k, pa.list_(pa.int32())) for k in
@@ -93,6 +99,9 @@ class DecideConfig(StageConfig):
                              "tag's box")
     region_kinds: list[str] = Field(["object", "scene"], description="tag kinds (the tagset's) that occupy a "
                                     "region and so can claim or be claimed")
+    view_weight: float = Field(0.5, ge=0, le=1, description="combined, explaining away: weight of a region-kind "
+                               "pseudo tag's view score (verify.views) against its whole-image score; an "
+                               "unclaimed tag needs the weighted sum >= add_unclaimed")
 
 
 def box_iou(a, b) -> float:
@@ -115,7 +124,7 @@ class DecideStage(Stage):
     """Applies the configured rule; every step of every candidate tag becomes a tag event."""
 
     Config = DecideConfig
-    inputs = ("image_id", "union_label_id", "tag_events", "tag_scores", "regions", "crop_scores")
+    inputs = ("image_id", "union_label_id", "tag_events", "tag_scores", "regions", "crop_scores", "view_scores")
     outputs = ("union_label_id", "tag_events", "stage_labels")
     needs = ("clusters", "tagset")
     provides = ("decisions",)
@@ -133,7 +142,7 @@ class DecideStage(Stage):
         self.too_few = {r["tag_id"] for r in c if r["status"] != "clustered"}
 
     def decide_row(self, iid: str, parse: list[int], scores: list[dict], regions: list[dict],
-                   crops: list[dict]) -> tuple[dict, list[dict]]:
+                   crops: list[dict], views: list[dict] | None = None) -> tuple[dict, list[dict]]:
         c = self.config
         score = {d["tag_id"]: d["score"] for d in scores or []}
         own = {d["tag_id"]: d.get("threshold") for d in scores or []}
@@ -143,12 +152,16 @@ class DecideStage(Stage):
             reliable = set(score)
         box = {d["tag_id"]: d for d in regions or []}
         crop = {d["tag_id"]: d["score"] for d in crops or []}
+        view = {d["tag_id"]: d["score"] for d in views or []}
         parse_set = set(parse or [])
         pseudo = {t for t, s in score.items() if t in reliable and t not in parse_set
                   and s >= max(c.add_threshold, own[t] if own[t] is not None else 0.0)}
         # tags judged by where their box lies (explaining away): a region kind, with a box
         by_region = {t for t in box if t in self.occupies} if c.add_unclaimed is not None else set()
-        cands = pseudo | {t for t in by_region if t in reliable and t not in parse_set and score[t] >= c.add_unclaimed}
+        judged = {t: (1 - c.view_weight) * score[t] + c.view_weight * view[t] if t in view else score[t]
+                  for t in by_region if t in score}
+        cands = pseudo | {t for t in by_region if t in reliable and t not in parse_set
+                          and max(score[t], judged[t]) >= c.add_unclaimed}
         events: list[dict] = []
         labels = {k: set() for k in STAGE_LABELS.names}
         labels["parse"] = set(parse_set)
@@ -190,6 +203,9 @@ class DecideStage(Stage):
                 events.append(_ev(t, "verify", "flag" if low_crop else "pass",
                                   "verify_reject" if low_crop else "verify_pass", cs,
                                   {"crop_score": round(cs, 4), "crop_threshold": c.crop_threshold}))
+            if t in view and t in cands:
+                ev["view_score"] = round(view[t], 4)
+                events.append(_ev(t, "verify", "score", "region_views", view[t], {"view_score": round(view[t], 4)}))
             if t in parse_set or t in pseudo:
                 if not outer:
                     cluster_keep.add(t)
@@ -216,17 +232,20 @@ class DecideStage(Stage):
         # the combined rule's pseudo tags, best first: a box a kept label (or a tag added before) covers
         # is claimed (explaining away, see the module docstring)
         claims = [(t, box[t]["box"]) for t in sorted(labels["combined"] & by_region)]
-        for t, s, cs, ev in sorted(pending, key=lambda p: (-p[1], p[0])):
+        for t, s, cs, ev in sorted(pending, key=lambda p: (-judged.get(p[0], p[1]), p[0])):
             crop_ok = math.isnan(cs) or cs >= c.add_crop_min
             ev = dict(ev, rule="combined", add_crop_min=c.add_crop_min)
             if t in by_region:
                 iou, by = max(((box_iou(box[t]["box"], b), u) for u, b in claims), default=(0.0, None))
                 claimed = iou >= c.claim_iou
                 need = max(c.add_claimed, own[t] or 0.0) if claimed else c.add_unclaimed
+                got = s if claimed else judged[t]  # region views weigh in where no label explains the box
                 ev.update(claim_iou=round(iou, 3), claimed_by=self.name.get(by) if claimed else None, needs=need)
-                ok = s >= need and crop_ok
+                if t in view and not claimed:
+                    ev.update(judged_score=round(got, 4), view_weight=c.view_weight)
+                ok = got >= need and crop_ok
                 reason = ("region_free" if not claimed else "added") if ok else (
-                    "pseudo_below" if s >= need else "region_claimed" if claimed else "pseudo_weak")
+                    "pseudo_below" if got >= need else "region_claimed" if claimed else "pseudo_weak")
             else:  # the score rule: only tags in pseudo get here
                 ok, reason = crop_ok, "added" if crop_ok else "pseudo_below"
             if ok:
@@ -241,11 +260,12 @@ class DecideStage(Stage):
         return {k: sorted(v) for k, v in labels.items()}, events
 
     def __call__(self, batch: pa.Table) -> StageResult:
-        cols = {n: batch.column(n).to_pylist() for n in self.inputs}
+        n_rows = batch.num_rows  # view_scores is absent from batches made before verify had views
+        cols = {n: batch.column(n).to_pylist() if n in batch.column_names else [None] * n_rows for n in self.inputs}
         new_labels, new_events, stage_labels = [], [], []
         for i, iid in enumerate(cols["image_id"]):
             labs, evs = self.decide_row(iid, cols["union_label_id"][i], cols["tag_scores"][i], cols["regions"][i],
-                                        cols["crop_scores"][i])
+                                        cols["crop_scores"][i], cols["view_scores"][i])
             stage_labels.append(labs)
             new_labels.append(labs[self.config.rule])
             new_events.append((cols["tag_events"][i] or []) + evs)

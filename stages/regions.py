@@ -1,7 +1,8 @@
 """embed.v1, verify.v1 and cluster.v1: what each (image, tag) region looks like to the base tagger.
 
 * embed: crop every region (with a little context) and store the tagger's pooled feature, float16.
-* verify: the base tagger's score for the tag on its own crop.
+* verify: the base tagger's score for the tag on its own crop; with ``views``, also each pseudo
+  candidate's mean score over views of its region in context (zoomed windows, mirrored copies).
 * cluster: per tag, K-Means++ (k-means++ seeding, faiss Lloyd iterations) over that tag's regions;
   each region's distance to its centroid and its rank among the tag's regions. Scores only.
 """
@@ -11,6 +12,7 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
+from PIL import Image
 from pydantic import Field
 
 from pipeline.registry import register
@@ -47,7 +49,7 @@ class _CropStage(Stage):
         return _checkpoint_fingerprint(self.config)
 
     def crops(self, batch: pa.Table):
-        """(kept row indices, rejects, [(row position, tag_id, crop image)])."""
+        """(kept row indices, rejects, [(row position, tag_id, crop image)], the kept rows' images)."""
         keep, images, rejects = load_images(self, batch)
         regions = batch.column("regions").to_pylist()
         items = []
@@ -59,7 +61,7 @@ class _CropStage(Stage):
                                 interpolation=interp) if self.native \
                     else crop(img, r["box"], self.config.crop_pad)
                 items.append((j, r["tag_id"], c))
-        return keep, rejects, items
+        return keep, rejects, items, images
 
     @staticmethod
     def emit(batch: pa.Table, keep: list[int], name: str, column: pa.Array, rejects) -> StageResult:
@@ -76,7 +78,7 @@ class EmbedStage(_CropStage):
 
     def __call__(self, batch: pa.Table) -> StageResult:
         _, _, embed_t = region_types()
-        keep, rejects, items = self.crops(batch)
+        keep, rejects, items, _ = self.crops(batch)
         feats = self.tagger.embed([c for _, _, c in items], native=self.native).astype(np.float16)
         out: list[list[dict]] = [[] for _ in keep]
         for (j, t, _), f in zip(items, feats):
@@ -100,23 +102,89 @@ def _embed_array(rows: list[list[dict]], embed_t: pa.DataType) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), structs, type=pa.list_(embed_t))
 
 
+def view_crop(img: Image.Image, box, window: float, mirror: bool, size: int,
+              interpolation: str = "bilinear") -> Image.Image:
+    """The box seen in its context: a window ``window`` x the image's width and height, centred on the box
+    (moved inside the image where it would leave it), resized to the model's ``size`` x ``size`` input
+    and mirrored left-right if ``mirror``. Below 1.0 it zooms in by ``1 / window`` relative to the whole
+    image; ``window`` 1.0 without mirror is the whole image exactly as the model sees it."""
+    from model.preprocess import RESAMPLE  # the filter the whole image is resized with
+
+    w, h = img.size
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    sw, sh = window * w, window * h
+    x0 = min(max(0.0, cx - sw / 2), w - sw)
+    y0 = min(max(0.0, cy - sh / 2), h - sh)
+    v = img.resize((size, size), RESAMPLE[interpolation], box=(x0, y0, x0 + sw, y0 + sh))
+    return v.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if mirror else v
+
+
+class RegionView(StageConfig):
+    window: float = Field(1.0, gt=0, le=1, description="share of the image's width and height around the box "
+                          "(1.0: the whole image; 0.75: zoomed in 1.33x)")
+    mirror: bool = Field(False, description="mirrored left-right")
+
+
+class VerifyConfig(CropConfig):
+    views: list[RegionView] = Field(
+        default_factory=list, description="views of each pseudo candidate's region in context, each resized to "
+        "the model's input; view_scores holds the tag's mean score over them (empty: none)")
+    view_kinds: list[str] = Field(["object", "scene"], description="tag kinds (the tagset's) whose pseudo "
+                                  "candidates get views")
+
+
 @register("verify.v1")
 class VerifyStage(_CropStage):
-    """``crop_scores``: each region's tag re-scored by the base tagger on the crop alone."""
+    """``crop_scores``: each region's tag re-scored by the base tagger on the crop alone.
+    ``view_scores``: for pseudo candidates (regions of tags the image's labels lack) of ``view_kinds``, the
+    tag's mean score over ``views``: a second look at a weak candidate, mostly zoomed in, where a small
+    object the whole-image view barely resolves becomes visible. Empty when ``views`` is."""
 
-    inputs = ("image_id", "regions")
-    outputs = ("crop_scores",)
+    Config = VerifyConfig
+    inputs = ("image_id", "regions", "union_label_id")
+    outputs = ("crop_scores", "view_scores")
+
+    def setup(self) -> None:
+        super().setup()
+        self.view_tags = {t.tag_id for t in self.tagset.tags if t.kind in self.config.view_kinds}
 
     def __call__(self, batch: pa.Table) -> StageResult:
         score_t, _, _ = region_types()
-        keep, rejects, items = self.crops(batch)
+        keep, rejects, items, images = self.crops(batch)
         out: list[list[dict]] = [[] for _ in keep]
         if items:
             s = self.tagger.crop_scores([c for _, _, c in items], [t for _, t, _ in items], native=self.native)
             for k, (j, t, _) in enumerate(items):
                 if not np.isnan(s[k]):
                     out[j].append({"tag_id": t, "score": float(s[k])})
-        return self.emit(batch, keep, "crop_scores", pa.array(out, pa.list_(score_t)), rejects)
+        table = self.emit(batch, keep, "crop_scores", pa.array(out, pa.list_(score_t)), rejects).table
+        views = self.view_scores(batch, keep, images)
+        return StageResult(table.append_column("view_scores", pa.array(views, pa.list_(score_t))), rejects)
+
+    def view_scores(self, batch: pa.Table, keep: list[int], images: list) -> list[list[dict]]:
+        out: list[list[dict]] = [[] for _ in keep]
+        if not self.config.views:
+            return out
+        regions = batch.column("regions").to_pylist()
+        labels = batch.column("union_label_id").to_pylist()
+        size, interp = self.tagger.image_size, self.tagger.model.cfg.interpolation
+        items = []  # (kept row position, tag_id, view)
+        for j, (i, img) in enumerate(zip(keep, images)):
+            have = set(labels[i] or [])
+            for r in regions[i] or []:
+                if r["tag_id"] in have or r["tag_id"] not in self.view_tags:
+                    continue
+                for v in self.config.views:
+                    items.append((j, r["tag_id"], view_crop(img, r["box"], v.window, v.mirror, size, interp)))
+        if not items:
+            return out
+        s = self.tagger.crop_scores([c for _, _, c in items], [t for _, t, _ in items], native=True)
+        n = len(self.config.views)
+        for k in range(0, len(items), n):
+            j, t, _ = items[k]
+            if not np.isnan(s[k]):
+                out[j].append({"tag_id": t, "score": float(np.mean(s[k:k + n]))})
+        return out
 
 
 # -- cluster -------------------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ from PIL import Image
 from pipeline.stage import RowSource, StageContext
 from stages.decide import REASONS, DecideConfig, DecideStage
 from stages.pseudolabel import GroundConfig, GroundStage, PseudoLabelConfig, PseudoLabelStage, candidate_tags
-from stages.regions import (ClusterConfig, ClusterStage, CropConfig, EmbedStage, VerifyStage, fit_tag,
-                            kmeans_pp_init)
+from stages.regions import (ClusterConfig, ClusterStage, CropConfig, EmbedStage, RegionView, VerifyConfig,
+                            VerifyStage, fit_tag, kmeans_pp_init)
 from stages.vision import ImageLimits, attention_box, clip_box, open_image
 from tagset.tagset import Tag, TagSet
 
@@ -159,7 +159,7 @@ def test_pseudolabel_ground_embed_verify_on_a_hand_made_batch(tmp_path, artifact
     vecs = embs.to_pylist()
     assert [len(v) for v in vecs] == [2, 1] and len(vecs[0][0]["embedding"]) == 16
 
-    ve = VerifyStage(CropConfig(), _ctx(tmp_path, artifacts))
+    ve = VerifyStage(VerifyConfig(), _ctx(tmp_path, artifacts))
     ve.setup()
     v = ve(g.table)
     crops = v.table.column("crop_scores").to_pylist()
@@ -171,6 +171,7 @@ def test_pseudolabel_ground_embed_verify_on_a_hand_made_batch(tmp_path, artifact
     box = regions[0][0]["box"]
     direct = ve.tagger.scores([crop(img, box, 0.1)])[0, regions[0][0]["tag_id"]]
     assert crops[0][0]["score"] == pytest.approx(float(direct), abs=1e-6)
+    assert v.table.column("view_scores").to_pylist() == [[], []]  # no views configured
 
 
 def test_a_released_checkpoint_maps_tags_by_name(tmp_path, artifacts):
@@ -449,7 +450,7 @@ def test_verify_and_embed_score_native_crops_in_size_batches(tmp_path, cnn_artif
     gr = GroundStage(GroundConfig(candidate_score=0.0), _ctx(tmp_path, cnn_artifacts))
     gr.setup()
     g = gr(pl(batch).table)
-    ve = VerifyStage(CropConfig(batch_size=3), _ctx(tmp_path, cnn_artifacts))
+    ve = VerifyStage(VerifyConfig(batch_size=3), _ctx(tmp_path, cnn_artifacts))
     ve.setup()
     assert ve.native
     crops = ve(g.table).table.column("crop_scores").to_pylist()
@@ -464,10 +465,95 @@ def test_verify_and_embed_score_native_crops_in_size_batches(tmp_path, cnn_artif
     vecs = em(g.table).table.column("region_embeds").to_pylist()
     assert [len(v) for v in vecs] == [len(rs) for rs in regions] and len(vecs[0][0]["embedding"]) == 16
 
-    model_size = VerifyStage(CropConfig(crop_size="model"), _ctx(tmp_path, cnn_artifacts))
+    model_size = VerifyStage(VerifyConfig(crop_size="model"), _ctx(tmp_path, cnn_artifacts))
     model_size.setup()
     assert not model_size.native
     with pytest.raises(ValueError, match="crop_size"):
         ram = {"tagset": str(_tagset_dir(tmp_path)), "tagger": str(_tagger_dir(tmp_path / "ram", "ram_test", RAM_ARGS))}
-        VerifyStage(CropConfig(crop_size="native"), _ctx(tmp_path, ram)).setup()
+        VerifyStage(VerifyConfig(crop_size="native"), _ctx(tmp_path, ram)).setup()
 
+
+
+def test_view_crops_zoom_in_around_the_box_and_the_whole_view_is_the_model_input():
+    from model.cnn import CnnConfig
+    from model.preprocess import to_tensor
+    from stages.regions import view_crop
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8))  # w 128, h 96
+    cfg = CnnConfig()
+    whole = view_crop(img, [10, 10, 20, 20], 1.0, False, 64)
+    assert whole.size == (64, 64)
+    torch.testing.assert_close(to_tensor(whole, cfg, whole.size), to_tensor(img, cfg))
+    mirrored = view_crop(img, [10, 10, 20, 20], 1.0, True, 64)
+    np.testing.assert_array_equal(np.asarray(mirrored), np.asarray(whole)[:, ::-1])
+    # window 0.5 around a box in the middle: the centre 64 x 48 px, at 64 x 64
+    mid = view_crop(img, [54, 38, 74, 58], 0.5, False, 64)
+    np.testing.assert_array_equal(np.asarray(mid), np.asarray(img.resize((64, 64), Image.BILINEAR,
+                                                                          box=(32, 24, 96, 72))))
+    # a box at the corner: the window stays inside the image
+    corner = view_crop(img, [0, 0, 4, 4], 0.5, False, 64)
+    np.testing.assert_array_equal(np.asarray(corner), np.asarray(img.resize((64, 64), Image.BILINEAR,
+                                                                             box=(0, 0, 64, 48))))
+
+
+def test_verify_views_score_pseudo_candidates_of_region_kinds_only(tmp_path, cnn_artifacts):
+    """view_scores: each pseudo candidate's mean score over its views; labels already on the image and
+    tags of other kinds get none."""
+    from stages.regions import view_crop
+    from stages.vision import open_image as oi
+
+    vocab = tmp_path / "kinds"
+    vocab.mkdir()
+    kinds = ["attribute", "object", "scene", "scene", "object"]  # red, ball, grass, sky, tree
+    pq.write_table(TagSet([Tag(i, n, kind=k) for i, (n, k) in enumerate(zip(NAMES, kinds))]).to_table(),
+                   vocab / "tagset.parquet")
+    arts = dict(cnn_artifacts, tagset=str(vocab))
+    batch = _batch()
+    pl = PseudoLabelStage(PseudoLabelConfig(floor=0.0, top_k=5), _ctx(tmp_path, arts))
+    pl.setup()
+    gr = GroundStage(GroundConfig(candidate_score=0.0), _ctx(tmp_path, arts))
+    gr.setup()
+    g = gr(pl(batch).table)
+    views = [RegionView(window=1.0, mirror=True), RegionView(window=0.5)]
+    ve = VerifyStage(VerifyConfig(views=views, batch_size=4), _ctx(tmp_path, arts))
+    ve.setup()
+    got = ve(g.table).table.column("view_scores").to_pylist()
+    regions = g.table.column("regions").to_pylist()
+    labels = g.table.column("union_label_id").to_pylist()
+    want = [[r["tag_id"] for r in rs if r["tag_id"] not in lab and kinds[r["tag_id"]] != "attribute"]
+            for rs, lab in zip(regions, labels)]
+    assert [[d["tag_id"] for d in row] for row in got] == want and want[0] == [2, 3, 4]
+    img, _ = oi(batch.to_pylist()[0], None, ImageLimits())
+    for d in got[0]:
+        box = next(r["box"] for r in regions[0] if r["tag_id"] == d["tag_id"])
+        each = [ve.tagger.crop_scores([view_crop(img, box, v.window, v.mirror, 64)], [d["tag_id"]], native=True)[0]
+                for v in views]
+        assert d["score"] == pytest.approx(float(np.mean(each)), abs=1e-5)
+
+
+def test_region_views_weigh_in_on_unclaimed_pseudo_tags(tmp_path):
+    """With view scores, an unclaimed region tag is judged by (1 - view_weight) x its score + view_weight x
+    its view score: a weak score with a strong view is added, a passing score with a poor view is not;
+    a claimed tag still needs add_claimed on its whole-image score."""
+    scores = [{"tag_id": 0, "score": 0.9},
+              {"tag_id": 2, "score": 0.2},   # free box, view 0.6 -> 0.4: added
+              {"tag_id": 3, "score": 0.35},  # free box, view 0.05 -> 0.2: skipped
+              {"tag_id": 4, "score": 0.5}]   # on tag 0's box, view 0.99: claimed, 0.5 < add_claimed
+    regions = [{"tag_id": 0, **_box(0, 0)}, {"tag_id": 2, **_box(30, 30)}, {"tag_id": 3, **_box(60, 0)},
+               {"tag_id": 4, **_box(1, 0)}]
+    views = [{"tag_id": 2, "score": 0.6}, {"tag_id": 3, "score": 0.05}, {"tag_id": 4, "score": 0.99}]
+    st = _decide(tmp_path, add_threshold=0.4, add_unclaimed=0.3, add_claimed=0.8, view_weight=0.5)
+    labels, events = st.decide_row("a", [0], scores, regions, [], views)
+    assert labels["combined"] == [0, 2]
+    dec = {e["tag_id"]: e for e in events if e["stage"] == "decide"}
+    ev2 = json.loads(dec[2]["evidence"])
+    assert dec[2]["reason"] == "region_free" and ev2["judged_score"] == pytest.approx(0.4)
+    assert ev2["view_score"] == 0.6 and ev2["view_weight"] == 0.5
+    assert (dec[3]["action"], dec[3]["reason"]) == ("skip", "pseudo_weak")
+    assert (dec[4]["action"], dec[4]["reason"]) == ("skip", "region_claimed")
+    assert [e["score"] for e in events if e["reason"] == "region_views" and e["tag_id"] == 2] == [pytest.approx(0.6)]
+    # view_weight 0: the views are recorded but the whole-image score alone decides
+    labels0, _ = _decide(tmp_path, add_threshold=0.4, add_unclaimed=0.3, view_weight=0.0).decide_row(
+        "a", [0], scores, regions, [], views)
+    assert labels0["combined"] == [0, 3]
