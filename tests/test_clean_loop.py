@@ -19,7 +19,10 @@ train:
                head_hidden: 32, head_intermediate: 64}
   epochs: 1
   warmup_steps: 2
+ground: {candidate_score: 0.0}
 cluster: {regions_per_cluster: 5, min_regions: 3}
+verify: {views: [{window: 1.0, mirror: true}, {window: 0.75}]}
+decide: {add_unclaimed: 0.3}
 """
 STEPS = ["input", "parse", "vocab", "label", "train", "pseudolabel", "ground", "embed", "cluster", "verify",
          "decide", "export", "report"]
@@ -49,8 +52,17 @@ def test_clean_loop_end_to_end_then_decide_only_then_explain(tmp_path, capsys):
     kinds = report["targets"]["omissions_recovered_by_kind"]
     assert set(kinds) == {"object", "scene"}  # the overall rate is a mix of the two
     assert min(kinds.values()) <= report["targets"]["omissions_recovered"] <= max(kinds.values())
+    assert report["targets"]["met"]["omitted_objects_recovered>=0.5"] == (kinds["object"] >= 0.5)
     for png in ("stages.png", "long_tail.png", "quality.png", "dropped_regions.png"):
         assert (out / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # region views: only pseudo candidates (regions of tags the image's labels lack) get them, and decide
+    # records each one it weighs
+    verified = pq.read_table(out / "verify" / "part-00000.parquet").to_pylist()
+    assert any(r["view_scores"] for r in verified)
+    for r in verified:
+        assert {d["tag_id"] for d in r["view_scores"]} <= {x["tag_id"] for x in r["regions"]} - set(r["union_label_id"])
+    decided = pq.read_table(out / "decide" / "part-00000.parquet").to_pylist()
+    assert any(e["reason"] == "region_views" for r in decided for e in r["tag_events"])
     export = pq.read_table(out / "export" / "part-00000.parquet")
     assert export.column_names == ["image_id", "image_path", "caption", "union_label_id", "parse_label_id"]
 
