@@ -6,12 +6,16 @@ in the same run on the same crops:
 * ``model_size_fast``: the same crops through ``CnnTagger.for_inference()`` (BatchNorm folded,
   channels-last);
 * ``native_fast``: crops at the scale the whole image is seen at (``crop_size: native``, sides rounded
-  up to multiples of 8 px, batched by size) through the inference form.
+  up to multiples of 8 px, batched by size) through the inference form;
+* ``view_fast``: one region view as verify makes it for pseudo candidates (``verify.views``: a window of
+  0.75 x the image around the box, at the model's 64 px input) through the inference form. The run's
+  default takes two views per candidate.
 
     python bench/crops.py [--images 300] [--batch 128]
 
 Crops are the boxes of real scene-world objects (128 px images, seed 0). Single-threaded, as one
-Ray worker of the run is. The last lines are the ratios against ``model_size``.
+Ray worker of the run is. The last lines are the ratios against ``model_size`` (and, for a view,
+against ``native_fast``: what a view costs next to the crop score every region gets).
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ def main() -> int:
     from PIL import Image
 
     from model.ram import create_model
+    from stages.regions import view_crop
     from stages.vision import BaseTagger, crop, native_crop
     from stages.world.generate import make_image
 
@@ -60,8 +65,11 @@ def main() -> int:
     def native(tagger):
         return tagger.crop_scores([native_crop(im, b, 0.1, 64) for im, b, _ in items], tags, native=True)
 
+    def view(tagger):
+        return tagger.crop_scores([view_crop(im, b, 0.75, False, 64) for im, b, _ in items], tags, native=True)
+
     runs = {"model_size": lambda: model_size(plain), "model_size_fast": lambda: model_size(fast),
-            "native_fast": lambda: native(fast)}
+            "native_fast": lambda: native(fast), "view_fast": lambda: view(fast)}
     times: dict[str, list[float]] = {k: [] for k in runs}
     out = {}
     for _ in range(args.rounds):
@@ -80,6 +88,7 @@ def main() -> int:
     print(f"max |score difference|, inference form vs training form: {agree:.1e}")
     print(f"crops_inference_form_speedup: {med['model_size'] / med['model_size_fast']:.2f}")
     print(f"crops_native_speedup: {med['model_size'] / med['native_fast']:.2f}")
+    print(f"view_cost_vs_native_crop: {med['view_fast'] / med['native_fast']:.2f}")
     return 0
 
 
