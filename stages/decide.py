@@ -63,10 +63,10 @@ REASONS: dict[str, str] = {
     "kept": "the rule keeps the tag",
     "dropped": "the rule drops the tag (evidence lists which signals voted)",
     "added": "the rule adds the pseudo tag",
-    "pseudo_candidate": "base tagger scored the tag >= add_unclaimed on the whole image: added only if its region "
-                        "is free",
+    "pseudo_candidate": "base tagger scored the tag >= add_unclaimed on the whole image, or weighed with its "
+                        "region views (view_weight): added only if its region is free",
     "region_free": "the pseudo tag's box overlaps no box of the image's labels (IoU < claim_iou) and it scored "
-                   ">= add_unclaimed",
+                   ">= add_unclaimed (weighed with its region views when it has them)",
     "region_claimed": "the pseudo tag's box overlaps a label's box (IoU >= claim_iou) and it scored below "
                       "max(add_claimed, its own threshold)",
     "pseudo_weak": "the pseudo tag scored below what its evidence needs",
