@@ -99,7 +99,7 @@ class DecideConfig(StageConfig):
                              "tag's box")
     region_kinds: list[str] = Field(["object", "scene"], description="tag kinds (the tagset's) that occupy a "
                                     "region and so can claim or be claimed")
-    view_weight: float = Field(0.5, ge=0, le=1, description="combined, explaining away: weight of a region-kind "
+    view_weight: float = Field(0.75, ge=0, le=1, description="combined, explaining away: weight of a region-kind "
                                "pseudo tag's view score (verify.views) against its whole-image score; an "
                                "unclaimed tag needs the weighted sum >= add_unclaimed")
 
