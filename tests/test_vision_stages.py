@@ -439,22 +439,27 @@ def test_native_crops_keep_the_whole_image_scale():
     torch.testing.assert_close(to_tensor(whole, cfg, whole.size), to_tensor(img, cfg))
 
 
+def _grounded(tmp_path, arts, top_k: int) -> pa.Table:
+    """_batch() through pseudolabel (its top_k tags) and ground (every one of them a candidate)."""
+    pl = PseudoLabelStage(PseudoLabelConfig(floor=0.0, top_k=top_k), _ctx(tmp_path, arts))
+    pl.setup()
+    gr = GroundStage(GroundConfig(candidate_score=0.0), _ctx(tmp_path, arts))
+    gr.setup()
+    return gr(pl(_batch()).table).table
+
+
 def test_verify_and_embed_score_native_crops_in_size_batches(tmp_path, cnn_artifacts):
     """With a fully convolutional tagger, crops keep the image's scale; batching crops of equal size
     gives what scoring each alone gives; asking a RAM tagger for native crops is a config error."""
     from stages.vision import native_crop, open_image as oi
 
     batch = _batch()
-    pl = PseudoLabelStage(PseudoLabelConfig(floor=0.0, top_k=2), _ctx(tmp_path, cnn_artifacts))
-    pl.setup()
-    gr = GroundStage(GroundConfig(candidate_score=0.0), _ctx(tmp_path, cnn_artifacts))
-    gr.setup()
-    g = gr(pl(batch).table)
+    g = _grounded(tmp_path, cnn_artifacts, top_k=2)
     ve = VerifyStage(VerifyConfig(batch_size=3), _ctx(tmp_path, cnn_artifacts))
     ve.setup()
     assert ve.native
-    crops = ve(g.table).table.column("crop_scores").to_pylist()
-    regions = g.table.column("regions").to_pylist()
+    crops = ve(g).table.column("crop_scores").to_pylist()
+    regions = g.column("regions").to_pylist()
     assert [[d["tag_id"] for d in c] for c in crops] == [[r["tag_id"] for r in rs] for rs in regions]
     img, _ = oi(batch.to_pylist()[0], None, ImageLimits())
     for r, got in zip(regions[0], crops[0]):
@@ -462,7 +467,7 @@ def test_verify_and_embed_score_native_crops_in_size_batches(tmp_path, cnn_artif
         assert got["score"] == pytest.approx(float(alone), abs=1e-5)
     em = EmbedStage(CropConfig(batch_size=3), _ctx(tmp_path, cnn_artifacts))
     em.setup()
-    vecs = em(g.table).table.column("region_embeds").to_pylist()
+    vecs = em(g).table.column("region_embeds").to_pylist()
     assert [len(v) for v in vecs] == [len(rs) for rs in regions] and len(vecs[0][0]["embedding"]) == 16
 
     model_size = VerifyStage(VerifyConfig(crop_size="model"), _ctx(tmp_path, cnn_artifacts))
@@ -510,17 +515,13 @@ def test_verify_views_score_pseudo_candidates_of_region_kinds_only(tmp_path, cnn
                    vocab / "tagset.parquet")
     arts = dict(cnn_artifacts, tagset=str(vocab))
     batch = _batch()
-    pl = PseudoLabelStage(PseudoLabelConfig(floor=0.0, top_k=5), _ctx(tmp_path, arts))
-    pl.setup()
-    gr = GroundStage(GroundConfig(candidate_score=0.0), _ctx(tmp_path, arts))
-    gr.setup()
-    g = gr(pl(batch).table)
+    g = _grounded(tmp_path, arts, top_k=5)
     views = [RegionView(window=1.0, mirror=True), RegionView(window=0.5)]
     ve = VerifyStage(VerifyConfig(views=views, batch_size=4), _ctx(tmp_path, arts))
     ve.setup()
-    got = ve(g.table).table.column("view_scores").to_pylist()
-    regions = g.table.column("regions").to_pylist()
-    labels = g.table.column("union_label_id").to_pylist()
+    got = ve(g).table.column("view_scores").to_pylist()
+    regions = g.column("regions").to_pylist()
+    labels = g.column("union_label_id").to_pylist()
     want = [[r["tag_id"] for r in rs if r["tag_id"] not in lab and kinds[r["tag_id"]] != "attribute"]
             for rs, lab in zip(regions, labels)]
     assert [[d["tag_id"] for d in row] for row in got] == want and want[0] == [2, 3, 4]
