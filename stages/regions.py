@@ -110,13 +110,17 @@ def view_crop(img: Image.Image, box, window: float, mirror: bool, size: int,
     image; ``window`` 1.0 without mirror is the whole image exactly as the model sees it."""
     from model.preprocess import RESAMPLE  # the filter the whole image is resized with
 
-    w, h = img.size
+    v = img.resize((size, size), RESAMPLE[interpolation], box=view_window(box, *img.size, window))
+    return v.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if mirror else v
+
+
+def view_window(box, w: int, h: int, window: float) -> tuple[float, float, float, float]:
+    """The part of a ``w`` x ``h`` image that :func:`view_crop` shows (before any mirroring)."""
     cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
     sw, sh = window * w, window * h
     x0 = min(max(0.0, cx - sw / 2), w - sw)
     y0 = min(max(0.0, cy - sh / 2), h - sh)
-    v = img.resize((size, size), RESAMPLE[interpolation], box=(x0, y0, x0 + sw, y0 + sh))
-    return v.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if mirror else v
+    return x0, y0, x0 + sw, y0 + sh
 
 
 class RegionView(StageConfig):
@@ -168,22 +172,30 @@ class VerifyStage(_CropStage):
         regions = batch.column("regions").to_pylist()
         labels = batch.column("union_label_id").to_pylist()
         size, interp = self.tagger.image_size, self.tagger.model.cfg.interpolation
-        items = []  # (kept row position, tag_id, view)
+        # a view depends on the image, its window and the mirror, not on the tag: candidates whose boxes
+        # give the same window (always so for window 1.0) share one forward pass
+        unique: dict[tuple, int] = {}
+        crops, items = [], []  # items: (kept row position, tag_id, [index into crops per view])
         for j, (i, img) in enumerate(zip(keep, images)):
             have = set(labels[i] or [])
             for r in regions[i] or []:
                 if r["tag_id"] in have or r["tag_id"] not in self.view_tags:
                     continue
+                idx = []
                 for v in self.config.views:
-                    items.append((j, r["tag_id"], view_crop(img, r["box"], v.window, v.mirror, size, interp)))
+                    key = (j, v.mirror, *(round(x, 3) for x in view_window(r["box"], *img.size, v.window)))
+                    if key not in unique:
+                        unique[key] = len(crops)
+                        crops.append(view_crop(img, r["box"], v.window, v.mirror, size, interp))
+                    idx.append(unique[key])
+                items.append((j, r["tag_id"], idx))
         if not items:
             return out
-        s = self.tagger.crop_scores([c for _, _, c in items], [t for _, t, _ in items], native=True)
-        n = len(self.config.views)
-        for k in range(0, len(items), n):
-            j, t, _ = items[k]
-            if not np.isnan(s[k]):
-                out[j].append({"tag_id": t, "score": float(np.mean(s[k:k + n]))})
+        s = self.tagger.scores(crops)  # [views, tags]; the views are already the model's input size
+        for j, t, idx in items:
+            got = s[idx, t]
+            if not np.isnan(got).any():
+                out[j].append({"tag_id": t, "score": float(got.mean())})
         return out
 
 
