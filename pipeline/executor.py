@@ -49,10 +49,12 @@ class ShardWorker:
         if not results:  # an empty shard still goes through the stage so the schema is right
             results = [self.stage(table)]
         side_names = sorted({k for r in results for k in r.side})
+        file_names = sorted({k for r in results for k in r.files})
         merged = StageResult(
             pa.concat_tables([r.table for r in results]),
             [rej for r in results for rej in r.rejects],
             {n: pa.concat_tables([r.side[n] for r in results if n in r.side]) for n in side_names},
+            {n: b"".join(r.files.get(n, b"") for r in results) for n in file_names},
         )
         return table.num_rows, merged
 
@@ -84,7 +86,7 @@ class ShardWorker:
             "seconds": round(time.perf_counter() - t0, 4),
         }
         self.step.commit_shard(shard, res.table, rejects_table(res.rejects, self.stage.registry_name),
-                               res.side, stats)
+                               res.side, stats, res.files)
         return stats
 
     def __call__(self, batch: dict) -> dict:

@@ -60,11 +60,13 @@ class StageContext:
 
 @dataclass
 class StageResult:
-    """Rows out, rejects, and side tables written next to the rows (``name/part-NNNNN.parquet``)."""
+    """Rows out, rejects, side tables written next to the rows (``name/part-NNNNN.parquet``) and side
+    files (``files[ext]`` -> ``ext/part-NNNNN.ext``, e.g. a shard's JSONL; a shard's batches concatenate)."""
 
     table: pa.Table
     rejects: list[Reject] = field(default_factory=list)
     side: dict[str, pa.Table] = field(default_factory=dict)
+    files: dict[str, bytes] = field(default_factory=dict)
 
 
 @dataclass

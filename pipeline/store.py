@@ -133,13 +133,16 @@ class StepDir:
         rejects: pa.Table,
         side: dict[str, pa.Table],
         stats: dict,
+        files: dict[str, bytes] | None = None,
     ) -> None:
-        """Write rows, rejects and side tables, then the stats file last: that is the commit."""
+        """Write rows, rejects, side tables and side files, then the stats file last: that is the commit."""
         name = shard_name(i)
         write_parquet_atomic(table, self.path / name)
         write_parquet_atomic(rejects, self.path / "rejects" / name)
         for side_name, side_table in side.items():
             write_parquet_atomic(side_table, self.path / side_name / name)
+        for ext, data in (files or {}).items():
+            write_bytes_atomic(data, self.path / ext / f"part-{i:05d}.{ext}")
         write_json_atomic(stats, self.path / "_stats" / f"part-{i:05d}.json")
 
     def read(self, columns: list[str] | None = None, name: str | None = None) -> pa.Table:
