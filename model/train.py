@@ -52,6 +52,17 @@ def average_precision(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return aps
 
 
+def row_tables(source, columns):
+    """(table, folder relative image paths resolve against) per shard, with those of ``columns`` that exist:
+    from Parquet files of whole rows, or from anything with ``iter_tables_with_base`` (the engine's rows)."""
+    if hasattr(source, "iter_tables_with_base"):
+        yield from source.iter_tables_with_base(columns)
+        return
+    for f in source:
+        names = pq.ParquetFile(f).schema_arrow.names
+        yield pq.read_table(f, columns=[c for c in columns if c in names]), Path(f).parent
+
+
 class ExportDataset(torch.utils.data.Dataset):
     """Rows of the export Parquet (``image_path``, relative paths resolve against the shard's folder) or
     of any earlier step (``image`` path or inline ``image_bytes``) + ``union_label_id``.
@@ -59,20 +70,18 @@ class ExportDataset(torch.utils.data.Dataset):
     ``cache``: keep decoded, resized tensors in memory after the first epoch (small corpora on CPU).
     """
 
-    def __init__(self, files: list[Path], num_classes: int, cfg, ids: set[str] | None = None, cache: bool = False):
+    def __init__(self, files, num_classes: int, cfg, ids: set[str] | None = None, cache: bool = False):
         self.rows = []
-        for f in files:
-            names = pq.ParquetFile(f).schema_arrow.names
-            cols = [c for c in ("image_id", "image_path", "image", "image_bytes", "caption", "captions",
-                                "union_label_id", "parse_label_id") if c in names]
-            for r in pq.read_table(f, columns=cols).to_pylist():
+        for table, base in row_tables(files, ("image_id", "image_path", "image", "image_bytes", "caption", "captions",
+                                              "union_label_id", "parse_label_id")):
+            for r in table.to_pylist():
                 if ids is None or r["image_id"] in ids:
                     src = r.get("image_path") or r.get("image")
                     if r.get("image_bytes") is not None:
                         r["data"] = r["image_bytes"]
                     else:
                         p = Path(src)
-                        r["data"] = str(p if p.is_absolute() or "://" in src else Path(f).parent / p)
+                        r["data"] = str(p if p.is_absolute() or "://" in src else base / p)
                     r["caption"] = r.get("caption") or r.get("captions") or []
                     r.pop("image_bytes", None)
                     self.rows.append(r)

@@ -10,9 +10,10 @@ shard atomically and returns only the shard's stats, so the driver never holds t
 from __future__ import annotations
 
 import hashlib
-import sys
 import json
 import os
+import pickle
+import sys
 import signal
 import time
 from pathlib import Path
@@ -25,33 +26,55 @@ from pipeline import registry
 from pipeline.config import RayConfig, Step
 from pipeline.errors import Reject
 from pipeline.stage import StageContext, StageResult
-from pipeline.store import StepDir, rejects_table
+from pipeline.store import StepDir, rejects_table, write_bytes_atomic, write_json_atomic
 
 FAULT_ENV = "PIPELINE_FAULT"  # test hook: "kill_after:<step>:<n>" SIGKILLs the driver after n shards
 
 
 class ShardWorker:
-    """Builds the stage once (``setup()`` included) and processes shard tasks."""
+    """Builds the stage once (``setup()`` included unless ``setup`` is False) and processes shard tasks.
+
+    A task is ``{"shard": i, "spec": {...}}``; ``spec["op"]`` says what to do with it:
+
+    * ``shard`` (default): a source's ``read_shard(spec)`` or a map stage over input shard *i*; the shard is
+      committed (rows, rejects, side tables and files, then its stats) and the stats come back;
+    * ``partial``: a reduce stage's ``partial`` of input shard *i*, pickled to ``_partials/`` and committed
+      like a shard; its stats come back;
+    * ``call``: ``stage.<method>(input shard i)`` or ``stage.<method>(arg)``; the (small) result comes back.
+    """
 
     def __init__(self, use: str, config_json: str, context_json: str, step_dir: str, fingerprint: str,
-                 batch_size: int):
+                 batch_size: int, setup: bool = True):
         cls = registry.get(use)
-        self.stage = cls(cls.Config.model_validate_json(config_json), StageContext.from_json(context_json))
-        self.stage.setup()
+        self.context = StageContext.from_json(context_json)
+        self.stage = cls(cls.Config.model_validate_json(config_json), self.context)
+        if setup:
+            self.stage.setup()
         self.kind = cls.kind
         self.step = StepDir(step_dir)
         self.fingerprint = fingerprint
         self.batch_size = batch_size
 
-    def _run_map(self, path: str) -> tuple[int, StageResult]:
-        table = pq.read_table(path)
+    def read_input(self, shard: int, columns: list[str] | None = None) -> pa.Table:
+        """Input shard ``shard`` with the stage's declared columns (``inputs`` + the optional ones present)."""
+        view = self.context.rows()
+        cls = type(self.stage)
+        if columns is None:
+            columns = [c for c in dict.fromkeys(("image_id", *cls.inputs, *cls.optional_inputs))
+                       if c in view.owners]
+        return view.read_shard(shard, columns)
+
+    def _run_map(self, shard: int) -> tuple[int, StageResult]:
+        table = self.read_input(shard)
         results = [self.stage(table.slice(o, self.batch_size)) for o in range(0, table.num_rows, self.batch_size)]
         if not results:  # an empty shard still goes through the stage so the schema is right
             results = [self.stage(table)]
         side_names = sorted({k for r in results for k in r.side})
         file_names = sorted({k for r in results for k in r.files})
+        out = pa.concat_tables([r.table for r in results])
+        keep = [c for c in dict.fromkeys(("image_id", *type(self.stage).outputs)) if c in out.column_names]
         merged = StageResult(
-            pa.concat_tables([r.table for r in results]),
+            out.select(keep),  # a map step writes the columns it makes; what it carries stays put
             [rej for r in results for rej in r.rejects],
             {n: pa.concat_tables([r.side[n] for r in results if n in r.side]) for n in side_names},
             {n: b"".join(r.files.get(n, b"") for r in results) for n in file_names},
@@ -59,12 +82,26 @@ class ShardWorker:
         return table.num_rows, merged
 
     def process(self, shard: int, spec: dict) -> dict:
+        op = spec.get("op", "shard")
+        if op == "call":
+            fn = getattr(self.stage, spec["method"])
+            return fn(spec["arg"]) if "arg" in spec else fn(self.read_input(shard, spec.get("columns")), shard)
         t0 = time.perf_counter()
+        if op == "partial":
+            table = self.read_input(shard)
+            part = self.stage.partial(table, shard)
+            write_bytes_atomic(pickle.dumps(part, protocol=pickle.HIGHEST_PROTOCOL),
+                               self.step.path / "_partials" / f"part-{shard:05d}.pkl")
+            stats = {"shard": shard, "fingerprint": self.fingerprint, "rows_in": table.num_rows,
+                     "rows_out": table.num_rows, "rows_rejected": 0, "rejects_by_code": {},
+                     "seconds": round(time.perf_counter() - t0, 4)}
+            write_json_atomic(stats, self.step.path / "_stats" / f"part-{shard:05d}.json")
+            return stats
         if self.kind == "source":
             res = self.stage.read_shard(spec)
             rows_in = None
         else:
-            rows_in, res = self._run_map(spec["path"])
+            rows_in, res = self._run_map(shard)
         row_rejects = sum(1 for r in res.rejects if r.level == "row")
         if rows_in is None:
             rows_in = res.table.num_rows + row_rejects
@@ -85,13 +122,16 @@ class ShardWorker:
             "rejects_by_code": dict(sorted(codes.items())),
             "seconds": round(time.perf_counter() - t0, 4),
         }
+        if type(self.stage).defines("shard_summary"):
+            stats["summary"] = self.stage.shard_summary(res.table, shard)
         self.step.commit_shard(shard, res.table, rejects_table(res.rejects, self.stage.registry_name),
                                res.side, stats, res.files)
         return stats
 
     def __call__(self, batch: dict) -> dict:
-        out = [json.dumps(self.process(int(s), json.loads(sp))) for s, sp in zip(batch["shard"], batch["spec"])]
-        return {"stats": out}
+        out = [pickle.dumps((int(s), self.process(int(s), json.loads(sp))), protocol=pickle.HIGHEST_PROTOCOL)
+               for s, sp in zip(batch["shard"], batch["spec"])]
+        return {"out": out}
 
 
 def _task_fn(batch: dict, **kwargs) -> dict:
@@ -135,39 +175,54 @@ def _fault_hook(step: str) -> int | None:
     return None
 
 
+def _worker_kwargs(step: Step, context: StageContext, step_dir: StepDir, fingerprint: str) -> dict:
+    return dict(use=step.use, config_json=step.config.model_dump_json(), context_json=context.to_json(),
+                step_dir=str(step_dir.path), fingerprint=fingerprint, batch_size=step.resources.batch_size)
+
+
 def run_shards(step: Step, context: StageContext, tasks: list[tuple[int, dict]], step_dir: StepDir,
-               fingerprint: str, ray_cfg: RayConfig) -> list[dict]:
+               fingerprint: str, ray_cfg: RayConfig, what: str = "shard") -> list[dict]:
     """Run the shard tasks of one step; returns their stats. Commits happen inside the workers."""
     if not tasks:
         return []
-    kwargs = dict(use=step.use, config_json=step.config.model_dump_json(), context_json=context.to_json(),
-                  step_dir=str(step_dir.path), fingerprint=fingerprint, batch_size=step.resources.batch_size)
+    kwargs = _worker_kwargs(step, context, step_dir, fingerprint)
     kill_after = _fault_hook(step.name)
     stats: list[dict] = []
-    for st in _iter_stats(step, tasks, kwargs, ray_cfg):
+    for _, st in _iter_results(step, tasks, kwargs, ray_cfg, actors=step.stage_cls.has_setup()):
         stats.append(st)
-        print(f"  [{step.name}] shard {st['shard']:>5} done ({len(stats)}/{len(tasks)}): {st['rows_out']} rows out, "
+        print(f"  [{step.name}] {what} {st['shard']:>5} done ({len(stats)}/{len(tasks)}): {st['rows_out']} rows out, "
               f"{st['rows_rejected']} rejected, {st['seconds']:.2f}s", file=sys.stderr, flush=True)
         if kill_after is not None and len(stats) >= kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
     return stats
 
 
-def _iter_stats(step: Step, tasks: list[tuple[int, dict]], kwargs: dict, ray_cfg: RayConfig) -> Iterator[dict]:
+def run_calls(step: Step, context: StageContext, tasks: list[tuple[int, dict]], step_dir: StepDir,
+              fingerprint: str, ray_cfg: RayConfig) -> Iterator[tuple[int, object]]:
+    """``(index, result)`` of each call task (``op: call``), in completion order; the stage is built without
+    ``setup()`` (a call prepares what setup will load)."""
+    kwargs = dict(_worker_kwargs(step, context, step_dir, fingerprint), setup=False)
+    yield from _iter_results(step, tasks, kwargs, ray_cfg, actors=False)
+
+
+def _iter_results(step: Step, tasks: list[tuple[int, dict]], kwargs: dict, ray_cfg: RayConfig,
+                  actors: bool) -> Iterator[tuple[int, object]]:
     items = [{"shard": i, "spec": json.dumps(spec, sort_keys=True)} for i, spec in tasks]
+    if not items:
+        return
     if not ray_cfg.enabled:
         worker = ShardWorker(**kwargs)
         for it in items:
-            yield worker.process(it["shard"], json.loads(it["spec"]))
+            yield it["shard"], worker.process(it["shard"], json.loads(it["spec"]))
         return
     import ray
 
     res = step.resources
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     common: dict = dict(batch_size=1, num_cpus=res.num_cpus)
-    if res.num_gpus:
+    if res.num_gpus and actors:
         common["num_gpus"] = res.num_gpus
-    if step.stage_cls.has_setup():
+    if actors:
         pool = min(res.pool_size, len(items))
         ds = ds.map_batches(ShardWorker, fn_constructor_kwargs=kwargs,
                             compute=ray.data.ActorPoolStrategy(size=pool), **common)
@@ -175,4 +230,4 @@ def _iter_stats(step: Step, tasks: list[tuple[int, dict]], kwargs: dict, ray_cfg
         ds = ds.map_batches(_task_fn, fn_kwargs=kwargs, compute=ray.data.TaskPoolStrategy(size=res.pool_size),
                             **common)
     for row in ds.iter_rows():
-        yield json.loads(row["stats"])
+        yield pickle.loads(row["out"])

@@ -21,6 +21,8 @@ STAGE_MODULES = (
     "stages.train",
     "stages.pseudolabel",
     "stages.regions",
+    "stages.cluster",
+    "stages.synthetic",
     "stages.decide",
     "stages.report",
 )

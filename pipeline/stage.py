@@ -4,10 +4,17 @@ Three kinds share this base:
 
 * ``source``: ``plan()`` on the driver lists shard specs; ``read_shard(spec)`` makes rows.
 * ``map``: ``__call__(batch) -> StageResult`` over row batches; runs on Ray (actors if it has a setup).
-* ``reduce``: ``run(rows) -> ReduceResult`` over the whole dataset on the driver (vocabulary, clustering).
+  A map step writes ``image_id`` and its declared ``outputs`` only (see ``pipeline/view.py``); it may
+  define ``prepare(engine)`` (driver-side work before its shards, e.g. fitting centroids through calls
+  that run in the workers) and ``shard_summary(table, shard)`` + ``merge_summaries(summaries)`` (a small
+  per-shard summary merged on the driver, e.g. a quality score).
+* ``reduce``: ``partial(table, shard)`` in the workers on each input shard, then ``merge(partials)`` on
+  the driver: the driver holds merged summaries (O(tags) or O(names)), never rows. A reduce that needs
+  everything in one place (training) defines ``run(rows) -> ReduceResult`` instead.
 
 Stages never import Ray. They declare the columns and artifacts they read and write so a workflow can
-be checked before anything runs.
+be checked before anything runs; a worker reads only the declared ``inputs`` (and those of
+``optional_inputs`` that exist).
 """
 from __future__ import annotations
 
@@ -46,9 +53,20 @@ class StageContext:
     step: str
     seed: int = 0
     artifacts: dict[str, str] = field(default_factory=dict)  # artifact name -> step directory
+    view: dict = field(default_factory=dict)  # the rows this step reads (pipeline.view.View.to_dict)
 
     def artifact(self, name: str) -> Path:
         return Path(self.artifacts[name])
+
+    @property
+    def step_dir(self) -> Path:
+        return Path(self.run_dir) / self.step
+
+    def rows(self):
+        """The rows this step reads, as a :class:`pipeline.view.View` (column groups joined by shard)."""
+        from pipeline.view import View
+
+        return View.from_dict(self.run_dir, self.view)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)
@@ -84,6 +102,7 @@ class Stage:
     registry_name: ClassVar[str] = ""
     Config: ClassVar[type[StageConfig]] = StageConfig
     inputs: ClassVar[tuple[str, ...]] = ()
+    optional_inputs: ClassVar[tuple[str, ...]] = ()  # read when an earlier step wrote them
     outputs: ClassVar[tuple[str, ...]] = ()
     needs: ClassVar[tuple[str, ...]] = ()  # artifacts read (written by an earlier reduce/source step)
     provides: ClassVar[tuple[str, ...]] = ()  # artifacts this step's directory holds for later steps
@@ -115,25 +134,72 @@ class Stage:
         """After every shard of a map step is committed (e.g. a JSON export). Returns manifest stats."""
         return {}
 
+    @classmethod
+    def defines(cls, hook: str) -> bool:
+        """True when the stage overrides an optional hook (``prepare``, ``partial``, ``shard_summary``)."""
+        return getattr(cls, hook, None) is not getattr(Stage, hook, None)
+
+    def prepare(self, engine) -> dict:
+        """Map steps: driver-side work before the shards run (``engine``: pipeline.workflow.StepEngine)."""
+        return {}
+
+    def shard_summary(self, table: pa.Table, shard: int) -> Any:
+        """Map steps: a small JSON-able summary of one output shard, merged by ``merge_summaries``."""
+        return None
+
+    def merge_summaries(self, summaries: list) -> dict[str, Any]:
+        return {}
+
     # -- reduce --------------------------------------------------------------------------------
+    def partial(self, table: pa.Table, shard: int) -> Any:
+        """Reduce steps: the summary of one input shard (computed in a worker, pickled to storage)."""
+        raise NotImplementedError
+
+    def merge(self, partials: Iterator[Any]) -> ReduceResult:
+        """Reduce steps: merge the shards' partials (streamed from storage) on the driver."""
+        raise NotImplementedError
+
     def run(self, rows: "RowSource") -> ReduceResult:
         raise NotImplementedError
 
 
 class RowSource:
-    """Read-only view of the rows a reduce step consumes, shard by shard, only the columns asked for."""
+    """Read-only rows a whole-data reduce (``run``) consumes, shard by shard, only the columns asked for:
+    Parquet files holding whole rows, or a :class:`pipeline.view.View`."""
 
-    def __init__(self, files: list[Path]):
-        self.files = files
+    def __init__(self, files: list[Path] | None = None, view=None):
+        self.files = list(files or [])
+        self.view = view
 
     def iter_tables(self, columns: Iterable[str] | None = None) -> Iterator[pa.Table]:
         import pyarrow.parquet as pq
 
         cols = list(columns) if columns is not None else None
+        if self.view is not None:
+            yield from self.view.iter_tables([c for c in cols if c in self.view.owners] if cols else None)
+            return
         for f in self.files:
             yield pq.read_table(f, columns=cols)
+
+    def iter_tables_with_base(self, columns: Iterable[str]) -> Iterator[tuple[pa.Table, Path]]:
+        """Shard tables with those of ``columns`` that exist, and the folder relative image paths resolve
+        against (the step that wrote ``image_path``, else ``image``)."""
+        import pyarrow.parquet as pq
+
+        cols = list(columns)
+        if self.view is not None:
+            owner = self.view.owners.get("image_path") or self.view.owners.get("image") or self.view.rows
+            base = self.view.step_dir(owner)
+            for t in self.view.iter_tables([c for c in cols if c in self.view.owners]):
+                yield t, base
+            return
+        for f in self.files:
+            names = pq.ParquetFile(f).schema_arrow.names
+            yield pq.read_table(f, columns=[c for c in cols if c in names]), Path(f).parent
 
     def num_rows(self) -> int:
         import pyarrow.parquet as pq
 
+        if self.view is not None:
+            return self.view.num_rows()
         return sum(pq.ParquetFile(f).metadata.num_rows for f in self.files)

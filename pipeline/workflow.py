@@ -1,8 +1,8 @@
 """Plans and runs a workflow: contract check, fingerprints, skip / resume / force, manifests."""
 from __future__ import annotations
 
-import functools
 import hashlib
+import pickle
 import inspect
 import json
 import time
@@ -10,42 +10,39 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import __version__
-from pipeline.config import RunConfig, Step
+from pipeline.config import RayConfig, RunConfig, Step
 from pipeline.errors import ContractError
-from pipeline.executor import run_shards, start_ray
+from pipeline.executor import run_calls, run_shards, start_ray
+from pipeline.fingerprint import code_hash
 from pipeline.stage import RowSource, StageContext
 from pipeline.store import StepDir, rejects_table, write_bytes_atomic, write_json_atomic, write_parquet_atomic
+from pipeline.view import View
 
 BASE_COLUMNS = ("image_id",)
-
-
-# Code a stage's output depends on besides its own module: the text and vision libraries and data.
-SHARED_CODE = ("tagset", "model", "stages/world", "stages/columns.py", "stages/vision.py")
-
-
-@functools.lru_cache(maxsize=None)
-def _shared_code_hash() -> str:
-    root = Path(__file__).resolve().parent.parent
-    h = hashlib.sha256()
-    for rel in SHARED_CODE:
-        p = root / rel
-        files = sorted(f for f in p.rglob("*") if f.is_file() and "__pycache__" not in f.parts) if p.is_dir() else [p]
-        for f in files:
-            h.update(str(f.relative_to(root)).encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()[:8]
+# What a step directory holds and how steps read each other's (pipeline/view.py: column groups).
+# Part of every fingerprint, so a run directory written in another layout is redone, never misread.
+LAYOUT = "columns-v2"
 
 
 def code_version(cls: type) -> str:
-    """Package version + a hash of the stage's module and the shared libraries it builds on.
-
-    Editing a stage (or tagset/, model/, the scene world) re-runs what it affects.
-    """
+    """Package version + a hash of the stage's module and every project module it imports (docstrings
+    excluded; see pipeline/fingerprint.py): editing code a stage runs re-runs it, and nothing else does."""
     try:
-        src = Path(inspect.getsourcefile(cls) or "").read_bytes()
+        path = Path(inspect.getsourcefile(cls) or "")
+        digest = code_hash(path) if path.is_file() else "nosrc"
     except (OSError, TypeError):
-        src = b""
-    return f"{__version__}+{hashlib.sha256(src).hexdigest()[:8]}.{_shared_code_hash()}"
+        digest = "nosrc"
+    return f"{__version__}+{digest}"
+
+
+def plan_views(cfg: RunConfig, root: Path) -> list[View]:
+    """The rows each step reads (before it runs), from the declared columns of the steps before it."""
+    views, view = [], View(str(root))
+    for step in cfg.steps:
+        views.append(view)
+        cls = step.stage_cls
+        view = view.after(step.name, cls.kind, cls.outputs, cls.replaces_columns)
+    return views
 
 
 def check_contract(cfg: RunConfig) -> None:
@@ -90,7 +87,8 @@ class StepReport:
 
 class Runner:
     def __init__(self, cfg: RunConfig, out_dir: Path, force: bool = False, only: list[str] | None = None):
-        self.cfg, self.out_dir, self.force = cfg, out_dir, force
+        # absolute: workers on other nodes (and Ray's own working directory) must find the same place
+        self.cfg, self.out_dir, self.force = cfg, Path(out_dir).expanduser().resolve(), force
         names = [s.name for s in cfg.steps]
         for o in only or []:
             if o not in names:
@@ -102,7 +100,7 @@ class Runner:
     # -- planning ----------------------------------------------------------------------------
     def _fingerprint(self, step: Step, upstream: list[str], extra: str = "") -> str:
         payload = {"code": code_version(step.stage_cls), "use": step.use, "config": step.config_hash(), "seed": self.cfg.seed,
-                   "upstream": [self.fingerprints[u] for u in upstream], "input": extra}
+                   "upstream": [self.fingerprints[u] for u in upstream], "input": extra, "layout": LAYOUT}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
     def _artifact_map(self, upto: int) -> dict[str, str]:
@@ -115,11 +113,13 @@ class Runner:
     def run(self) -> list[StepReport]:
         check_contract(self.cfg)
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        views = plan_views(self.cfg, self.out_dir)
         ray_started = False
         try:
             rows_step: str | None = None
             for i, step in enumerate(self.cfg.steps):
-                ctx = StageContext(str(self.out_dir), step.name, self.cfg.seed, self._artifact_map(i))
+                ctx = StageContext(str(self.out_dir), step.name, self.cfg.seed, self._artifact_map(i),
+                                   views[i].to_dict())
                 stage = step.stage_cls(step.config, ctx)
                 upstream = ([rows_step] if rows_step else []) + [
                     s.name for s in self.cfg.steps[:i] if set(s.stage_cls.provides) & set(step.stage_cls.needs)]
@@ -135,9 +135,13 @@ class Runner:
                 elif sdir.is_done(fp) and not self.force:
                     self.reports.append(self._skipped(step, sdir))
                 else:
-                    if step.stage_cls.kind != "reduce" and not ray_started and self.cfg.ray.enabled:
+                    needs_ray = step.stage_cls.kind != "reduce" or step.stage_cls.defines("partial")
+                    if needs_ray and not ray_started and self.cfg.ray.enabled:
                         ray_started = start_ray(self.cfg.ray, self.out_dir)
-                    self.reports.append(self._run_step(step, stage, ctx, sdir, fp, rows_step))
+                    view_out = views[i + 1] if i + 1 < len(views) else \
+                        views[i].after(step.name, step.stage_cls.kind, step.stage_cls.outputs,
+                                       step.stage_cls.replaces_columns)
+                    self.reports.append(self._run_step(step, stage, ctx, sdir, fp, rows_step, view_out))
                 if step.stage_cls.kind != "reduce":
                     rows_step = step.name
         finally:
@@ -152,27 +156,86 @@ class Runner:
         return StepReport(step.name, step.use, "skipped", m.get("rows_in", 0), m.get("rows_out", 0),
                           m.get("rows_rejected", 0), 0.0)
 
+    # -- counting rows across steps ----------------------------------------------------------------
+    def _check_input(self, step: Step, view: View) -> None:
+        """Every shard of the step this one reads, and of each step whose columns it joins, is visible."""
+        for src in view.steps():
+            m = StepDir(self.out_dir / src).manifest()
+            if m is None:
+                raise RuntimeError(f"step '{step.name}' reads the rows of step '{src}', which has no manifest in "
+                                   f"{self.out_dir / src}: is the run directory on storage this machine shares?")
+            expected = set(range(int(m.get("shards", 0))))
+            have = {int(f.stem.split("-")[1]) for f in (self.out_dir / src).glob("part-*.parquet")}
+            missing = sorted(expected - have)
+            if missing:
+                raise RuntimeError(f"step '{step.name}' reads the rows of step '{src}', but shard(s) {missing} of "
+                                   f"'{src}' are missing ({len(expected)} committed, {len(have)} visible in "
+                                   f"{self.out_dir / src}); rerun '{src}' with --force --only {src}")
+
+    def _check_counts(self, step: Step, view: View, shard_stats: list[dict]) -> None:
+        """rows_in of this step == rows_out of the step it reads, shard by shard."""
+        if view.rows is None:
+            return
+        up = StepDir(self.out_dir / view.rows)
+        bad = []
+        for st in shard_stats:
+            u = up.shard_stats(st["shard"])
+            if u is None or u["rows_out"] != st["rows_in"]:
+                bad.append((st["shard"], None if u is None else u["rows_out"], st["rows_in"]))
+        m = up.manifest() or {}
+        total = sum(st["rows_in"] for st in shard_stats)
+        if bad or total != m.get("rows_out"):
+            raise RuntimeError(f"step '{step.name}' read {total} rows but step '{view.rows}' wrote "
+                               f"{m.get('rows_out')}; shards (index, '{view.rows}' rows_out, '{step.name}' rows_in) "
+                               f"that differ: {bad[:20]}")
+
+    def _check_visible(self, step: Step, sdir: StepDir, shard_stats: list[dict], data: bool) -> None:
+        """A worker's commit must be visible to the driver: else the next step would read fewer rows."""
+        for st in shard_stats:
+            i = st["shard"]
+            paths = [sdir.path / "_stats" / f"part-{i:05d}.json"]
+            paths += [sdir.path / f"part-{i:05d}.parquet"] if data else [sdir.path / "_partials" / f"part-{i:05d}.pkl"]
+            for p in paths:
+                if not p.exists():
+                    raise RuntimeError(f"step '{step.name}': a worker committed shard {i}, but the driver cannot see "
+                                       f"{p}; on a cluster the run directory must be storage every node shares "
+                                       f"(a shared mount, given as an absolute path)")
+
     # -- running -----------------------------------------------------------------------------
     def _run_step(self, step: Step, stage, ctx: StageContext, sdir: StepDir, fp: str,
-                  rows_step: str | None) -> StepReport:
+                  rows_step: str | None, view_out: View) -> StepReport:
         t0 = time.perf_counter()
         if self.force or sdir.manifest() is not None or sdir.has_foreign_shards(fp):
             sdir.reset()  # stale or forced: never mix shards of two fingerprints
         sdir.path.mkdir(parents=True, exist_ok=True)
-        in_files = StepDir(self.out_dir / rows_step).data_files() if rows_step else []
+        view_in = ctx.rows()
+        if step.stage_cls.kind != "source":
+            self._check_input(step, view_in)
         if step.stage_cls.kind == "reduce":
-            stats = self._run_reduce(step, stage, sdir, in_files)
+            stats = self._run_reduce(step, stage, ctx, sdir, fp, view_in)
             status = "ran"
         else:
-            specs = stage.plan() if step.stage_cls.kind == "source" else [{"path": str(f)} for f in in_files]
+            if step.stage_cls.kind == "map" and step.stage_cls.defines("prepare"):
+                stats_prep = self._prepare(step, stage, ctx, sdir, fp)
+            else:
+                stats_prep = {}
+            specs = stage.plan() if step.stage_cls.kind == "source" else [{} for _ in view_in.shards()]
+            shard_ids = list(range(len(specs))) if step.stage_cls.kind == "source" else view_in.shards()
             done = sdir.done_shards(fp)
-            todo = [(i, spec) for i, spec in enumerate(specs) if i not in done]
+            todo = [(i, spec) for i, spec in zip(shard_ids, specs) if i not in done]
             new = run_shards(step, ctx, todo, sdir, fp, self.cfg.ray)
+            self._check_visible(step, sdir, new, data=True)
             shard_stats = sorted([*done.values(), *new], key=lambda s: s["shard"])
+            if step.stage_cls.kind == "map":
+                self._check_counts(step, view_in, shard_stats)
             stats = _sum_stats(shard_stats)
             stats["shards"] = len(shard_stats)
             stats["shards_resumed"] = len(done)
+            stats.update(stats_prep)
+            if step.stage_cls.defines("shard_summary"):
+                stats.update(stage.merge_summaries([s.get("summary") for s in shard_stats]))
             stats.update(stage.finalize(sdir.path))
+            stats["view"] = view_out.to_dict()
             status = "resumed" if done else "ran"
         seconds = round(time.perf_counter() - t0, 3)
         manifest = {
@@ -186,24 +249,76 @@ class Runner:
         if manifest["rows_in"] != manifest["rows_out"] + manifest["rows_rejected"]:
             raise RuntimeError(f"step {step.name}: rows_in != rows_out + rows_rejected: {stats}")
         write_json_atomic(manifest, sdir.manifest_path)
-        extra = {k: v for k, v in stats.items() if k not in ("rows_in", "rows_out", "rows_rejected")}
+        extra = {k: v for k, v in stats.items() if k not in ("rows_in", "rows_out", "rows_rejected", "view")}
         return StepReport(step.name, step.use, status, stats["rows_in"], stats["rows_out"],
                           stats["rows_rejected"], seconds, extra)
 
-    def _run_reduce(self, step: Step, stage, sdir: StepDir, in_files: list[Path]) -> dict:
-        stage.setup()
-        res = stage.run(RowSource(in_files))
+    def _prepare(self, step: Step, stage, ctx: StageContext, sdir: StepDir, fp: str) -> dict:
+        """A map stage's driver-side preparation (e.g. fitting), once per fingerprint: a killed run that
+        had finished it goes straight on with the shards."""
+        marker = sdir.path / "_prepared.json"
+        if marker.exists():
+            got = json.loads(marker.read_text())
+            if got.get("fingerprint") == fp:
+                return got.get("stats", {})
+        stats = stage.prepare(StepEngine(self.cfg.ray, step, ctx, sdir, fp)) or {}
+        write_json_atomic({"fingerprint": fp, "stats": stats}, marker)
+        return stats
+
+    def _run_reduce(self, step: Step, stage, ctx: StageContext, sdir: StepDir, fp: str, view: View) -> dict:
+        if step.stage_cls.defines("partial"):
+            done = sdir.done_shards(fp)
+            todo = [(i, {"op": "partial"}) for i in view.shards() if i not in done]
+            new = run_shards(step, ctx, todo, sdir, fp, self.cfg.ray, what="partial")
+            self._check_visible(step, sdir, new, data=False)
+            shard_stats = sorted([*done.values(), *new], key=lambda s: s["shard"])
+            self._check_counts(step, view, shard_stats)
+
+            def partials():  # streamed: one shard's summary in memory at a time, besides the merge
+                for st in shard_stats:
+                    yield pickle.loads((sdir.path / "_partials" / f"part-{st['shard']:05d}.pkl").read_bytes())
+
+            res = stage.merge(partials())
+            rows = sum(st["rows_in"] for st in shard_stats)
+        else:
+            stage.setup()
+            res = stage.run(RowSource(view=view))
+            rows = view.num_rows() if view.rows else 0
         for name, table in res.tables.items():
             write_parquet_atomic(table, sdir.path / f"{name}.parquet")
         for name, data in res.files.items():
             write_bytes_atomic(data, sdir.path / name)
         write_parquet_atomic(rejects_table(res.rejects, step.use), sdir.path / "rejects" / "part-00000.parquet")
-        rows = RowSource(in_files).num_rows()
         codes: dict[str, int] = {}
         for r in res.rejects:
             codes[r.code] = codes.get(r.code, 0) + 1
         # A reduce step consumes every row it is given; what it rejects is reported, not subtracted.
         return {"rows_in": rows, "rows_out": rows, "rows_rejected": 0, "rejects_by_code": codes, **res.stats}
+
+
+class StepEngine:
+    """What a map stage's ``prepare()`` may run in the workers: calls over its input shards and plain tasks.
+    Results are small (counts, statistics); large results are written by the stage under ``step_dir``."""
+
+    def __init__(self, ray_cfg: RayConfig, step: Step, ctx: StageContext, sdir: StepDir, fp: str):
+        self._ray, self._step, self._ctx, self._sdir, self._fp = ray_cfg, step, ctx, sdir, fp
+
+    @property
+    def step_dir(self) -> Path:
+        return self._sdir.path
+
+    def shards(self) -> list[int]:
+        return self._ctx.rows().shards()
+
+    def over_shards(self, method: str, columns: list[str]):
+        """``(shard, stage.<method>(input shard, shard))`` for every input shard, in completion order."""
+        tasks = [(i, {"op": "call", "method": method, "columns": list(columns)}) for i in self.shards()]
+        return run_calls(self._step, self._ctx, tasks, self._sdir, self._fp, self._ray)
+
+    def tasks(self, method: str, args: list):
+        """``(k, stage.<method>(args[k]))`` for every argument (JSON-able), in completion order."""
+        tasks = [(k, {"op": "call", "method": method, "arg": a}) for k, a in enumerate(args)]
+        return run_calls(self._step, self._ctx, tasks, self._sdir, self._fp, self._ray)
 
 
 def _sum_stats(shards: list[dict]) -> dict:

@@ -124,7 +124,9 @@ class DecideStage(Stage):
     """Applies the configured rule; every step of every candidate tag becomes a tag event."""
 
     Config = DecideConfig
-    inputs = ("image_id", "union_label_id", "tag_events", "tag_scores", "regions", "crop_scores", "view_scores")
+    inputs = ("image_id", "union_label_id", "tag_events", "tag_scores", "regions", "crop_scores",
+              "cluster_distances")
+    optional_inputs = ("view_scores",)  # absent when verify ran before it had views
     outputs = ("union_label_id", "tag_events", "stage_labels")
     needs = ("clusters", "tagset")
     provides = ("decisions",)
@@ -135,15 +137,15 @@ class DecideStage(Stage):
         tags = TagSet.load(self.context.artifact("tagset")).tags
         self.name = {t.tag_id: t.name for t in tags}
         self.occupies = {t.tag_id for t in tags if t.kind in self.config.region_kinds}
-        t = pq.read_table(Path(self.context.artifact("clusters")) / "distances.parquet")
-        self.dist = {(i, g): (c, d, q, r) for i, g, c, d, q, r in zip(*(t.column(n).to_pylist() for n in (
-            "image_id", "tag_id", "cluster", "distance", "quantile", "relative")))}
+        # per-region distances come with each row (cluster_distances, shard-local); only the O(tags) table here
         c = pq.read_table(Path(self.context.artifact("clusters")) / "clusters.parquet").to_pylist()
         self.too_few = {r["tag_id"] for r in c if r["status"] != "clustered"}
 
     def decide_row(self, iid: str, parse: list[int], scores: list[dict], regions: list[dict],
-                   crops: list[dict], views: list[dict] | None = None) -> tuple[dict, list[dict]]:
+                   crops: list[dict], views: list[dict] | None = None,
+                   dists: list[dict] | None = None) -> tuple[dict, list[dict]]:
         c = self.config
+        dist_of = {d["tag_id"]: (d["cluster"], d["distance"], d["quantile"], d["relative"]) for d in dists or []}
         score = {d["tag_id"]: d["score"] for d in scores or []}
         own = {d["tag_id"]: d.get("threshold") for d in scores or []}
         reliable = {t for t, th in own.items() if th is None or (not math.isnan(th) and th < 1.0)}
@@ -185,7 +187,7 @@ class DecideStage(Stage):
                                                                                    "backend": box[t]["backend"]}))
             else:
                 events.append(_ev(t, "ground", "none", "no_region", None, {}))
-            d = self.dist.get((iid, t))
+            d = dist_of.get(t)
             outer = far = False
             if d is not None:
                 cl, dist, q, rel = d
@@ -261,11 +263,13 @@ class DecideStage(Stage):
 
     def __call__(self, batch: pa.Table) -> StageResult:
         n_rows = batch.num_rows  # view_scores is absent from batches made before verify had views
-        cols = {n: batch.column(n).to_pylist() if n in batch.column_names else [None] * n_rows for n in self.inputs}
+        cols = {n: batch.column(n).to_pylist() if n in batch.column_names else [None] * n_rows
+                for n in (*self.inputs, *self.optional_inputs)}
         new_labels, new_events, stage_labels = [], [], []
         for i, iid in enumerate(cols["image_id"]):
             labs, evs = self.decide_row(iid, cols["union_label_id"][i], cols["tag_scores"][i], cols["regions"][i],
-                                        cols["crop_scores"][i], cols["view_scores"][i])
+                                        cols["crop_scores"][i], views=cols["view_scores"][i],
+                                        dists=cols["cluster_distances"][i])
             stage_labels.append(labs)
             new_labels.append(labs[self.config.rule])
             new_events.append((cols["tag_events"][i] or []) + evs)

@@ -41,6 +41,7 @@ class ExportStage(Stage):
 
     Config = ExportConfig
     inputs = ("image_id", "captions", "union_label_id", "parse_label_id")
+    optional_inputs = ("image", "image_bytes")
     outputs = ("image_path", "caption", "union_label_id", "parse_label_id")
     needs = ("tagset",)
     replaces_columns = True

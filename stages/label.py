@@ -9,7 +9,6 @@ from pydantic import Field
 
 from pipeline.registry import register
 from pipeline.stage import Stage, StageConfig, StageResult
-from pipeline.store import StepDir
 from stages.columns import TAG_EVENT
 from stages.parse import TAG_KINDS
 
@@ -59,16 +58,25 @@ class LabelStage(Stage):
                    "evidence": json.dumps(first_seen[t], sort_keys=True)} for t in union]
         return per_caption, union, events
 
-    def finalize(self, step_dir: Path) -> dict:
-        """On a scene world (a ``truth`` artifact exists) score the parse-only labels against it."""
+    def shard_summary(self, table: pa.Table, shard: int):
+        """On a scene world (a ``truth`` artifact exists), this shard's parse-only labels scored against the
+        same shard's truth (the truth side table is written shard for shard with the rows)."""
+        if "truth" not in self.context.artifacts:
+            return None
+        import pyarrow.parquet as pq
+
+        from stages.world.score import label_counts
+
+        truth = pq.read_table(Path(self.context.artifact("truth")) / "truth" / f"part-{shard:05d}.parquet")
+        return label_counts(table, truth, self.tagset)
+
+    def merge_summaries(self, summaries: list) -> dict:
         if "truth" not in self.context.artifacts:
             return {}
-        from stages.world.score import score_labels
-        from tagset.tagset import TagSet
+        from stages.world.score import finish_score, merge_counts, write_score
 
-        labels = StepDir(step_dir).read(["image_id", "union_label_id"])
-        truth = StepDir(self.context.artifact("truth")).read(name="truth")
-        q = score_labels(labels, truth, TagSet.load(self.context.artifact("tagset")), out=step_dir / "quality.json")
+        q = finish_score(merge_counts(s for s in summaries if s))
+        write_score(q, self.context.step_dir / "quality.json")
         return {"quality": {k: q[k] for k in ("precision", "recall", "f1")},
                 "summary": f"vs truth: P {q['precision']:.3f} R {q['recall']:.3f} F1 {q['f1']:.3f}"}
 

@@ -15,8 +15,8 @@ from pydantic import Field
 
 from pipeline.registry import register
 from pipeline.stage import Stage, StageResult
-from stages.vision import (BaseTagger, ImageLimits, TaggerConfig, attention_box, clip_box, open_image, pseudo_type,
-                           region_types, resolve_device)
+from stages.vision import (IMAGE_COLUMNS, BaseTagger, ImageLimits, TaggerConfig, attention_box, clip_box, open_image,
+                           pseudo_type, region_types, resolve_device)
 
 
 class VisionConfig(TaggerConfig, ImageLimits):
@@ -52,6 +52,7 @@ class PseudoLabelStage(Stage):
 
     Config = PseudoLabelConfig
     inputs = ("image_id", "union_label_id")
+    optional_inputs = IMAGE_COLUMNS
     outputs = ("tag_scores",)
     needs = ("tagset",)
 
@@ -123,6 +124,7 @@ class GroundStage(Stage):
 
     Config = GroundConfig
     inputs = ("image_id", "union_label_id", "tag_scores")
+    optional_inputs = IMAGE_COLUMNS
     outputs = ("regions",)
     needs = ("tagset",)
 

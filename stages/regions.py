@@ -1,10 +1,10 @@
-"""embed.v1, verify.v1 and cluster.v1: what each (image, tag) region looks like to the base tagger.
+"""embed.v1 and verify.v1: what each (image, tag) region looks like to the base tagger.
 
 * embed: crop every region (with a little context) and store the tagger's pooled feature, float16.
 * verify: the base tagger's score for the tag on its own crop; with ``views``, also each pseudo
   candidate's mean score over views of its region in context (zoomed windows, mirrored copies).
-* cluster: per tag, K-Means++ (k-means++ seeding, faiss Lloyd iterations) over that tag's regions;
-  each region's distance to its centroid and its rank among the tag's regions. Scores only.
+
+The clustering of the embeddings is ``stages/cluster.py``.
 """
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from PIL import Image
 from pydantic import Field
 
 from pipeline.registry import register
-from pipeline.stage import ReduceResult, RowSource, Stage, StageConfig, StageResult
+from pipeline.stage import Stage, StageConfig, StageResult
 from stages.pseudolabel import VisionConfig, _checkpoint_fingerprint, load_images
-from stages.vision import BaseTagger, crop, native_crop, region_types
+from stages.vision import IMAGE_COLUMNS, BaseTagger, crop, native_crop, region_types
 
 
 class CropConfig(VisionConfig):
@@ -32,6 +32,7 @@ class CropConfig(VisionConfig):
 class _CropStage(Stage):
     Config = CropConfig
     needs = ("tagset",)
+    optional_inputs = IMAGE_COLUMNS
 
     def setup(self) -> None:
         from tagset.tagset import TagSet
@@ -197,109 +198,3 @@ class VerifyStage(_CropStage):
             if not np.isnan(got).any():
                 out[j].append({"tag_id": t, "score": float(got.mean())})
         return out
-
-
-# -- cluster -------------------------------------------------------------------------------------------
-
-class ClusterConfig(StageConfig):
-    regions_per_cluster: int = Field(25, ge=1, description="k = regions // this, within [1, max_k]")
-    max_k: int = Field(8, ge=1)
-    k: int | None = Field(None, ge=1, description="fixed k for every tag (overrides the rule above)")
-    min_regions: int = Field(5, ge=1, description="tags with fewer regions are not clustered")
-    niter: int = Field(20, ge=1, description="Lloyd iterations (faiss)")
-    fit_sample: int = Field(20000, ge=2, description="at most this many regions per tag fit the centroids")
-    seed: int | None = Field(None, description="default: the run seed")
-
-
-def kmeans_pp_init(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """k-means++ seeding (Arthur & Vassilvitskii): each next centre drawn with probability ~ D(x)^2."""
-    centres = [x[rng.integers(len(x))]]
-    d2 = ((x - centres[0]) ** 2).sum(1)
-    for _ in range(1, k):
-        total = float(d2.sum())
-        i = int(rng.choice(len(x), p=d2 / total)) if total > 0 else int(rng.integers(len(x)))
-        centres.append(x[i])
-        d2 = np.minimum(d2, ((x - x[i]) ** 2).sum(1))
-    return np.stack(centres).astype(np.float32)
-
-
-def fit_tag(x: np.ndarray, k: int, niter: int, seed: int, fit_sample: int):
-    """Centroids from (a sample of) one tag's regions; every region's distance to its nearest centroid."""
-    import faiss
-
-    rng = np.random.default_rng(seed)
-    fit = x if len(x) <= fit_sample else x[np.sort(rng.choice(len(x), fit_sample, replace=False))]
-    k = min(k, len(fit))
-    init = kmeans_pp_init(fit, k, rng)
-    if k == 1:
-        centroids = fit.mean(0, keepdims=True).astype(np.float32)
-    else:
-        km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, verbose=False, min_points_per_centroid=1,
-                          max_points_per_centroid=max(256, len(fit)))
-        km.train(fit, init_centroids=init)
-        centroids = km.centroids
-    index = faiss.IndexFlatL2(x.shape[1])
-    index.add(centroids)
-    dist, assign = [], []
-    for s in range(0, len(x), 65536):  # the streaming pass: score everything, chunk by chunk
-        d, a = index.search(np.ascontiguousarray(x[s:s + 65536]), 1)
-        dist.append(np.sqrt(np.maximum(d[:, 0], 0)))
-        assign.append(a[:, 0])
-    return centroids, np.concatenate(dist), np.concatenate(assign), k
-
-
-DISTANCES = pa.schema([("image_id", pa.string()), ("tag_id", pa.int32()), ("cluster", pa.int32()),
-                       ("distance", pa.float32()), ("quantile", pa.float32()), ("relative", pa.float32())])
-
-
-@register("cluster.v1")
-class ClusterStage(Stage):
-    """Writes ``distances.parquet`` (per region: cluster, distance, quantile within its tag, distance /
-    the tag's median) and ``clusters.parquet`` (per tag: regions, k, or why it was not clustered)."""
-
-    kind = "reduce"
-    Config = ClusterConfig
-    inputs = ("image_id", "region_embeds")
-    provides = ("clusters",)
-
-    def run(self, rows: RowSource) -> ReduceResult:
-        seed = self.config.seed if self.config.seed is not None else self.context.seed
-        by_tag: dict[int, tuple[list[str], list[np.ndarray]]] = {}
-        for t in rows.iter_tables(["image_id", "region_embeds"]):
-            for iid, embs in zip(t.column("image_id").to_pylist(), t.column("region_embeds").to_pylist()):
-                for e in embs or []:
-                    ids, vecs = by_tag.setdefault(e["tag_id"], ([], []))
-                    ids.append(iid)
-                    vecs.append(np.asarray(e["embedding"], dtype=np.float32))
-        out = {k: [] for k in DISTANCES.names}
-        tags = {"tag_id": [], "regions": [], "k": [], "status": []}
-        for tag in sorted(by_tag):
-            ids, vecs = by_tag[tag]
-            n = len(ids)
-            tags["tag_id"].append(tag)
-            tags["regions"].append(n)
-            if n < self.config.min_regions:
-                tags["k"].append(0)
-                tags["status"].append("too_few_regions")
-                continue
-            x = np.stack(vecs)
-            x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-6)
-            k = self.config.k or max(1, min(self.config.max_k, n // self.config.regions_per_cluster))
-            _, dist, assign, k = fit_tag(x, k, self.config.niter, seed * 100003 + tag, self.config.fit_sample)
-            order = np.argsort(np.argsort(dist, kind="stable"), kind="stable")
-            med = float(np.median(dist)) or 1e-6
-            tags["k"].append(k)
-            tags["status"].append("clustered")
-            out["image_id"] += ids
-            out["tag_id"] += [tag] * n
-            out["cluster"] += assign.tolist()
-            out["distance"] += dist.tolist()
-            out["quantile"] += ((order + 1) / n).tolist()
-            out["relative"] += (dist / med).tolist()
-        clustered = sum(1 for s in tags["status"] if s == "clustered")
-        return ReduceResult(
-            tables={"distances": pa.table(out, schema=DISTANCES),
-                    "clusters": pa.table(tags, schema=pa.schema([("tag_id", pa.int32()), ("regions", pa.int64()),
-                                                                 ("k", pa.int32()), ("status", pa.string())]))},
-            stats={"tags": len(tags["tag_id"]), "tags_clustered": clustered, "regions": len(out["image_id"]),
-                   "summary": f"{len(out['image_id'])} regions, {clustered} of {len(tags['tag_id'])} tags clustered"})

@@ -1,4 +1,5 @@
-"""report.v1: report.json + report.md + PNG plots in the run directory, from the decide step's rows.
+"""report.v1: report.json + report.md + PNG plots in the run directory, from the decide step's rows
+(a distributed reduce: per-shard summaries in the workers, merged on the driver).
 
 Counts tags added / removed per stage and reason, the tag long tail, and on a scene world the
 precision / recall / F1 after each stage and for both decision rules (``quality.<stage>.f1`` ...),
@@ -6,6 +7,8 @@ plus the issue's targets. Plots are drawn with PIL (no plotting dependency).
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import io
 import json
 from collections import Counter
@@ -17,7 +20,6 @@ from pydantic import Field
 
 from pipeline.registry import register
 from pipeline.stage import ReduceResult, RowSource, Stage, StageConfig
-from pipeline.store import StepDir
 
 QUALITY_STAGES = ("parse", "pseudolabel", "cluster", "verify", "paper", "combined")
 
@@ -65,36 +67,166 @@ def event_counts(events_per_row) -> dict:
     return out
 
 
+def _add_nested(into: dict, other: dict) -> None:
+    for k, v in other.items():
+        if isinstance(v, dict):
+            _add_nested(into.setdefault(k, {}), v)
+        else:
+            into[k] = into.get(k, 0) + v
+
+
+def _priority(*key) -> int:
+    return int.from_bytes(hashlib.blake2b("\x00".join(map(str, key)).encode(), digest_size=8).digest(), "little")
+
+
 @register("report.v1")
 class ReportStage(Stage):
+    """A reduce in two halves: each worker summarises its shard (event counts, label counts, truth confusion
+    counts, a bounded sample of dropped regions as small crops); the driver adds the summaries up and
+    writes report.json, report.md and the plots. The driver never holds a row."""
+
     kind = "reduce"
     Config = ReportConfig
-    inputs = ("image_id",)
+    inputs = ("image_id", "union_label_id", "tag_events", "stage_labels", "regions")
+    optional_inputs = ("image", "image_bytes", "image_path")
     needs = ("decisions", "tagset")
 
-    def run(self, rows: RowSource) -> ReduceResult:
+    @functools.cached_property
+    def tagset(self):
         from tagset.tagset import TagSet
 
-        tagset = TagSet.load(self.context.artifact("tagset"))
-        ddir = StepDir(self.context.artifact("decisions"))
-        t = ddir.read(["image_id", "union_label_id", "tag_events", "stage_labels", "regions"])
+        return TagSet.load(self.context.artifact("tagset"))
+
+    # -- in the workers ---------------------------------------------------------------------------------
+    def partial(self, t: pa.Table, shard: int) -> dict:
         labels = t.column("stage_labels").to_pylist()
         final = t.column("union_label_id").to_pylist()
         events = t.column("tag_events").to_pylist()
-        counts = event_counts(events)
-        tail = Counter(x for labs in final for x in labs)
-        parse_tail = Counter(x for labs in labels for x in labs["parse"])
+        p = {"images": t.num_rows, "events": event_counts(events),
+             "tail": Counter(x for labs in final for x in labs),
+             "parse_tail": Counter(x for labs in labels for x in labs["parse"]),
+             "added": sum(len(set(f) - set(l["parse"])) for f, l in zip(final, labels)),
+             "removed": sum(len(set(l["parse"]) - set(f)) for f, l in zip(final, labels))}
+        if "truth" in self.context.artifacts:
+            p["quality"] = self._quality_counts(t, labels, final, shard)
+        p["sheet"] = self._sheet_sample(t, events, labels)
+        return p
+
+    def _quality_counts(self, t: pa.Table, labels, final, shard: int) -> dict:
+        import pyarrow.parquet as pq
+
+        from stages.world.generate import SCENES
+        from stages.world.score import names_for_ids, score_counts, truth_by_image
+
+        truth = truth_by_image(pq.read_table(Path(self.context.artifact("truth")) / "truth" /
+                                             f"part-{shard:05d}.parquet"))
+        idn = names_for_ids(self.tagset)
+        ids = t.column("image_id").to_pylist()
+
+        def names(labs):
+            return set().union(*[idn.get(x, set()) for x in labs]) if labs else set()
+
+        per_stage = {s: {i: names(l[s]) for i, l in zip(ids, labels)} for s in QUALITY_STAGES}
+        per_stage["final"] = {i: names(f) for i, f in zip(ids, final)}
+        sub = {i: truth[i] for i in ids if i in truth}
+        c = {"scores": {s: score_counts(pred, sub) for s, pred in per_stage.items()}}
+        parse, fin = per_stage["parse"], per_stage["final"]
+        added = [(i, n) for i in ids for n in fin[i] - parse[i]]
+        omitted = [(i, n) for i in ids for n in truth[i].omitted]
+        hall = [(i, n) for i in ids for n in truth[i].hallucinated if n in parse[i]]
+        true_parse = [(i, n) for i in ids for n in parse[i] if n in truth[i].tags]
+        c["targets"] = {
+            "added": len(added), "added_true": sum(1 for i, n in added if n in truth[i].tags),
+            "omitted": len(omitted), "recovered": sum(1 for i, n in omitted if n in fin[i]),
+            "hall": len(hall), "hall_removed": sum(1 for i, n in hall if n not in fin[i]),
+            "true_parse": len(true_parse), "lost": sum(1 for i, n in true_parse if n not in fin[i]),
+        }
+        for kind, sel in (("object", lambda n: n not in SCENES), ("scene", lambda n: n in SCENES)):
+            om = [(i, n) for i, n in omitted if sel(n)]
+            c["targets"][f"omitted_{kind}"] = len(om)
+            c["targets"][f"recovered_{kind}"] = sum(1 for i, n in om if n in fin[i])
+        return c
+
+    def _sheet_sample(self, t: pa.Table, events, labels) -> dict[str, list]:
+        """Per drop group, the ``sheet_per_reason`` dropped regions of lowest hash priority in this shard, as
+        small crops: merged across shards, the sheet is the same however rows are sharded."""
+        from stages.vision import ImageLimits, crop, open_image
+
+        per = self.config.sheet_per_reason
+        regions = t.column("regions").to_pylist()
+        ids = t.column("image_id").to_pylist()
+        cands: dict[str, list] = {}
+        for j, (evs, labs, regs) in enumerate(zip(events, labels, regions)):
+            boxes = {g["tag_id"]: g["box"] for g in regs or []}
+            for tag, key in self._drops(evs or [], labs or {}):
+                if tag in boxes:
+                    cands.setdefault(key, []).append((_priority(ids[j], tag, key), j, tag))
+        picked = {k: sorted(v)[:per] for k, v in cands.items()}
+        rows_needed = sorted({j for v in picked.values() for _, j, _ in v})
+        img_cols = [c for c in ("image_id", "image", "image_bytes", "image_path") if c in t.column_names]
+        images = {}
+        for j in rows_needed:
+            r = t.select(img_cols).slice(j, 1).to_pylist()[0]
+            images[j], _ = open_image(r, Path(self.context.run_dir), ImageLimits())
+        out: dict[str, list] = {}
+        cell = 96
+        for key, items in picked.items():
+            for pri, j, tag in items:
+                img = images.get(j)
+                if img is None:
+                    continue
+                boxes = {g["tag_id"]: g["box"] for g in regions[j] or []}
+                buf = io.BytesIO()
+                crop(img, boxes[tag], 0.1).resize((cell - 4, cell - 4)).save(buf, "PNG")
+                out.setdefault(key, []).append((pri, buf.getvalue(), self.tagset.names[tag], ids[j]))
+        return out
+
+    # -- on the driver ----------------------------------------------------------------------------------
+    def merge(self, partials) -> ReduceResult:
+        images, added, removed = 0, 0, 0
+        counts: dict = {}
+        tail, parse_tail = Counter(), Counter()
+        quality: dict = {}
+        sheet: dict[str, list] = {}
+        for p in partials:
+            images += p["images"]
+            added += p["added"]
+            removed += p["removed"]
+            _add_nested(counts, p["events"])
+            tail.update(p["tail"])
+            parse_tail.update(p["parse_tail"])
+            if "quality" in p:
+                self._merge_quality(quality, p["quality"])
+            for key, items in p["sheet"].items():
+                sheet[key] = sorted(sheet.get(key, []) + items)[:self.config.sheet_per_reason]
+        return self._write(images, added, removed, counts, tail, parse_tail, quality, sheet)
+
+    def run(self, rows: RowSource) -> ReduceResult:
+        """The same reduce in one process (tests, small inputs)."""
+        cols = [*self.inputs, *self.optional_inputs]
+        return self.merge(self.partial(t, i) for i, t in enumerate(rows.iter_tables(cols)))
+
+    @staticmethod
+    def _merge_quality(into: dict, q: dict) -> None:
+        from stages.world.score import merge_counts
+
+        for s, c in q["scores"].items():
+            into.setdefault("scores", {})[s] = merge_counts([into["scores"][s], c]) if s in into.get("scores", {}) \
+                else c
+        _add_nested(into.setdefault("targets", {}), q["targets"])
+
+    def _write(self, images, added, removed, counts, tail, parse_tail, quality, sheet) -> ReduceResult:
+        tagset = self.tagset
         report: dict = {
-            "images": t.num_rows,
-            "tags": {"parse": sum(parse_tail.values()), "final": sum(tail.values()),
-                     "added": sum(len(set(f) - set(l["parse"])) for f, l in zip(final, labels)),
-                     "removed": sum(len(set(l["parse"]) - set(f)) for f, l in zip(final, labels))},
+            "images": images,
+            "tags": {"parse": sum(parse_tail.values()), "final": sum(tail.values()), "added": added,
+                     "removed": removed},
             "events": counts,
             "long_tail": [[tagset.names[i], n] for i, n in tail.most_common()],
         }
         files: dict[str, bytes] = {}
-        if "truth" in self.context.artifacts:
-            report["quality"], report["targets"] = self._quality(t, labels, final, tagset)
+        if quality:
+            report["quality"], report["targets"] = self._quality(quality)
         files["stages.png"] = self._stage_plot(counts)
         top = tail.most_common(self.config.long_tail)
         files["long_tail.png"] = bar_chart("tag long tail (final labels, most frequent first)",
@@ -106,7 +238,7 @@ class ReportStage(Stage):
             names = [s for s in ("parse", "pseudolabel", "cluster", "verify", "final", "paper", "combined") if s in q]
             files["quality.png"] = bar_chart("quality vs scene-world truth", names,
                                              {m: [q[s][m] for s in names] for m in ("precision", "recall", "f1")})
-        files["dropped_regions.png"] = self._contact_sheet(ddir, tagset)
+        files["dropped_regions.png"] = self._contact_sheet(sheet)
         files["report.json"] = (json.dumps(report, indent=1, sort_keys=True) + "\n").encode()
         files["report.md"] = self._markdown(report).encode()
         run_dir = Path(self.context.run_dir)
@@ -118,47 +250,22 @@ class ReportStage(Stage):
             summary += f"; F1 parse {q['parse']['f1']:.3f} -> final {q['final']['f1']:.3f}"
         return ReduceResult(files=files, stats={"summary": summary})
 
-    def _quality(self, t: pa.Table, labels, final, tagset) -> tuple[dict, dict]:
-        from stages.world.generate import SCENES
-        from stages.world.score import names_for_ids, score, truth_by_image
+    @staticmethod
+    def _quality(counts: dict) -> tuple[dict, dict]:
+        from stages.world.score import finish_score
 
-        truth = truth_by_image(StepDir(self.context.artifact("truth")).read(name="truth"))
-        idn = names_for_ids(tagset)
-        ids = t.column("image_id").to_pylist()
-
-        def names(labs):
-            return set().union(*[idn.get(x, set()) for x in labs]) if labs else set()
-
-        q = {}
-        per_stage = {s: {i: names(l[s]) for i, l in zip(ids, labels)} for s in QUALITY_STAGES}
-        per_stage["final"] = {i: names(f) for i, f in zip(ids, final)}
-        full = {}
-        for s, pred in per_stage.items():
-            sub = {i: truth[i] for i in ids if i in truth}
-            full[s] = score(pred, sub)
-            q[s] = {k: full[s][k] for k in ("precision", "recall", "f1")}
-        # targets: what the pseudo tags added, what cleaning removed
-        parse, fin = per_stage["parse"], per_stage["final"]
-        added = [(i, n) for i in ids for n in fin[i] - parse[i]]
-        added_true = sum(1 for i, n in added if n in truth[i].tags)
-        omitted = [(i, n) for i in ids for n in truth[i].omitted]
-        recovered = sum(1 for i, n in omitted if n in fin[i])
-        by_kind = {}  # the target counts omitted scenes with omitted objects; each kind on its own
-        for kind, sel in (("object", lambda n: n not in SCENES), ("scene", lambda n: n in SCENES)):
-            om = [(i, n) for i, n in omitted if sel(n)]
-            by_kind[kind] = round(sum(1 for i, n in om if n in fin[i]) / max(1, len(om)), 4)
-        hall = [(i, n) for i in ids for n in truth[i].hallucinated if n in parse[i]]
-        removed = sum(1 for i, n in hall if n not in fin[i])
-        true_parse = [(i, n) for i in ids for n in parse[i] if n in truth[i].tags]
-        lost = sum(1 for i, n in true_parse if n not in fin[i])
+        q = {s: {k: v for k, v in finish_score(c).items() if k in ("precision", "recall", "f1")}
+             for s, c in counts["scores"].items()}
+        c = counts["targets"]
+        by_kind = {kind: round(c[f"recovered_{kind}"] / max(1, c[f"omitted_{kind}"]), 4) for kind in ("object", "scene")}
         targets = {
-            "omissions_recovered": round(recovered / max(1, len(omitted)), 4),
+            "omissions_recovered": round(c["recovered"] / max(1, c["omitted"]), 4),
             "omissions_recovered_by_kind": by_kind,
-            "pseudo_precision": round(added_true / max(1, len(added)), 4),
-            "pseudo_added": len(added),
-            "hallucinations_removed": round(removed / max(1, len(hall)), 4),
-            "hallucinations_in_parse": len(hall),
-            "true_parse_dropped": round(lost / max(1, len(true_parse)), 4),
+            "pseudo_precision": round(c["added_true"] / max(1, c["added"]), 4),
+            "pseudo_added": c["added"],
+            "hallucinations_removed": round(c["hall_removed"] / max(1, c["hall"]), 4),
+            "hallucinations_in_parse": c["hall"],
+            "true_parse_dropped": round(c["lost"] / max(1, c["true_parse"]), 4),
             "f1_gain_points": round(100 * (q["final"]["f1"] - q["parse"]["f1"]), 2),
         }
         targets["met"] = {
@@ -183,44 +290,27 @@ class ReportStage(Stage):
         return bar_chart("tags added / flagged / dropped, by stage and reason", [r for r, _ in rows] or ["none"],
                          {"tags": [n for _, n in rows] or [0]})
 
-    def _contact_sheet(self, ddir: StepDir, tagset) -> bytes:
-        """Crops of dropped regions per rule and reason."""
-        from stages.vision import ImageLimits, crop, open_image
-
-        cell, per = 96, self.config.sheet_per_reason
-        groups: dict[str, list] = {}
-        for f in ddir.data_files():
-            import pyarrow.parquet as pq
-
-            cols = [c for c in ("image_id", "image", "image_bytes", "tag_events", "regions", "stage_labels")
-                    if c in pq.ParquetFile(f).schema_arrow.names]
-            for r in pq.read_table(f, columns=cols).to_pylist():
-                boxes = {g["tag_id"]: g["box"] for g in r.get("regions") or []}
-                labels = r.get("stage_labels") or {}
-                for tag, key in self._drops(r["tag_events"], labels):
-                    if len(groups.setdefault(key, [])) < per and tag in boxes:
-                        img, _ = open_image(r, Path(self.context.run_dir), ImageLimits())
-                        if img is not None:
-                            groups[key].append((crop(img, boxes[tag], 0.1), tagset.names[tag], r["image_id"]))
-        cols = 8
-        height = sum(20 + ((len(v) + cols - 1) // cols) * (cell + 14) for v in groups.values()) or 40
-        sheet = Image.new("RGB", (cols * cell, height + 10), "white")
-        d = ImageDraw.Draw(sheet)
+    def _contact_sheet(self, sheet: dict[str, list]) -> bytes:
+        """Crops of dropped regions per rule and reason (the merged, hash-ordered sample)."""
+        cell, cols = 96, 8
+        height = sum(20 + ((len(v) + cols - 1) // cols) * (cell + 14) for v in sheet.values()) or 40
+        img = Image.new("RGB", (cols * cell, height + 10), "white")
+        d = ImageDraw.Draw(img)
         y = 4
-        if not groups:
+        if not sheet:
             d.text((6, 12), "no dropped regions", fill="black")
-        for key, items in sorted(groups.items()):
+        for key, items in sorted(sheet.items()):
             d.text((6, y), f"dropped: {key} ({len(items)} shown)", fill="black")
             y += 20
-            for k, (im, name, iid) in enumerate(items):
+            for k, (_, png, name, _) in enumerate(items):
                 x = (k % cols) * cell
-                sheet.paste(im.resize((cell - 4, cell - 4)), (x + 2, y))
+                img.paste(Image.open(io.BytesIO(png)), (x + 2, y))
                 d.text((x + 2, y + cell - 2), name[:14], fill="black")
                 if k % cols == cols - 1:
                     y += cell + 14
             y += (cell + 14) if len(items) % cols else 0
         buf = io.BytesIO()
-        sheet.save(buf, "PNG")
+        img.save(buf, "PNG")
         return buf.getvalue()
 
     @staticmethod

@@ -68,16 +68,15 @@ def truth_map(scores, image_ids: list[str], truth_by_id: dict, id_names: dict[in
     return float(np.nanmean(average_precision(s, y))), float(np.nanmean(chance))
 
 
-def decode_errors(files: list[Path]) -> tuple[list[str], list[Reject]]:
+def decode_errors(files) -> tuple[list[str], list[Reject]]:
     """Ids of rows whose image decodes, and rejects (with stable codes) for the others."""
+    from model.train import row_tables
     from stages.vision import ImageLimits, open_image
 
     ids, rejects = [], []
-    for f in files:
-        names = pq.ParquetFile(f).schema_arrow.names
-        cols = [c for c in ("image_id", "image_path", "image", "image_bytes") if c in names]
-        for r in pq.read_table(f, columns=cols).to_pylist():
-            _, rej = open_image(r, Path(f).parent, ImageLimits(min_side=1))
+    for table, base in row_tables(files, ("image_id", "image_path", "image", "image_bytes")):
+        for r in table.to_pylist():
+            _, rej = open_image(r, base, ImageLimits(min_side=1))
             if rej is not None:
                 rejects.append(rej)
             else:
@@ -112,7 +111,8 @@ class TrainStage(Stage):
 
     kind = "reduce"
     Config = TrainStageConfig
-    inputs = ("image_id", "union_label_id")  # + image_path (export) or image / image_bytes
+    inputs = ("image_id", "union_label_id")
+    optional_inputs = ("image_path", "image", "image_bytes", "caption", "captions", "parse_label_id")
     needs = ("tagset",)
     provides = ("tagger",)
 
@@ -173,10 +173,11 @@ class TrainStage(Stage):
             model.set_vocabulary(emb, tagset.thresholds(), trainable=not c.freeze_label_embed)
         model.set_thresholds(tagset.thresholds())
         model.to(c.device)
-        ids, rejects = decode_errors(rows.files)
+        source = rows if rows.view is not None else rows.files
+        ids, rejects = decode_errors(source)
         val_ids = {i for i in ids if held_out(i, c.val_fraction)}
-        train_set = ExportDataset(rows.files, len(tagset), model.cfg, set(ids) - val_ids, cache=c.cache_images)
-        val_set = ExportDataset(rows.files, len(tagset), model.cfg, val_ids, cache=c.cache_images)
+        train_set = ExportDataset(source, len(tagset), model.cfg, set(ids) - val_ids, cache=c.cache_images)
+        val_set = ExportDataset(source, len(tagset), model.cfg, val_ids, cache=c.cache_images)
         out = Path(self.context.run_dir) / self.context.step
         tc = TrainConfig(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, weight_decay=c.weight_decay,
                          warmup_steps=c.warmup_steps, seed=seed, loss=c.loss, hflip=c.hflip,

@@ -21,6 +21,9 @@ from pydantic import Field
 from pipeline.errors import Reject
 from pipeline.stage import StageConfig
 
+# Where a row's image is: a path or URI, or inline bytes (written once, by the input step; read by reference).
+IMAGE_COLUMNS = ("image", "image_bytes", "image_path")
+
 def region_types():
     import pyarrow as pa
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 import pyarrow as pa
 from pydantic import Field
@@ -45,15 +45,32 @@ class VocabStage(Stage):
             h.update(Path(path).read_bytes() if path and Path(path).exists() else b"-")
         return h.hexdigest()[:16]
 
+    def partial(self, table: pa.Table, shard: int):
+        """One shard's name counts (in a worker): the driver only ever holds counts per distinct name."""
+        from tagset.vocab import TagCounts
+
+        counts = TagCounts()
+        for parsed in table.column("parsed").to_pylist():
+            counts.add_image(parsed or [])
+        return counts
+
+    def merge(self, partials: Iterator) -> ReduceResult:
+        from tagset.vocab import TagCounts
+
+        counts = TagCounts()
+        for p in partials:
+            add_counts(counts, p)
+        return self.build(counts)
+
     def run(self, rows: RowSource) -> ReduceResult:
+        """The same reduce in one process (tests, small inputs)."""
+        return self.merge(self.partial(t, i) for i, t in enumerate(rows.iter_tables(["parsed"])))
+
+    def build(self, counts) -> ReduceResult:
         from tagset.tagset import TagSet
-        from tagset.vocab import TagCounts, adopt_vocab, build_vocab, load_overrides, load_stoplist
+        from tagset.vocab import adopt_vocab, build_vocab, load_overrides, load_stoplist
 
         c = self.config
-        counts = TagCounts()
-        for t in rows.iter_tables(["parsed"]):
-            for parsed in t.column("parsed").to_pylist():
-                counts.add_image(parsed or [])
         if c.mode == "adopt":
             if not c.tag_list:
                 raise ValueError("vocab.tag_list is required when vocab.mode is 'adopt'")
@@ -76,3 +93,11 @@ class VocabStage(Stage):
                  "merges": merged, "summary": f"{names_selected} names -> {len(tagset)} ids ({merged} merged)"}
         return ReduceResult(tables={"tagset": tagset.to_table(), "tag_counts": counts_table}, files=files,
                             stats=stats)
+
+
+def add_counts(into, other) -> None:
+    """Adds one shard's TagCounts to another's (counts of images and captions are per shard, so they add)."""
+    into.images.update(other.images)
+    into.captions.update(other.captions)
+    for name, kinds in other.kinds.items():
+        into.kinds.setdefault(name, type(kinds)()).update(kinds)

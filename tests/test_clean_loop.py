@@ -4,6 +4,7 @@ import json
 import pyarrow.parquet as pq
 
 from pipeline.cli import main
+from pipeline.view import step_view
 from tests.conftest import write_config
 
 LOOP = """
@@ -25,7 +26,7 @@ verify: {views: [{window: 1.0, mirror: true}, {window: 0.75}]}
 decide: {add_unclaimed: 0.3}
 """
 STEPS = ["input", "parse", "vocab", "label", "train", "pseudolabel", "ground", "embed", "cluster", "verify",
-         "decide", "export", "report"]
+         "decide", "report", "export"]
 
 
 def _statuses(out_text: str) -> dict[str, str]:
@@ -57,11 +58,17 @@ def test_clean_loop_end_to_end_then_decide_only_then_explain(tmp_path, capsys):
         assert (out / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # region views: only pseudo candidates (regions of tags the image's labels lack) get them, and decide
     # records each one it weighs
-    verified = pq.read_table(out / "verify" / "part-00000.parquet").to_pylist()
+    # every column is written once, by the step that makes it: the image bytes stay in the input's shards
+    for s in STEPS[1:]:
+        for f in (out / s).glob("part-*.parquet"):
+            assert "image_bytes" not in pq.ParquetFile(f).schema_arrow.names, f
+    assert pq.ParquetFile(out / "verify" / "part-00000.parquet").schema_arrow.names == [
+        "image_id", "crop_scores", "view_scores"]
+    verified = step_view(out / "verify").read_shard(0).to_pylist()
     assert any(r["view_scores"] for r in verified)
     for r in verified:
         assert {d["tag_id"] for d in r["view_scores"]} <= {x["tag_id"] for x in r["regions"]} - set(r["union_label_id"])
-    decided = pq.read_table(out / "decide" / "part-00000.parquet").to_pylist()
+    decided = step_view(out / "decide").read_shard(0).to_pylist()
     assert any(e["reason"] == "region_views" for r in decided for e in r["tag_events"])
     export = pq.read_table(out / "export" / "part-00000.parquet")
     assert export.column_names == ["image_id", "image_path", "caption", "union_label_id", "parse_label_id"]
@@ -74,7 +81,8 @@ def test_clean_loop_end_to_end_then_decide_only_then_explain(tmp_path, capsys):
     assert st["decide"] == st["export"] == st["report"] == "ran"
 
     # The paper rule with the outer half flagged drops many tags: explain one.
-    rows = pq.read_table(out / "decide" / "part-00000.parquet").to_pylist()
+    rows = step_view(out / "decide").read_shard(0, ["image_id", "union_label_id", "tag_events",
+                                                    "stage_labels"]).to_pylist()
     row = next(r for r in rows if any(e["stage"] == "decide" and e["action"] == "drop" for e in r["tag_events"]))
     dropped = [e for e in row["tag_events"] if e["stage"] == "decide" and e["action"] == "drop"]
     assert row["union_label_id"] == row["stage_labels"]["paper"]

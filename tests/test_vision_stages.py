@@ -1,5 +1,6 @@
 """The vision stages on hand-made batches: images (good and bad), a tiny random tagger, boxes, clusters,
 decisions. Real parts throughout: a real RAM model (tiny config), faiss, Arrow tables."""
+import functools
 import io
 import json
 
@@ -10,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.stage import RowSource, StageContext
+from pipeline.stage import StageContext
+from stages.cluster import fit_tag, kmeans_pp_init
 from stages.decide import REASONS, DecideConfig, DecideStage
 from stages.pseudolabel import GroundConfig, GroundStage, PseudoLabelConfig, PseudoLabelStage, candidate_tags
-from stages.regions import (ClusterConfig, ClusterStage, CropConfig, EmbedStage, RegionView, VerifyConfig,
-                            VerifyStage, fit_tag, kmeans_pp_init)
+from stages.regions import CropConfig, EmbedStage, RegionView, VerifyConfig, VerifyStage
 from stages.vision import ImageLimits, attention_box, clip_box, open_image
 from tagset.tagset import Tag, TagSet
 
@@ -204,36 +205,16 @@ def test_kmeans_pp_and_distances_find_the_outlier():
     np.testing.assert_array_equal(dist, again[1])
 
 
-def test_cluster_stage_handles_few_regions_and_small_tags(tmp_path):
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(12):
-        embs = [{"tag_id": 0, "embedding": rng.normal(size=4).astype(np.float16).tolist()}]
-        if i < 2:
-            embs.append({"tag_id": 1, "embedding": rng.normal(size=4).astype(np.float16).tolist()})
-        rows.append({"image_id": f"i{i}", "region_embeds": embs})
-    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "part-00000.parquet")
-    st = ClusterStage(ClusterConfig(min_regions=3, k=50), StageContext(str(tmp_path), "cluster", 0, {}))
-    res = st.run(RowSource([tmp_path / "part-00000.parquet"]))
-    clusters = res.tables["clusters"].to_pylist()
-    assert clusters == [{"tag_id": 0, "regions": 12, "k": 12, "status": "clustered"},  # k clipped to n
-                        {"tag_id": 1, "regions": 2, "k": 0, "status": "too_few_regions"}]
-    d = res.tables["distances"]
-    assert d.num_rows == 12 and set(d.column("tag_id").to_pylist()) == {0}
-    q = sorted(d.column("quantile").to_pylist())
-    assert q[0] == pytest.approx(1 / 12) and q[-1] == pytest.approx(1.0)
-
-
 # -- decide ----------------------------------------------------------------------------------------------
+
+# the image's cluster_distances: tag 1's region is far (relative 2.0) and among the outermost 10%
+DISTS = [{"tag_id": t, "cluster": 0, "distance": d, "quantile": q, "relative": r}
+         for t, d, q, r in ((0, 0.1, 0.2, 0.5), (1, 0.9, 0.95, 2.0), (2, 0.2, 0.5, 1.0))]
+
 
 def _decide(tmp_path, **cfg) -> DecideStage:
     cdir = tmp_path / "cluster"
     cdir.mkdir(exist_ok=True)
-    pq.write_table(pa.table({"image_id": ["a", "a", "a"], "tag_id": pa.array([0, 1, 2], pa.int32()),
-                             "cluster": pa.array([0, 0, 0], pa.int32()),
-                             "distance": pa.array([0.1, 0.9, 0.2], pa.float32()),
-                             "quantile": pa.array([0.2, 0.95, 0.5], pa.float32()),
-                             "relative": pa.array([0.5, 2.0, 1.0], pa.float32())}), cdir / "distances.parquet")
     pq.write_table(pa.table({"tag_id": pa.array([0, 1, 2, 5], pa.int32()), "regions": [9, 9, 9, 1],
                              "k": pa.array([1, 1, 1, 0], pa.int32()),
                              "status": ["clustered"] * 3 + ["too_few_regions"]}), cdir / "clusters.parquet")
@@ -245,6 +226,7 @@ def _decide(tmp_path, **cfg) -> DecideStage:
     st = DecideStage(DecideConfig(**cfg), StageContext(str(tmp_path), "decide", 0,
                                                        {"clusters": str(cdir), "tagset": str(vocab)}))
     st.setup()
+    st.decide_row = functools.partial(st.decide_row, dists=DISTS)  # every test image carries DISTS
     return st
 
 
@@ -295,7 +277,7 @@ def test_decide_appends_events_and_replaces_labels(tmp_path):
     old = [{"tag_id": 0, "stage": "label", "action": "add", "reason": "parse", "score": 1.0, "evidence": "{}"}]
     batch = pa.table({"image_id": ["a"], "union_label_id": [EVIDENCE["parse"]], "tag_events": [old],
                       "tag_scores": [EVIDENCE["scores"]], "regions": [EVIDENCE["regions"]],
-                      "crop_scores": [EVIDENCE["crops"]]})
+                      "crop_scores": [EVIDENCE["crops"]], "cluster_distances": [DISTS]})
     out = st(batch).table.to_pylist()[0]
     assert out["union_label_id"] == [0, 2, 5]
     assert out["tag_events"][0]["stage"] == "label" and len(out["tag_events"]) > 1

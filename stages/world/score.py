@@ -58,42 +58,61 @@ def _prf(tp: int, fp: int, fn: int) -> dict:
     return {"precision": round(p, 4), "recall": round(r, 4), "f1": round(f, 4), "tp": tp, "fp": fp, "fn": fn}
 
 
-def score(predicted: dict[str, set[str]], truth: dict[str, ImageTruth], unscored: int = 0) -> dict:
-    """``predicted``: image_id -> world names. Images missing from ``predicted`` count as empty."""
+def score_counts(predicted: dict[str, set[str]], truth: dict[str, ImageTruth], unscored: int = 0) -> dict:
+    """The additive counts behind :func:`score` (JSON-able): one shard's, summed by :func:`merge_counts`."""
     per: dict[str, list[int]] = {}
-    tp = fp = fn = 0
-    om_total = om_rec = hal_total = hal_removed = 0
+    c = {"tp": 0, "fp": 0, "fn": 0, "images": len(truth), "unscored": unscored,
+         "om_total": 0, "om_rec": 0, "hal_total": 0, "hal_removed": 0}
     for iid, t in truth.items():
         pred = predicted.get(iid, set())
         for name in pred | t.tags:
-            c = per.setdefault(name, [0, 0, 0])
-            if name in pred and name in t.tags:
-                c[0] += 1
-                tp += 1
-            elif name in pred:
-                c[1] += 1
-                fp += 1
+            k = per.setdefault(name, [0, 0, 0])
+            slot = 0 if name in pred and name in t.tags else (1 if name in pred else 2)
+            k[slot] += 1
+            c[("tp", "fp", "fn")[slot]] += 1
+        c["om_total"] += len(t.omitted)
+        c["om_rec"] += len(t.omitted & pred)
+        c["hal_total"] += len(t.hallucinated)
+        c["hal_removed"] += len(t.hallucinated - pred)
+    c["per"] = per
+    return c
+
+
+def merge_counts(parts) -> dict:
+    out = {"tp": 0, "fp": 0, "fn": 0, "images": 0, "unscored": 0, "om_total": 0, "om_rec": 0, "hal_total": 0,
+           "hal_removed": 0, "per": {}}
+    for p in parts:
+        for k, v in p.items():
+            if k == "per":
+                for name, trio in v.items():
+                    acc = out["per"].setdefault(name, [0, 0, 0])
+                    for j in range(3):
+                        acc[j] += trio[j]
             else:
-                c[2] += 1
-                fn += 1
-        om_total += len(t.omitted)
-        om_rec += len(t.omitted & pred)
-        hal_total += len(t.hallucinated)
-        hal_removed += len(t.hallucinated - pred)
+                out[k] += v
+    return out
+
+
+def finish_score(c: dict) -> dict:
+    om_total, om_rec, hal_total, hal_removed = c["om_total"], c["om_rec"], c["hal_total"], c["hal_removed"]
     return {
-        **_prf(tp, fp, fn),
-        "images": len(truth),
-        "unscored_tags": unscored,
+        **_prf(c["tp"], c["fp"], c["fn"]),
+        "images": c["images"],
+        "unscored_tags": c["unscored"],
         "omissions": {"total": om_total, "recovered": om_rec, "rate": round(om_rec / om_total, 4) if om_total else 0.0},
         "hallucinations": {"total": hal_total, "removed": hal_removed,
                            "rate": round(hal_removed / hal_total, 4) if hal_total else 0.0},
-        "per_class": {n: _prf(*v) for n, v in sorted(per.items())},
+        "per_class": {n: _prf(*v) for n, v in sorted(c["per"].items())},
     }
 
 
-def score_labels(labels: pa.Table, truth: pa.Table, tagset=None, column: str = "union_label_id",
-                 out: Path | None = None) -> dict:
-    """Score a labels table (``image_id`` + ids or names per image) against a truth table."""
+def score(predicted: dict[str, set[str]], truth: dict[str, ImageTruth], unscored: int = 0) -> dict:
+    """``predicted``: image_id -> world names. Images missing from ``predicted`` count as empty."""
+    return finish_score(score_counts(predicted, truth, unscored))
+
+
+def label_counts(labels: pa.Table, truth: pa.Table, tagset=None, column: str = "union_label_id") -> dict:
+    """:func:`score_counts` of a labels table (``image_id`` + ids or names per image) against truth rows."""
     id_names = names_for_ids(tagset) if tagset is not None else None
     predicted: dict[str, set[str]] = {}
     unscored = 0
@@ -106,8 +125,18 @@ def score_labels(labels: pa.Table, truth: pa.Table, tagset=None, column: str = "
                 unscored += 1
             names |= got  # type: ignore[arg-type]
         predicted[iid] = names
-    result = score(predicted, truth_by_image(truth), unscored)
+    return score_counts(predicted, truth_by_image(truth), unscored)
+
+
+def write_score(result: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+
+
+def score_labels(labels: pa.Table, truth: pa.Table, tagset=None, column: str = "union_label_id",
+                 out: Path | None = None) -> dict:
+    """Score a labels table (``image_id`` + ids or names per image) against a truth table."""
+    result = finish_score(label_counts(labels, truth, tagset, column))
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+        write_score(result, out)
     return result

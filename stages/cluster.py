@@ -1,0 +1,273 @@
+"""cluster.v1: per tag, K-Means++ over what its regions look like; each region's distance to its centroid.
+
+At the mission's size (40M regions, 4,585 tags) no process may hold the embeddings, so the step runs
+in three phases, all in the workers:
+
+1. **sample** (per input shard): every region gets a priority, a hash of ``(image_id, tag_id)``; the
+   shard keeps, per tag, the ``fit_sample`` regions of lowest priority and writes them under
+   ``sample/b=BB/`` (bucket ``tag_id % fit_buckets``). Lowest-priority-k is mergeable: the k lowest of
+   the shards' k lowest are the k lowest overall, so the sample does not depend on how rows are
+   sharded or in what order shards finish. The driver merges only per-tag region counts.
+2. **fit** (one task per bucket, many tags each): a tag's sample is merged file by file (never more
+   than k rows per tag in memory), then k-means++ seeding + faiss Lloyd iterations, seeded by
+   ``(seed, tag_id)``. The task writes the tag's centroids and its sample's sorted distances (or, past
+   ``quantile_points``, that many quantiles of them) and median to ``fit/``. Only these ever meet.
+3. **score** (the map over shards, shard i -> shard i): each worker loads every tag's centroids and
+   writes ``cluster_distances`` beside the shard: per region its cluster, distance, quantile within its
+   tag and distance / the tag's median. ``decide`` reads them with the rest of its row.
+
+Quantiles come from the tag's sample: exact ranks while a tag has at most ``fit_sample`` regions and its
+sample at most ``quantile_points`` (then they equal the rank among all the tag's regions), otherwise
+a uniform sample's estimate, off by about sqrt(q(1-q)/fit_sample) + 1/quantile_points (tested).
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from pipeline.registry import register
+from pipeline.stage import Stage, StageConfig, StageResult
+from pipeline.store import write_parquet_atomic
+
+DISTANCE = pa.struct([("tag_id", pa.int32()), ("cluster", pa.int32()), ("distance", pa.float32()),
+                      ("quantile", pa.float32()), ("relative", pa.float32())])
+CLUSTERS = pa.schema([("tag_id", pa.int32()), ("regions", pa.int64()), ("k", pa.int32()), ("status", pa.string())])
+
+
+class ClusterConfig(StageConfig):
+    regions_per_cluster: int = Field(25, ge=1, description="k = regions // this, within [1, max_k]")
+    max_k: int = Field(8, ge=1)
+    k: int | None = Field(None, ge=1, description="fixed k for every tag (overrides the rule above)")
+    min_regions: int = Field(5, ge=1, description="tags with fewer regions are not clustered")
+    niter: int = Field(20, ge=1, description="Lloyd iterations (faiss)")
+    fit_sample: int = Field(20000, ge=2, description="at most this many regions per tag (a deterministic sample) "
+                            "fit its centroids and give its distance quantiles")
+    quantile_points: int = Field(2048, ge=16, description="a tag's distance distribution is kept as its sample's "
+                                 "sorted distances up to this many, else as this many quantiles of them")
+    fit_buckets: int = Field(64, ge=1, description="tags are fitted in this many parallel tasks (tag_id mod "
+                             "fit_buckets); results do not depend on it")
+    seed: int | None = Field(None, description="default: the run seed")
+
+
+def kmeans_pp_init(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeding (Arthur & Vassilvitskii): each next centre drawn with probability ~ D(x)^2."""
+    centres = [x[rng.integers(len(x))]]
+    d2 = ((x - centres[0]) ** 2).sum(1)
+    for _ in range(1, k):
+        total = float(d2.sum())
+        i = int(rng.choice(len(x), p=d2 / total)) if total > 0 else int(rng.integers(len(x)))
+        centres.append(x[i])
+        d2 = np.minimum(d2, ((x - x[i]) ** 2).sum(1))
+    return np.stack(centres).astype(np.float32)
+
+
+def fit_centroids(x: np.ndarray, k: int, niter: int, seed: int) -> np.ndarray:
+    """k-means++ seeding, then faiss Lloyd iterations over all of ``x`` (no faiss-side subsampling)."""
+    import faiss
+
+    k = min(k, len(x))
+    if k == 1:
+        return x.mean(0, keepdims=True).astype(np.float32)
+    init = kmeans_pp_init(x, k, np.random.default_rng(seed))
+    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, verbose=False, min_points_per_centroid=1,
+                      max_points_per_centroid=max(256, len(x)))
+    km.train(np.ascontiguousarray(x), init_centroids=init)
+    return km.centroids
+
+
+def nearest(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's nearest centroid and its Euclidean distance (chunked: k <= max_k, so this is cheap)."""
+    d2 = np.empty((len(x), len(centroids)), np.float32)
+    for s in range(0, len(x), 65536):
+        chunk = x[s:s + 65536]
+        d2[s:s + 65536] = ((chunk[:, None, :] - centroids[None]) ** 2).sum(-1)
+    a = d2.argmin(1)
+    return a.astype(np.int32), np.sqrt(np.maximum(d2[np.arange(len(x)), a], 0)).astype(np.float32)
+
+
+def fit_tag(x: np.ndarray, k: int, niter: int, seed: int, fit_sample: int):
+    """One process, one tag: centroids from (a sample of) ``x``; every row's distance and cluster."""
+    rng = np.random.default_rng(seed)
+    fit = x if len(x) <= fit_sample else x[np.sort(rng.choice(len(x), fit_sample, replace=False))]
+    centroids = fit_centroids(fit, k, niter, seed)
+    assign, dist = nearest(x, centroids)
+    return centroids, dist, assign, len(centroids)
+
+
+def normalise(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-6)
+
+
+def priorities(image_ids: list[str], tags: np.ndarray) -> np.ndarray:
+    """A region's sampling priority: 64 bits of a hash of (image_id, tag_id), so any shard computes it."""
+    return np.array([int.from_bytes(hashlib.blake2b(f"{i}\x00{t}".encode(), digest_size=8).digest(), "little")
+                     for i, t in zip(image_ids, tags.tolist())], dtype=np.uint64)
+
+
+def flatten_regions(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row index, tag_id, embedding [n, d] float16) of every region of ``region_embeds``, without Python
+    objects per value."""
+    col = table.column("region_embeds").combine_chunks()
+    rows = pc.list_parent_indices(col).to_numpy(zero_copy_only=False).astype(np.int64)
+    structs = pc.list_flatten(col)
+    tags = structs.field("tag_id").to_numpy(zero_copy_only=False).astype(np.int32)
+    emb = structs.field("embedding")
+    flat = pc.list_flatten(emb).to_numpy(zero_copy_only=False)
+    dim = len(flat) // max(1, len(tags)) if len(tags) else 0
+    return rows, tags, flat.reshape(len(tags), dim) if len(tags) else np.zeros((0, 0), np.float16)
+
+
+def bottom_k(t: pa.Table, k: int) -> pa.Table:
+    """Per tag, the k rows of lowest (priority, image_id): the sample, whatever order rows came in."""
+    t = t.sort_by([("tag_id", "ascending"), ("priority", "ascending"), ("image_id", "ascending")])
+    tags = t.column("tag_id").to_numpy()
+    if not len(tags):
+        return t
+    starts = np.r_[0, np.flatnonzero(np.diff(tags)) + 1]
+    rank = np.arange(len(tags)) - np.repeat(starts, np.diff(np.r_[starts, len(tags)]))
+    return t.filter(pa.array(rank < k))
+
+
+def sample_table(table: pa.Table, k: int) -> tuple[pa.Table, Counter]:
+    """The shard's per-tag sample rows (tag_id, priority, image_id, embedding) and its regions per tag."""
+    rows, tags, emb = flatten_regions(table)
+    ids = table.column("image_id").to_numpy(zero_copy_only=False)[rows].tolist() if len(rows) else []
+    dim = emb.shape[1] if emb.ndim == 2 else 0
+    t = pa.table({"tag_id": pa.array(tags, pa.int32()), "priority": pa.array(priorities(ids, tags), pa.uint64()),
+                  "image_id": pa.array(ids, pa.string()),
+                  "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float16()), dim)
+                  if dim else pa.array([], pa.list_(pa.float16(), 1))})
+    return bottom_k(t, k), Counter(tags.tolist())
+
+
+def k_for(c: ClusterConfig, n: int) -> int:
+    return c.k or max(1, min(c.max_k, n // c.regions_per_cluster))
+
+
+@register("cluster.v1")
+class ClusterStage(Stage):
+    """Writes ``cluster_distances`` per row (per region: cluster, distance, quantile within its tag, distance /
+    the tag's median) and ``clusters.parquet`` (per tag: regions, k, or why it was not clustered)."""
+
+    Config = ClusterConfig
+    inputs = ("image_id", "region_embeds")
+    outputs = ("cluster_distances",)
+    provides = ("clusters",)
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed if self.config.seed is not None else self.context.seed
+
+    # -- phase 1: sample (a call per input shard) ---------------------------------------------------------
+    def sample_shard(self, table: pa.Table, shard: int) -> dict[int, int]:
+        sample, counts = sample_table(table, self.config.fit_sample)
+        buckets = pc.remainder(sample.column("tag_id"), self.config.fit_buckets) if sample.num_rows else None
+        for b in sorted(set(buckets.to_pylist())) if buckets is not None else []:
+            part = sample.filter(pc.equal(buckets, b))
+            write_parquet_atomic(part, self.context.step_dir / "sample" / f"b={b:04d}" / f"part-{shard:05d}.parquet")
+        return dict(counts)
+
+    # -- phase 2: fit (a task per bucket) -----------------------------------------------------------------
+    def fit_bucket(self, arg: dict) -> dict:
+        c = self.config
+        want = {int(t): int(k) for t, k in arg["tags"]}
+        sample = None
+        for f in sorted((self.context.step_dir / "sample" / f"b={arg['bucket']:04d}").glob("part-*.parquet")):
+            t = pq.read_table(f)
+            t = t.filter(pc.is_in(t.column("tag_id"), pa.array(sorted(want), pa.int32())))
+            sample = bottom_k(t if sample is None else pa.concat_tables([sample, t]), c.fit_sample)
+        out = {n: [] for n in ("tag_id", "k", "centroids", "grid", "exact", "median", "sample")}
+        tags = sample.column("tag_id").to_numpy() if sample is not None else np.zeros(0, np.int32)
+        for tag in sorted(want):
+            rows = np.flatnonzero(tags == tag)
+            emb = sample.column("embedding").take(pa.array(rows))
+            x = normalise(pc.list_flatten(emb).to_numpy(zero_copy_only=False).reshape(len(rows), -1))
+            centroids = fit_centroids(x, want[tag], c.niter, self.seed * 100003 + tag)
+            _, dist = nearest(x, centroids)
+            dist.sort()
+            exact = len(dist) <= c.quantile_points
+            grid = dist if exact else np.quantile(dist, np.linspace(0, 1, c.quantile_points)).astype(np.float32)
+            out["tag_id"].append(tag)
+            out["k"].append(len(centroids))
+            out["centroids"].append(centroids.astype(np.float32).reshape(-1))
+            out["grid"].append(grid)
+            out["exact"].append(exact)
+            out["median"].append(float(np.median(dist)))
+            out["sample"].append(len(dist))
+        table = pa.table({"tag_id": pa.array(out["tag_id"], pa.int32()), "k": pa.array(out["k"], pa.int32()),
+                          "centroids": pa.array(out["centroids"], pa.list_(pa.float32())),
+                          "grid": pa.array(out["grid"], pa.list_(pa.float32())),
+                          "exact": pa.array(out["exact"], pa.bool_()),
+                          "median": pa.array(out["median"], pa.float32()),
+                          "sample": pa.array(out["sample"], pa.int32())})
+        write_parquet_atomic(table, self.context.step_dir / "fit" / f"b={arg['bucket']:04d}.parquet")
+        return {"bucket": arg["bucket"], "tags": len(want)}
+
+    def prepare(self, engine) -> dict:
+        c = self.config
+        counts: Counter = Counter()
+        for _, shard_counts in engine.over_shards("sample_shard", ["image_id", "region_embeds"]):
+            counts.update(shard_counts)  # O(tags): all the driver merges
+        fit = {t: k_for(c, n) for t, n in counts.items() if n >= c.min_regions}
+        buckets: dict[int, list] = {}
+        for t in sorted(fit):
+            buckets.setdefault(t % c.fit_buckets, []).append([t, fit[t]])
+        for _ in engine.tasks("fit_bucket", [{"bucket": b, "tags": tags} for b, tags in sorted(buckets.items())]):
+            pass
+        fitted = {}
+        for f in sorted((engine.step_dir / "fit").glob("b=*.parquet")):
+            t = pq.read_table(f, columns=["tag_id", "k"])
+            fitted.update(zip(t.column("tag_id").to_pylist(), t.column("k").to_pylist()))
+        tags = sorted(counts)
+        table = pa.table({"tag_id": tags, "regions": [counts[t] for t in tags],
+                          "k": [fitted.get(t, 0) for t in tags],
+                          "status": ["clustered" if t in fitted else "too_few_regions" for t in tags]}, schema=CLUSTERS)
+        write_parquet_atomic(table, engine.step_dir / "clusters.parquet")
+        regions = sum(counts[t] for t in fitted)
+        return {"tags": len(tags), "tags_clustered": len(fitted), "regions": regions,
+                "summary": f"{regions} regions, {len(fitted)} of {len(tags)} tags clustered"}
+
+    # -- phase 3: score (the map) -------------------------------------------------------------------------
+    def setup(self) -> None:
+        self.fits: dict[int, tuple] = {}
+        for f in sorted((self.context.step_dir / "fit").glob("b=*.parquet")):
+            for r in pq.read_table(f).to_pylist():
+                cen = np.asarray(r["centroids"], np.float32).reshape(r["k"], -1)
+                self.fits[r["tag_id"]] = (cen, np.asarray(r["grid"], np.float32), r["exact"], r["median"], r["sample"])
+
+    def quantile(self, tag: int, dist: np.ndarray) -> np.ndarray:
+        _, grid, exact, _, m = self.fits[tag]
+        if exact:  # the share of the tag's sample at or below this distance
+            return np.searchsorted(grid, dist, side="right") / m
+        return np.interp(dist, grid, np.linspace(0, 1, len(grid)))
+
+    def __call__(self, batch: pa.Table) -> StageResult:
+        rows, tags, emb = flatten_regions(batch)
+        x = normalise(emb) if len(tags) else emb
+        cluster = np.full(len(tags), -1, np.int32)
+        dist, quant, rel = (np.zeros(len(tags), np.float32) for _ in range(3))
+        for tag in np.unique(tags):
+            if int(tag) not in self.fits:
+                continue
+            idx = np.flatnonzero(tags == tag)
+            cen, _, _, med, _ = self.fits[int(tag)]
+            cluster[idx], dist[idx] = nearest(x[idx], cen)
+            quant[idx] = self.quantile(int(tag), dist[idx])
+            rel[idx] = dist[idx] / (med or 1e-6)
+        out: list[list[dict]] = [[] for _ in range(batch.num_rows)]
+        for j in np.flatnonzero(cluster >= 0):
+            out[rows[j]].append({"tag_id": int(tags[j]), "cluster": int(cluster[j]), "distance": float(dist[j]),
+                                 "quantile": float(quant[j]), "relative": float(rel[j])})
+        return StageResult(batch.append_column("cluster_distances", pa.array(out, pa.list_(DISTANCE))))
+
+
+def clusters_of(step_dir: Path) -> pa.Table:
+    return pq.read_table(Path(step_dir) / "clusters.parquet")
