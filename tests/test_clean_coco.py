@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pipeline.cli import main
+from pipeline.view import read_step
 
 REPO = Path(__file__).resolve().parent.parent
 TAGS = ["red", "blue", "green", "ball", "car", "tree", "grass", "sky", "sand", "boat", "water", "snow"]
@@ -82,7 +83,7 @@ def test_clean_coco_with_tiny_released_style_models(tmp_path, capsys):
     # the broken image leaves at pseudolabel with a stable code; everything else goes through
     rej = pq.read_table(out / "pseudolabel" / "rejects").to_pylist()
     assert [r["code"] for r in rej] == ["image_truncated"]
-    decide = pq.read_table(out / "decide").to_pylist()
+    decide = read_step(out / "decide", ["image_id", "regions", "union_label_id"]).to_pylist()
     assert len(decide) == 12
     regions = [r for row in decide for r in row["regions"]]
     assert regions and {r["backend"] for r in regions} == {"transformers"}
