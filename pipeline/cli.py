@@ -17,9 +17,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from pipeline.report import print_summary
     from pipeline.workflow import Runner, check_contract
 
+    from pipeline.store import run_dir_path
+
     cfg = load_run_config(args.config, args.set)
     check_contract(cfg)
-    out = Path(args.out or cfg.out or Path("runs") / cfg.name)
+    out = run_dir_path(args.out or cfg.out or Path("runs") / cfg.name, args.config)
     runner = Runner(cfg, out, force=args.force, only=args.only)
     reports = runner.run()
     print_summary(cfg, out, reports)

@@ -37,6 +37,24 @@ REJECTS_SCHEMA = pa.schema(
 )
 
 
+def run_dir_path(where: str | Path, file: str = "--out") -> Path:
+    """The run directory as an absolute local path; a ``file://`` URI is one. Object-store URIs are not a
+    run directory yet: every step commits by atomic rename and reads by glob, so give a mount of the
+    bucket (s3fs, gcsfuse, a POSIX gateway) that every node shares."""
+    from urllib.parse import unquote, urlparse
+
+    from pipeline.errors import ConfigError
+
+    s = str(where)
+    if "://" in s:
+        u = urlparse(s)
+        if u.scheme != "file":
+            raise ConfigError(file, "out", f"run directory {s!r}: only local paths and file:// URIs are supported; "
+                              f"mount the object store on every node and give the mount's path")
+        s = unquote(u.path)
+    return Path(s).expanduser().resolve()
+
+
 def shard_name(i: int) -> str:
     return f"part-{i:05d}.parquet"
 

@@ -15,7 +15,8 @@ from pipeline.errors import ContractError
 from pipeline.executor import run_calls, run_shards, start_ray
 from pipeline.fingerprint import code_hash
 from pipeline.stage import RowSource, StageContext
-from pipeline.store import StepDir, rejects_table, write_bytes_atomic, write_json_atomic, write_parquet_atomic
+from pipeline.store import (StepDir, rejects_table, run_dir_path, write_bytes_atomic, write_json_atomic,
+                            write_parquet_atomic)
 from pipeline.view import View
 
 BASE_COLUMNS = ("image_id",)
@@ -88,7 +89,7 @@ class StepReport:
 class Runner:
     def __init__(self, cfg: RunConfig, out_dir: Path, force: bool = False, only: list[str] | None = None):
         # absolute: workers on other nodes (and Ray's own working directory) must find the same place
-        self.cfg, self.out_dir, self.force = cfg, Path(out_dir).expanduser().resolve(), force
+        self.cfg, self.out_dir, self.force = cfg, run_dir_path(out_dir), force
         names = [s.name for s in cfg.steps]
         for o in only or []:
             if o not in names:

@@ -208,3 +208,20 @@ def test_fingerprints_follow_imports_not_folders(tmp_path):
     assert "tagset/sng.py" in rel and not any(p.startswith("model/") for p in rel)
     rel = {str(p.relative_to(ROOT)) for p in import_closure(ROOT / "stages" / "pseudolabel.py")}
     assert {"model/ram.py", "model/cnn.py", "stages/vision.py"} <= rel
+
+
+def test_run_dir_is_absolute_and_may_be_a_file_uri(tmp_path, monkeypatch):
+    from pipeline.errors import ConfigError
+    from pipeline.store import run_dir_path
+
+    monkeypatch.chdir(tmp_path)
+    assert run_dir_path("runs/x") == tmp_path / "runs" / "x"
+    assert run_dir_path(f"file://{tmp_path}/a%20b") == tmp_path / "a b"
+    with pytest.raises(ConfigError, match="mount the object store"):
+        run_dir_path("s3://bucket/run")
+    cfg_path = write_config(tmp_path / "sim.yaml", SIM.format(ray="false", images=200, shard_rows=100))
+    from pipeline.cli import main
+
+    assert main(["run", str(cfg_path), "--out", f"file://{tmp_path}/uri-run"]) == 0
+    m = json.loads((tmp_path / "uri-run" / "cluster" / "_manifest.json").read_text())
+    assert m["rows_out"] == 200 and (tmp_path / "uri-run" / "report.json").exists()
