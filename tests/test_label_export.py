@@ -59,11 +59,10 @@ def test_label_kinds_restrict_what_becomes_a_label(tmp_path):
     assert stage(batch).table.column("union_label_id").to_pylist() == [[0]]
 
 
-def _export_rows(ids, images=None):
-    """Rows as export reads them: inline PNG bytes unless ``images`` gives a path (or None) per id."""
-    images = images or {}
+def _export_rows(ids):
+    """Rows as export reads them, each with inline PNG-signed bytes unique to its id."""
     rows = pa.Table.from_pylist(
-        [{"image_id": i, "image": images.get(i), "image_bytes": None if i in images else b"\x89PNG\r\n\x1a\n" + i.encode(),
+        [{"image_id": i, "image": None, "image_bytes": b"\x89PNG\r\n\x1a\n" + i.encode(),
           "captions": [f"caption of {i}", "a \"quoted\"\nline"]} for i in ids], schema=ROWS_SCHEMA)
     n = len(ids)
     rows = rows.append_column("union_label_id", pa.array([[k % 4, 3] for k in range(n)], pa.list_(pa.int32())))

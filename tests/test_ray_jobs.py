@@ -117,7 +117,8 @@ def test_readme_job_submit_runs_a_workflow_on_a_started_head(tmp_path):
         m = json.loads((out / "export" / "_manifest.json").read_text())
         assert (m["rows_in"], m["rows_out"], m["shards"], m["json_rows"]) == (24, 24, 3, 24)
         assert StepDir(out / "export").read(["image_id"]).num_rows == 24
-        lines = [ln for f in sorted((out / "export" / "jsonl").glob("part-*.jsonl")) for ln in f.read_text().splitlines()]
+        jsonl = sorted((out / "export" / "jsonl").glob("part-*.jsonl"))
+        lines = [ln for f in jsonl for ln in f.read_text().splitlines()]
         assert len(lines) == 24 and json.loads((out / "export" / "ram_train.json").read_text()) == [
             json.loads(ln) for ln in lines]
         assert not (out / "_ray").exists()  # the job joined the head: no local Ray was started under the run
