@@ -1,9 +1,13 @@
-"""export.ram.v1: RAM's training schema as Parquet, plus the official-style training json."""
+"""export.ram.v1: RAM's training schema as Parquet shards, the same rows as JSONL shards beside them,
+and (when asked) one official-style ``ram_train.json`` stitched from the JSONL without parsing it."""
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
+from urllib.parse import quote
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -18,11 +22,15 @@ EXPORT_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("image_path", pa.string()), ("caption", pa.list_(pa.string())),
     ("union_label_id", pa.list_(pa.int32())), ("parse_label_id", pa.list_(pa.list_(pa.int32()))),
 ])
+RECORD_KEYS = EXPORT_SCHEMA.names[1:]  # one line of the JSONL / one entry of ram_train.json
+JSONL = "jsonl"  # side-file extension: <step>/jsonl/part-NNNNN.jsonl, one per Parquet shard
+MAX_NAME = 160  # longer (escaped) image ids are cut and made unique by their hash: NAME_MAX is 255 bytes
+_CHUNK = 1 << 20
 
 
 class ExportConfig(StageConfig):
-    json_name: str = Field("ram_train.json", description="official-style training json, written last")
-    write_json: bool = True
+    json_name: str = Field("ram_train.json", description="official-style training json, stitched last")
+    write_json: bool = Field(True, description="also write one json list (the JSONL shards are always written)")
 
 
 def _ext(data: bytes) -> str:
@@ -35,35 +43,63 @@ def _ext(data: bytes) -> str:
     return ".img"
 
 
+def image_file(image_id: str, ext: str) -> str:
+    """Where an inline image goes, relative to the export dir: ``images/<2 hex>/<2 hex>/<name><ext>``.
+
+    The two folder levels come from a sha1 of the id, so every folder above the leaves holds at most 256
+    entries and a leaf about N / 65,536 files (14M images: ~214). The name is the id percent-escaped
+    (slashes, a leading dot and other odd characters become plain, distinct file names); an empty or
+    long one is cut and ends with the id's full hash, which keeps it unique."""
+    h = hashlib.sha1(image_id.encode()).hexdigest()
+    name = quote(image_id, safe="")  # injective: "%" itself is escaped
+    if name.startswith("."):  # no hidden files, no "." or "..": quote never writes "%2E" itself
+        name = "%2E" + name[1:]
+    if not name or len(name) > MAX_NAME:
+        name = f"{name[:MAX_NAME - 41]}-{h}"
+    return f"images/{h[:2]}/{h[2:4]}/{name}{ext}"
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path
+
+
 @register("export.ram.v1")
 class ExportStage(Stage):
-    """Writes inline image bytes to ``images/`` so every row has an ``image_path`` a trainer can open."""
+    """Writes inline image bytes under ``images/`` so every row has an ``image_path`` a trainer can open."""
 
     Config = ExportConfig
-    inputs = ("image_id", "captions", "union_label_id", "parse_label_id")
-    optional_inputs = ("image", "image_bytes")
+    inputs = ("image_id", "image", "image_bytes", "captions", "union_label_id", "parse_label_id")
     outputs = ("image_path", "caption", "union_label_id", "parse_label_id")
     needs = ("tagset",)
     replaces_columns = True
 
+    def _image_path(self, row: dict, step_dir: Path) -> str | None:
+        """A local path as the source gave it; else the inline bytes written out (a URL cannot be opened
+        by a trainer, so img2dataset rows, which carry both, get their bytes written)."""
+        path, data = row.get("image"), row.get("image_bytes")
+        if path and (data is None or _is_local(path)):
+            return path
+        if data is None:
+            return None
+        rel = image_file(row["image_id"], _ext(data))
+        if not (step_dir / rel).exists():  # a resumed shard does not rewrite its images
+            write_bytes_atomic(data, step_dir / rel)
+        return rel
+
     def __call__(self, batch: pa.Table) -> StageResult:
         step_dir = Path(self.context.run_dir) / self.context.step
-        cols = batch.column_names
-        rows, rejects = [], []
+        rows, rejects, lines = [], [], []
         for r in batch.to_pylist():
-            path = r.get("image") if "image" in cols else None
-            data = r.get("image_bytes") if "image_bytes" in cols else None
-            if path is None and data is not None:
-                rel = f"images/{r['image_id']}{_ext(data)}"
-                if not (step_dir / rel).exists():
-                    write_bytes_atomic(data, step_dir / rel)
-                path = rel
+            path = self._image_path(r, step_dir)
             if path is None:
                 rejects.append(Reject(r["image_id"], "row_no_image", "no image path or bytes to export"))
                 continue
-            rows.append({"image_id": r["image_id"], "image_path": path, "caption": r["captions"],
-                         "union_label_id": r["union_label_id"], "parse_label_id": r["parse_label_id"]})
-        return StageResult(pa.Table.from_pylist(rows, schema=EXPORT_SCHEMA), rejects)
+            rec = {"image_path": path, "caption": r["captions"], "union_label_id": r["union_label_id"],
+                   "parse_label_id": r["parse_label_id"]}
+            rows.append({"image_id": r["image_id"], **rec})
+            lines.append(json.dumps(rec) + "\n")  # json.dumps escapes newlines: one record, one line
+        table = pa.Table.from_pylist(rows, schema=EXPORT_SCHEMA)
+        return StageResult(table, rejects, files={JSONL: "".join(lines).encode()})
 
     def finalize(self, step_dir: Path) -> dict:
         tagset_dir = self.context.artifact("tagset")
@@ -72,14 +108,44 @@ class ExportStage(Stage):
                 shutil.copyfile(tagset_dir / name, step_dir / name)
         if not self.config.write_json:
             return {}
-        tmp = step_dir / f".{self.config.json_name}.tmp"
-        n = 0
-        with open(tmp, "w") as f:
-            f.write("[")
-            for part in sorted(step_dir.glob("part-*.parquet")):
-                for r in pq.read_table(part, columns=EXPORT_SCHEMA.names[1:]).to_pylist():
-                    f.write(("," if n else "") + "\n" + json.dumps(r))
-                    n += 1
-            f.write("\n]\n")
-        tmp.replace(step_dir / self.config.json_name)
-        return {"json_rows": n}
+        return {"json_rows": stitch_json(step_dir, step_dir / self.config.json_name)}
+
+
+def _jsonl_shards(step_dir: Path) -> list[tuple[Path, int]]:
+    """Each Parquet shard's JSONL file with its row count (from the Parquet footer), in shard order."""
+    out = []
+    for part in sorted(step_dir.glob("part-*.parquet")):
+        jl = step_dir / JSONL / f"{part.stem}.{JSONL}"
+        if not jl.exists():
+            raise FileNotFoundError(f"export shard {part.name} has no {JSONL}/{jl.name}")
+        out.append((jl, pq.ParquetFile(part).metadata.num_rows))
+    return out
+
+
+def stitch_json(step_dir: Path, dest: Path) -> int:
+    """One JSON list from the JSONL shards, copied in 1 MiB chunks (memory does not grow with rows).
+
+    Lines become list entries by turning every newline into ``,\\n`` and cutting the last comma;
+    a shard whose line count differs from its Parquet rows fails the step. Written to a temp name and
+    renamed, so a reader never sees half a file. Returns the number of records."""
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    total = 0
+    with open(tmp, "wb") as out:
+        out.write(b"[\n")
+        for jl, rows in _jsonl_shards(step_dir):
+            lines, last = 0, b"\n"
+            with open(jl, "rb") as f:
+                while chunk := f.read(_CHUNK):
+                    lines += chunk.count(b"\n")
+                    last = chunk[-1:]
+                    out.write(chunk.replace(b"\n", b",\n"))
+            if lines != rows or last != b"\n":
+                raise RuntimeError(f"export: {jl.name} holds {lines} lines for {rows} Parquet rows")
+            total += lines
+        if total:
+            out.seek(out.tell() - 2)  # the last record's ",\n"
+            out.truncate()
+            out.write(b"\n")
+        out.write(b"]\n")
+    os.replace(tmp, dest)
+    return total
