@@ -6,6 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.executor import ShardWorker
+from pipeline.view import View
 from pipeline.stage import StageContext
 from pipeline.store import StepDir
 from stages.columns import ROWS_SCHEMA
@@ -107,12 +108,14 @@ def _run_export_shards(tmp_path, shards: list[list[str]], batch_size: int = 2, *
     inp.mkdir()
     for i, ids in enumerate(shards):
         pq.write_table(_export_rows(ids), inp / f"part-{i:05d}.parquet")
-    ctx = StageContext(str(tmp_path), "export", artifacts={"tagset": str(_tagset_dir(tmp_path))})
+    rows = View(str(tmp_path)).after("label", "source", _export_rows([]).column_names)  # the rows export reads
+    ctx = StageContext(str(tmp_path), "export", artifacts={"tagset": str(_tagset_dir(tmp_path))},
+                       view=rows.to_dict())
     step = StepDir(tmp_path / "export")
     worker = ShardWorker("export.ram.v1", ExportConfig(**config).model_dump_json(), ctx.to_json(),
                          str(step.path), "fp", batch_size)
     for i in range(len(shards)):
-        worker.process(i, {"path": str(inp / f"part-{i:05d}.parquet")})
+        worker.process(i, {})
     worker.stage.finalize(step.path)
     return step
 
