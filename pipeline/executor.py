@@ -20,11 +20,9 @@ from pathlib import Path
 from typing import Iterator
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline import registry
 from pipeline.config import RayConfig, Step
-from pipeline.errors import Reject
 from pipeline.stage import StageContext, StageResult
 from pipeline.store import StepDir, rejects_table, write_bytes_atomic, write_json_atomic
 

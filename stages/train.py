@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 from typing import Literal
 
-import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
 from pipeline.errors import Reject
