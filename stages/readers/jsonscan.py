@@ -51,7 +51,8 @@ class ArrayScanner:
         k = np.frombuffer(chunk.translate(_TABLE), np.uint8)
         pos = np.flatnonzero(k != 0)  # nonzero of a bool mask: several times faster than of the uint8s
         kinds = k[pos]
-        pos, kinds = self._drop_escapes(k, pos, kinds)
+        if self.bs_run or b"\\" in chunk:  # most chunks of caption text have no backslash at all
+            pos, kinds = self._drop_escapes(k, pos, kinds)
         isq = kinds == QUOTE
         cq = np.cumsum(isq, dtype=np.int32)
         outside = ~isq & (((cq + self.in_str) & 1) == 0)
