@@ -124,6 +124,16 @@ def test_ram_json_bad_records_and_duplicates_are_rejected_with_where(tmp_path):
     assert [r["image_id"] for r in by_path][:3] == ["set0/img_000000", "set1/img_000001", "z/img_000000"]
 
 
+def test_a_repeated_record_right_after_its_first_is_rejected_once_whatever_the_ranges(tmp_path):
+    recs = ram_records(5)
+    p = tmp_path / "ram.json"
+    p.write_text(json.dumps(recs[:2] + [recs[1], recs[1]] + recs[2:]))  # records 2 and 3 repeat record 1
+    for shard_rows in (1, 2, 3, 100):
+        rows, rejects, _ = read_all(make(RamJson, path=str(p), image_dir="/imgs", shard_rows=shard_rows))
+        assert rows == expected_ram_rows(recs, "/imgs"), shard_rows
+        assert [(r.image_id, r.code) for r in rejects] == [("img_000001", "row_duplicate_id")] * 2
+
+
 def test_plan_never_decodes_a_record(tmp_path):
     """Every element of this array is broken JSON: plan still splits it, by byte offsets; the workers
     find each broken record and reject it."""
