@@ -53,8 +53,11 @@ class _RecordReader(Stage):
         return _cached_records(type(self).registry_name, self.config.model_dump_json(), path)
 
     def plan(self) -> list[dict]:
+        return self._plan(fs.expand(self.config.path))
+
+    def _plan(self, paths: list[str]) -> list[dict]:
         specs: list[dict] = []
-        for path in fs.expand(self.config.path):
+        for path in paths:
             try:
                 recs, _ = self._load(path) if fs.exists(path) else ([], [])
             except (OSError, ValueError, KeyError, TypeError):  # reported by the worker that reads it
@@ -200,8 +203,11 @@ class ImageFolder(_RecordReader):
     """A folder of images, each with a sidecar ``.txt`` (one caption per line)."""
 
     def input_fingerprint(self) -> str:
-        return "|".join(fs.file_key(_under(p, rel)) for p in fs.expand(self.config.path)
+        return "|".join(fs.file_key(_under(p, rel)) for p in fs.expand(self.config.path, dirs=True)
                         for rel in sorted(fs.find_files(p)))
+
+    def plan(self) -> list[dict]:
+        return self._plan(fs.expand(self.config.path, dirs=True))
 
     def records(self, path: str) -> tuple[list[dict], list[Reject]]:
         files = set(fs.find_files(path))

@@ -91,6 +91,8 @@ def test_folder_with_sidecar_txt(tmp_path):
     rows, _ = read_all(make(ImageFolder, path=str(tmp_path)))
     assert [(r["image_id"], r["captions"]) for r in rows] == [("a", ["a red car", "a blue car"]), ("c", []),
                                                               ("sub/b", ["a tree"])]
+    globbed, _ = read_all(make(ImageFolder, path=str(tmp_path.parent / (tmp_path.name[:-1] + "*"))))  # folders
+    assert globbed == rows
 
 
 def _tar(path, samples):

@@ -31,9 +31,10 @@ def filesystem(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return url_to_fs(path if is_uri(path) else os.path.expanduser(path))
 
 
-def _glob_one(pattern: str) -> list[str]:
+def _glob_one(pattern: str, dirs: bool) -> list[str]:
     fs, stripped = filesystem(pattern)
-    hits = sorted(h for h in fs.glob(stripped) if not fs.isdir(h))
+    found = fs.glob(stripped, detail=True)  # types come with the listing: no stat per hit on an object store
+    hits = sorted(h for h, info in found.items() if (info.get("type") == "directory") == dirs)
     # Stripping only rewrites the part before the first wildcard: map hits back to the user's spelling.
     m = _MAGIC.search(stripped)
     tail = stripped[stripped.rfind("/", 0, m.start()) + 1:] if m else ""
@@ -44,11 +45,12 @@ def _glob_one(pattern: str) -> list[str]:
     return [user_pre + h[len(fs_pre):] if h.startswith(fs_pre) else h for h in hits]
 
 
-def expand(paths: list[str] | str) -> list[str]:
-    """Files named by paths and globs, in order; a pattern that matches nothing stays (reported missing)."""
+def expand(paths: list[str] | str, dirs: bool = False) -> list[str]:
+    """Files (``dirs``: folders) named by paths and globs, in order; a pattern that matches nothing
+    stays, and is reported missing."""
     out: list[str] = []
     for p in [paths] if isinstance(paths, str) else paths:
-        hits = _glob_one(p) if _MAGIC.search(p) else []
+        hits = _glob_one(p, dirs) if _MAGIC.search(p) else []
         out.extend(hits or [p if is_uri(p) else os.path.expanduser(p)])
     return out
 
