@@ -2,14 +2,17 @@
 
 Image ids come from the source's own key (file stem, COCO/img2dataset key, URL hash), never from a
 row's position. A missing or unreadable input file becomes an ``input``-level reject and the run
-goes on with the other files.
+goes on with the other files. Inputs are plain paths or fsspec URIs (``stages/readers/fs.py``).
+
+Record files stream (``stages/readers/ranged.py``): the Karpathy json and the CC3M tsv here, RAM's
+training json and BLIP's caption json in ``stages/sources_json.py``. COCO's captions json joins two
+arrays by id, so it is read whole (bounded by the annotation file: COCO's own is 92 MB); a folder is
+listed whole.
 """
 from __future__ import annotations
 
 import functools
-import glob
 import hashlib
-import io
 import json
 import os
 import tarfile
@@ -24,51 +27,17 @@ from pydantic import Field, ValidationError, model_validator
 from pipeline.errors import Reject
 from pipeline.registry import register
 from pipeline.stage import Stage, StageConfig, StageResult
-from stages.columns import ROWS_SCHEMA
+from stages.readers import fs
+from stages.readers.ranged import (Entry, Parsed, RangeReader, RangeReaderConfig, ReaderConfig, dedupe,
+                                   merge_by_key, missing_input, rows_table, text_of, unreadable_input,
+                                   url_only_rejects)
+from stages.sources_json import CaptionJson, RamJson  # noqa: F401  (registers source.ram_json.v1, caption_json.v1)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
-class ReaderConfig(StageConfig):
-    path: list[str] | str = Field(..., description="file(s) or glob(s)")
-    image_dir: str | None = Field(None, description="where relative image names resolve")
-    shard_rows: int = Field(1000, ge=1, description="rows per output shard")
-
-
-def expand(paths: list[str] | str) -> list[str]:
-    out: list[str] = []
-    for p in [paths] if isinstance(paths, str) else paths:
-        hits = sorted(glob.glob(os.path.expanduser(p)))
-        out.extend(hits or [p])  # a pattern that matches nothing stays, and is reported missing
-    return out
-
-
-def _file_key(path: str) -> str:
-    try:
-        st = os.stat(path)
-        return f"{path}:{st.st_size}:{st.st_mtime_ns}"
-    except OSError:
-        return f"{path}:missing"
-
-
-def empty_rows() -> pa.Table:
-    return ROWS_SCHEMA.empty_table()
-
-
-def missing_input(path: str) -> StageResult:
-    return StageResult(empty_rows(), [Reject(None, "input_missing", f"{path} does not exist", "input", payload=path)])
-
-
-def unreadable_input(path: str, err: Exception | str) -> StageResult:
-    return StageResult(empty_rows(), [Reject(None, "input_unreadable", f"{path}: {err}", "input", payload=path)])
-
-
-def rows_table(records: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist([{k: r.get(k) for k in ROWS_SCHEMA.names} for r in records], schema=ROWS_SCHEMA)
-
-
 class _RecordReader(Stage):
-    """Base for readers that load a whole file into records, then slice it into shards."""
+    """Base for readers that load a whole input into records, then slice it into shards."""
 
     kind = "source"
     Config = ReaderConfig
@@ -78,15 +47,21 @@ class _RecordReader(Stage):
         raise NotImplementedError
 
     def input_fingerprint(self) -> str:
-        return "|".join(_file_key(p) for p in expand(self.config.path))
+        return "|".join(fs.file_key(p) for p in fs.expand(self.config.path))
 
     def _load(self, path: str) -> tuple[list[dict], list[Reject]]:
         return _cached_records(type(self).registry_name, self.config.model_dump_json(), path)
 
     def plan(self) -> list[dict]:
+        return self._plan(fs.expand(self.config.path))
+
+    def _plan(self, paths: list[str]) -> list[dict]:
         specs: list[dict] = []
-        for path in expand(self.config.path):
-            recs, _ = self._load(path) if os.path.exists(path) else ([], [])
+        for path in paths:
+            try:
+                recs, _ = self._load(path) if fs.exists(path) else ([], [])
+            except (OSError, ValueError, KeyError, TypeError):  # reported by the worker that reads it
+                recs = []
             n = max(1, len(recs))
             specs += [{"file": path, "start": s, "stop": s + self.config.shard_rows}
                       for s in range(0, n, self.config.shard_rows)]
@@ -94,11 +69,11 @@ class _RecordReader(Stage):
 
     def read_shard(self, spec: dict) -> StageResult:
         path = spec["file"]
-        if not os.path.exists(path):
+        if not fs.exists(path):
             return missing_input(path)
         try:
             recs, rejects = self._load(path)
-        except (OSError, ValueError, UnicodeDecodeError, tarfile.TarError) as e:
+        except (OSError, ValueError, KeyError, TypeError, tarfile.TarError) as e:
             return unreadable_input(path, e)
         start, stop = spec["start"], spec["stop"]
         first = start == 0
@@ -118,24 +93,16 @@ def _cached_records(use: str, config_json: str, path: str) -> tuple[list[dict], 
     return reader.records(path)
 
 
-def _dedupe(records: list[dict]) -> tuple[list[dict], list[Reject]]:
-    seen: OrderedDict[str, dict] = OrderedDict()
-    rejects = []
-    for r in records:
-        if r["image_id"] in seen:
-            rejects.append(Reject(r["image_id"], "row_duplicate_id", "image_id seen earlier in this file",
-                                  payload=json.dumps(r.get("captions"))[:2000]))
-        else:
-            seen[r["image_id"]] = r
-    return list(seen.values()), rejects
-
-
 @register("source.coco.v1")
 class CocoCaptions(_RecordReader):
-    """COCO captions json (``images`` + ``annotations``); image_id is the file name's stem."""
+    """COCO captions json (``images`` + ``annotations``); image_id is the file name's stem.
+
+    The two arrays are joined by id and the rows sorted by file name, so the file is parsed whole
+    (once per process): memory follows the annotation file's size, not the shard's."""
 
     def records(self, path: str) -> tuple[list[dict], list[Reject]]:
-        data = json.loads(Path(path).read_text())
+        with fs.open_input(path) as f:
+            data = json.load(f)
         caps: dict[int, list[str]] = {}
         for a in data.get("annotations", []):
             caps.setdefault(a["image_id"], []).append(a.get("caption"))
@@ -151,42 +118,84 @@ class CocoCaptions(_RecordReader):
         return recs, rejects
 
 
-@register("source.flickr30k.v1")
-class Flickr30kKarpathy(_RecordReader):
-    """Karpathy-split json list of ``{split, image_name, captions}``."""
+def _json_array(head: bytes, what: str) -> Literal["json"]:
+    if not head.lstrip(b" \t\r\n\xef\xbb\xbf").startswith(b"["):
+        raise ValueError(f"not a JSON array ({what} is a list of records)")
+    return "json"
 
-    def records(self, path: str) -> tuple[list[dict], list[Reject]]:
-        data = json.loads(Path(path).read_text())
-        recs, rejects = [], []
-        for item in data:
-            name = item.get("image_name") if isinstance(item, dict) else None
-            if not name:
-                rejects.append(Reject(None, "row_bad_record", "record without image_name",
-                                      payload=json.dumps(item)[:2000]))
-                continue
-            recs.append({"image_id": Path(name).stem, "image": self.image_path(name, path),
-                         "captions": list(item.get("captions") or [])})
-        return _merge(_dedupe(recs), rejects)
+
+def _loads(raw: bytes, where: str) -> object | Reject:
+    try:
+        return json.loads(raw)
+    except ValueError as e:
+        return Reject(None, "row_bad_record", f"{where}: not valid JSON: {e}", payload=text_of(raw))
+
+
+def _string_list(v: object) -> bool:
+    return isinstance(v, list) and all(c is None or isinstance(c, str) for c in v)
+
+
+@register("source.flickr30k.v1")
+class Flickr30kKarpathy(RangeReader):
+    """Karpathy-split json list of ``{split, image_name, captions}``, streamed by element ranges.
+
+    A repeated image_name is rejected (``row_duplicate_id``) when it falls in the same range as the
+    first, or right after it; repeats far apart in the file are not seen together."""
+
+    Config = ReaderConfig
+
+    def detect(self, head: bytes) -> Literal["json"]:
+        return _json_array(head, "the Karpathy json")
+
+    def parse(self, raw: bytes, where: str, path: str) -> Parsed:
+        if not raw:
+            return None
+        item = _loads(raw, where)
+        if isinstance(item, Reject):
+            return item
+        name = item.get("image_name") if isinstance(item, dict) else None
+        if not name or not isinstance(name, str):
+            return Reject(None, "row_bad_record", f"{where}: record without image_name", payload=json.dumps(item)[:2000])
+        caps = item.get("captions") or []
+        if not _string_list(caps):
+            return Reject(Path(name).stem, "row_bad_record", f"{where}: captions is not a list of strings",
+                          payload=json.dumps(item)[:2000])
+        iid = Path(name).stem
+        return Entry(iid, {"image_id": iid, "image": self.image_path(name, path), "captions": list(caps)})
+
+
+class Cc3mConfig(RangeReaderConfig):
+    urls: Literal["keep", "reject"] = Field(
+        "keep", description="rows are URLs by nature: keep them for caption-only workflows (tagset); 'reject' "
+                            "says to download them first (img2dataset), for workflows that open images")
 
 
 @register("source.cc3m_tsv.v1")
-class Cc3mTsv(_RecordReader):
-    """Conceptual Captions tsv ``caption<TAB>url``; image_id is a hash of the URL (its key)."""
+class Cc3mTsv(RangeReader):
+    """Conceptual Captions tsv ``caption<TAB>url``, streamed by line ranges; image_id hashes the URL.
 
-    def records(self, path: str) -> tuple[list[dict], list[Reject]]:
-        by_url: OrderedDict[str, list[str]] = OrderedDict()
-        rejects = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                parts = line.rstrip("\n").split("\t")
-                if len(parts) != 2 or not parts[1].strip():
-                    rejects.append(Reject(None, "row_bad_record", f"line {n}: expected caption<TAB>url",
-                                          payload=line[:2000]))
-                    continue
-                by_url.setdefault(parts[1].strip(), []).append(parts[0])
-        recs = [{"image_id": hashlib.sha1(url.encode()).hexdigest()[:16], "image": url, "captions": c}
-                for url, c in by_url.items()]
-        return recs, rejects
+    Lines of one URL are merged into one row within a range, and across a range boundary when they
+    are consecutive."""
+
+    Config = Cc3mConfig
+
+    def detect(self, head: bytes) -> Literal["lines"]:
+        return "lines"
+
+    def parse(self, raw: bytes, where: str, path: str) -> Parsed:
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return Reject(None, "row_bad_record", f"{where}: not UTF-8 ({e})", payload=text_of(raw))
+        parts = line.split("\t")
+        if len(parts) != 2 or not parts[1].strip():
+            return Reject(None, "row_bad_record", f"{where}: expected caption<TAB>url", payload=line[:2000])
+        url = parts[1].strip()
+        return Entry(url, {"image_id": hashlib.sha1(url.encode()).hexdigest()[:16], "image": url,
+                           "captions": [parts[0]]})
+
+    def combine(self, entries: list[Entry]) -> tuple[list[dict], list[Reject]]:
+        return merge_by_key(entries), []
 
 
 @register("source.folder.v1")
@@ -194,30 +203,46 @@ class ImageFolder(_RecordReader):
     """A folder of images, each with a sidecar ``.txt`` (one caption per line)."""
 
     def input_fingerprint(self) -> str:
-        return "|".join(_file_key(str(f)) for p in expand(self.config.path) for f in sorted(Path(p).rglob("*")))
+        return "|".join(fs.file_key(_under(p, rel)) for p in fs.expand(self.config.path, dirs=True)
+                        for rel in sorted(fs.find_files(p)))
+
+    def plan(self) -> list[dict]:
+        return self._plan(fs.expand(self.config.path, dirs=True))
 
     def records(self, path: str) -> tuple[list[dict], list[Reject]]:
-        root = Path(path)
+        files = set(fs.find_files(path))
+        images = sorted((r for r in files if os.path.splitext(r)[1].lower() in IMAGE_EXTS), key=lambda r: r.split("/"))
         recs, rejects = [], []
-        for img in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS):
-            iid = str(img.relative_to(root).with_suffix(""))
-            txt = img.with_suffix(".txt")
+        for rel in images:
+            iid = os.path.splitext(rel)[0]
+            txt = iid + ".txt"
             try:
-                caps = txt.read_text(encoding="utf-8").splitlines() if txt.exists() else []
+                caps = _read_text(_under(path, txt)).splitlines() if txt in files else []
             except (OSError, UnicodeDecodeError) as e:
-                rejects.append(Reject(iid, "row_bad_record", f"{txt}: {e}", payload=str(txt)))
+                rejects.append(Reject(iid, "row_bad_record", f"{_under(path, txt)}: {e}", payload=_under(path, txt)))
                 continue
-            recs.append({"image_id": iid, "image": str(img), "captions": caps})
+            recs.append({"image_id": iid, "image": _under(path, rel), "captions": caps})
         return recs, rejects
 
 
-def _merge(a: tuple[list[dict], list[Reject]], extra: list[Reject]) -> tuple[list[dict], list[Reject]]:
-    return a[0], extra + a[1]
+def _under(root: str, rel: str) -> str:
+    """A file under a folder input, spelt as ``Path`` spells it (a URI keeps its scheme)."""
+    return root.rstrip("/") + "/" + rel if fs.is_uri(root) else str(Path(root) / rel)
+
+
+def _read_text(path: str) -> str:
+    with fs.open_input(path) as f:
+        return f.read().decode("utf-8")
+
+
+URLS_KEEP = Field("keep", description="'reject': rows whose image is only an http(s) URL (no bytes) are rejected "
+                                     "(row_image_url_only: download them first with img2dataset)")
 
 
 class Img2DatasetConfig(StageConfig):
     path: list[str] | str = Field(..., description="img2dataset shard files or globs (*.tar or *.parquet)")
     format: Literal["webdataset", "parquet"] = "webdataset"
+    urls: Literal["keep", "reject"] = URLS_KEEP
 
 
 class _PerFileReader(Stage):
@@ -230,21 +255,22 @@ class _PerFileReader(Stage):
         raise NotImplementedError
 
     def input_fingerprint(self) -> str:
-        return "|".join(_file_key(p) for p in expand(self.config.path))
+        return "|".join(fs.file_key(p) for p in fs.expand(self.config.path))
 
     def plan(self) -> list[dict]:
-        return [{"file": p} for p in expand(self.config.path)]
+        return [{"file": p} for p in fs.expand(self.config.path)]
 
     def read_shard(self, spec: dict) -> StageResult:
         path = spec["file"]
-        if not os.path.exists(path):
+        if not fs.exists(path):
             return missing_input(path)
         try:
             recs, rejects = self.read_file(path)
         except (OSError, tarfile.TarError, pa.ArrowException, ValueError) as e:
             return unreadable_input(path, e)
-        recs, dups = _dedupe(recs)
-        return StageResult(rows_table(recs), rejects + dups)
+        recs, dups = dedupe(recs)
+        recs, urls = url_only_rejects(recs, self.config.urls)
+        return StageResult(rows_table(recs), rejects + dups + urls)
 
 
 @register("source.img2dataset.v1")
@@ -258,7 +284,7 @@ class Img2Dataset(_PerFileReader):
 
     def _read_tar(self, path: str) -> tuple[list[dict], list[Reject]]:
         groups: OrderedDict[str, dict[str, bytes]] = OrderedDict()
-        with tarfile.open(path) as tf:
+        with fs.open_input(path) as raw, tarfile.open(fileobj=raw) as tf:
             for m in tf:
                 if not m.isfile():
                     continue
@@ -278,7 +304,7 @@ class Img2Dataset(_PerFileReader):
         return recs, rejects
 
     def _read_parquet(self, path: str) -> tuple[list[dict], list[Reject]]:
-        t = pq.read_table(path)
+        t = _read_parquet(path)
         cols = set(t.column_names)
         recs, rejects = [], []
         for r in t.to_pylist():
@@ -296,6 +322,11 @@ class Img2Dataset(_PerFileReader):
         return recs, rejects
 
 
+def _read_parquet(path: str) -> pa.Table:
+    with fs.open_input(path) as f:
+        return pq.read_table(f)
+
+
 def _json_or_empty(data: bytes | None) -> dict:
     if not data:
         return {}
@@ -308,6 +339,7 @@ def _json_or_empty(data: bytes | None) -> dict:
 
 class ParquetConfig(StageConfig):
     path: list[str] | str = Field(..., description="Parquet file(s) or glob(s) with image_id and captions")
+    urls: Literal["keep", "reject"] = URLS_KEEP
 
 
 @register("source.parquet.v1")
@@ -317,7 +349,7 @@ class ProjectParquet(_PerFileReader):
     Config = ParquetConfig
 
     def read_file(self, path: str) -> tuple[list[dict], list[Reject]]:
-        t = pq.read_table(path)
+        t = _read_parquet(path)
         if "image_id" not in t.column_names or "captions" not in t.column_names:
             raise ValueError("needs columns image_id and captions")
         recs, rejects = [], []

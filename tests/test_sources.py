@@ -76,8 +76,10 @@ def test_unreadable_json_is_an_input_reject(tmp_path):
     p = tmp_path / "bad.json"
     p.write_text("{not json")
     stage = make(Flickr30kKarpathy, path=str(p))
-    res = stage.read_shard({"file": str(p), "start": 0, "stop": 10})
-    assert res.table.num_rows == 0 and res.rejects[0].code == "input_unreadable"
+    (spec,) = stage.plan()  # the plan finds it is no JSON array; the worker reports it
+    res = stage.read_shard(spec)
+    assert res.table.num_rows == 0 and [(r.code, r.level) for r in res.rejects] == [("input_unreadable", "input")]
+    assert "not a JSON array" in res.rejects[0].reason
 
 
 def test_folder_with_sidecar_txt(tmp_path):
@@ -89,6 +91,8 @@ def test_folder_with_sidecar_txt(tmp_path):
     rows, _ = read_all(make(ImageFolder, path=str(tmp_path)))
     assert [(r["image_id"], r["captions"]) for r in rows] == [("a", ["a red car", "a blue car"]), ("c", []),
                                                               ("sub/b", ["a tree"])]
+    globbed, _ = read_all(make(ImageFolder, path=str(tmp_path.parent / (tmp_path.name[:-1] + "*"))))  # folders
+    assert globbed == rows
 
 
 def _tar(path, samples):
