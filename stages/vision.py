@@ -56,6 +56,9 @@ def open_image(row: dict, base: Path | None, limits: ImageLimits) -> tuple[Image
     data, path = row.get("image_bytes"), row.get("image") or row.get("image_path")
     if data is None and not path:
         return None, Reject(iid, "row_no_image", "no image path or bytes")
+    if data is None and str(path).lower().startswith(("http://", "https://")):
+        return None, Reject(iid, "row_image_url_only", f"{path} is a web URL: download the images first "
+                            f"(img2dataset) and read its output", payload=str(path))
     if data is not None:
         src = io.BytesIO(data)
     else:  # a relative path is as the source wrote it (relative to the working directory), else to ``base``

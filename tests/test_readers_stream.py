@@ -310,10 +310,9 @@ def test_multi_source_carries_range_specs(tmp_path):
 @pytest.mark.slow
 def test_ram_json_labels_travel_with_the_rows_through_a_run(tmp_path):
     """The released labels are declared outputs: the contract check passes and later steps carry them."""
-    import pyarrow.parquet as pq
-
     from pipeline.cli import main
     from pipeline.store import StepDir
+    from pipeline.view import read_step
 
     recs = [{"image_path": f"coco/{i}.jpg", "caption": ["a man riding a horse on the beach"],
              "union_label_id": [i, 7], "parse_label_id": [[i]]} for i in range(5)]
@@ -323,7 +322,7 @@ def test_ram_json_labels_travel_with_the_rows_through_a_run(tmp_path):
     cfg.write_text(f"workflow: parse_only\nray: {{enabled: false}}\n"
                    f"input: {{use: source.ram_json.v1, path: {tmp_path / 'ram.json'}, shard_rows: 2}}\n")
     assert main(["run", str(cfg), "--out", str(tmp_path / "run")]) == 0
-    labelled = [r for f in StepDir(tmp_path / "run" / "label").data_files() for r in pq.read_table(f).to_pylist()]
+    labelled = read_step(tmp_path / "run" / "label").to_pylist()  # label's rows carry the input's columns
     assert sorted((r["image_id"], r["source_union_label_id"], r["source_parse_label_id"]) for r in labelled) == [
         (str(i), [i, 7], [[i]]) for i in range(5)]
     assert StepDir(tmp_path / "run" / "input").rejects().column("code").to_pylist() == ["row_image_url_only"]

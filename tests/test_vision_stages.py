@@ -89,10 +89,12 @@ def test_open_image_handles_every_kind_of_bad_and_odd_image():
         "tiny": {"image_id": "x", "image_bytes": _png(Image.new("RGB", (1, 1)))},
         "huge": {"image_id": "x", "image_bytes": _png(Image.new("RGB", (200, 200)))},
         "none": {"image_id": "x"},
+        "web": {"image_id": "x", "image": "https://example.com/a.jpg"},  # a CC3M row: download it first
     }
     codes = {k: open_image(r, None, limits)[1].code for k, r in cases.items()}
     assert codes == {"decode": "image_decode_failed", "truncated": "image_truncated", "tiny": "image_too_small",
-                     "huge": "image_too_large", "none": "row_no_image"}
+                     "huge": "image_too_large", "none": "row_no_image", "web": "row_image_url_only"}
+    assert "img2dataset" in open_image(cases["web"], None, limits)[1].reason
     # usable odd formats become RGB, not rejects
     grey16 = Image.fromarray(np.full((20, 20), 40000, dtype=np.uint16))
     cmyk = Image.new("CMYK", (20, 20), (0, 255, 255, 0))
