@@ -24,6 +24,8 @@ class VocabConfig(StageConfig):
     tag_list: str | None = Field(None, description="adopt: RAM-format tag list (line i = id i)")
     threshold_file: str | None = Field(None, description="adopt: RAM-format per-class thresholds")
     chinese_file: str | None = Field(None, description="adopt: RAM-format Chinese names")
+    reference: str | None = Field(None, description="RAM-format tag list to score the result against "
+                                                    "(never read by the build; skipped when absent)")
 
 
 @register("vocab.wordnet.v1")
@@ -41,12 +43,13 @@ class VocabStage(Stage):
 
         c = self.config
         h = hashlib.sha256()
-        for path in (c.overrides, c.stoplist, c.tag_list, c.threshold_file, c.chinese_file):
+        for path in (c.overrides, c.stoplist, c.tag_list, c.threshold_file, c.chinese_file, c.reference):
             h.update(Path(path).read_bytes() if path and Path(path).exists() else b"-")
         return h.hexdigest()[:16]
 
     def run(self, rows: RowSource) -> ReduceResult:
         from tagset.tagset import TagSet
+        from tagset.reference import summary_line
         from tagset.vocab import TagCounts, adopt_vocab, build_vocab, load_overrides, load_stoplist
 
         c = self.config
@@ -74,5 +77,18 @@ class VocabStage(Stage):
         merged = sum(1 for d in decisions if d["action"] == "merge")
         stats = {"names_observed": len(counts.images), "names_selected": names_selected, "num_ids": len(tagset),
                  "merges": merged, "summary": f"{names_selected} names -> {len(tagset)} ids ({merged} merged)"}
+        if c.reference:
+            stats["reference"] = self._score(tagset)
+            note = stats["reference"].get("note") or summary_line(stats["reference"])
+            stats["summary"] += "\n" + " " * 11 + note
         return ReduceResult(tables={"tagset": tagset.to_table(), "tag_counts": counts_table}, files=files,
                             stats=stats)
+
+    def _score(self, tagset) -> dict:
+        """Reference metrics of the finished tagset; a missing list is a note, not a failure."""
+        from tagset.reference import load_reference, reference_metrics
+
+        path = Path(self.config.reference)  # type: ignore[arg-type]
+        if not path.is_file():
+            return {"path": str(path), "note": f"reference {path} not found: metrics skipped"}
+        return {"path": str(path), **reference_metrics(tagset, load_reference(path))}
