@@ -1,4 +1,10 @@
-"""vocab.wordnet.v1: choose the tag vocabulary (or adopt one) and merge WordNet synonyms."""
+"""vocab.wordnet.v1 / v2: choose the tag vocabulary (or adopt one) and merge WordNet synonyms.
+
+v1 ranks parsed names by frequency behind a stop-list. v2 (issue 15) keeps only names of visible
+things (``tagset/visual.py``), merges compound and spelling variants, names each id by a stated rule
+(``tagset/variants.py``), and adopts a list through the same merges. Either can score its result
+against a reference list (``reference``), which the build itself never reads.
+"""
 from __future__ import annotations
 
 import json
@@ -19,11 +25,19 @@ class VocabConfig(StageConfig):
     num_tags: int = Field(6449, ge=1, description="names kept before synonym merging (RAM: 6449)")
     min_count: int = Field(1, ge=1, description="min images a name must appear in")
     threshold: float = Field(0.65, gt=0, le=1, description="per-class threshold for built vocabularies")
-    overrides: str | None = Field(DEFAULT_OVERRIDES, description="force_merge / force_split / drop yaml")
+    overrides: str | None = Field(DEFAULT_OVERRIDES, description="force_merge / force_split / drop / keep yaml")
     stoplist: str | None = Field(None, description="non-visual words file (default: tagset/data/stoplist.txt)")
     tag_list: str | None = Field(None, description="adopt: RAM-format tag list (line i = id i)")
     threshold_file: str | None = Field(None, description="adopt: RAM-format per-class thresholds")
     chinese_file: str | None = Field(None, description="adopt: RAM-format Chinese names")
+    reference: str | None = Field(None, description="RAM-format tag list to score the result against "
+                                                    "(never read by the build; skipped when absent)")
+
+
+class VisualVocabConfig(VocabConfig):
+    light_verbs: str | None = Field(None, description="light verbs file (default: tagset/data/light_verbs.txt)")
+    short_name_share: float = Field(0.25, ge=0, le=1, description="a shorter WordNet lemma names its id when it "
+                                                                    "has this share of the leader's images")
 
 
 @register("vocab.wordnet.v1")
@@ -35,13 +49,16 @@ class VocabStage(Stage):
     inputs = ("image_id", "parsed")
     provides = ("tagset",)
 
+    def files_read(self) -> tuple[str | None, ...]:
+        c = self.config
+        return c.overrides, c.stoplist, c.tag_list, c.threshold_file, c.chinese_file, c.reference
+
     def input_fingerprint(self) -> str:
-        """Contents of the files the config names (overrides, stop-list, adopted lists)."""
+        """Contents of the files the config names (overrides, stop-list, adopted lists, reference)."""
         import hashlib
 
-        c = self.config
         h = hashlib.sha256()
-        for path in (c.overrides, c.stoplist, c.tag_list, c.threshold_file, c.chinese_file):
+        for path in self.files_read():
             h.update(Path(path).read_bytes() if path and Path(path).exists() else b"-")
         return h.hexdigest()[:16]
 
@@ -59,28 +76,24 @@ class VocabStage(Stage):
 
         counts = TagCounts()
         for p in partials:
-            add_counts(counts, p)
-        return self.build(counts)
+            counts.merge(p)
+        return self.finish(counts)
 
     def run(self, rows: RowSource) -> ReduceResult:
         """The same reduce in one process (tests, small inputs)."""
         return self.merge(self.partial(t, i) for i, t in enumerate(rows.iter_tables(["parsed"])))
 
-    def build(self, counts) -> ReduceResult:
-        from tagset.tagset import TagSet
-        from tagset.vocab import adopt_vocab, build_vocab, load_overrides, load_stoplist
+    def finish(self, counts) -> ReduceResult:
+        """The tagset and its manifest stats from the merged counts (on the driver: O(distinct names))."""
+        from tagset.reference import summary_line
+        from tagset.vocab import adopt_summary
 
         c = self.config
         if c.mode == "adopt":
-            if not c.tag_list:
-                raise ValueError("vocab.tag_list is required when vocab.mode is 'adopt'")
-            base = TagSet.from_ram_files(c.tag_list, c.threshold_file, c.chinese_file, c.threshold)
-            tagset, decisions = adopt_vocab(base, counts)
+            tagset, decisions = self.adopt(counts)
             names_selected = len(tagset)
         else:
-            stop = load_stoplist(Path(c.stoplist) if c.stoplist else None)
-            tagset, decisions = build_vocab(counts, c.num_tags, c.min_count, stop,
-                                            load_overrides(Path(c.overrides) if c.overrides else None), c.threshold)
+            tagset, decisions = self.build(counts)
             names_selected = len(tagset) + sum(len(t.synonyms) for t in tagset.tags)
         counts_table = pa.table({
             "name": list(counts.images), "images": [counts.images[n] for n in counts.images],
@@ -91,13 +104,74 @@ class VocabStage(Stage):
         merged = sum(1 for d in decisions if d["action"] == "merge")
         stats = {"names_observed": len(counts.images), "names_selected": names_selected, "num_ids": len(tagset),
                  "merges": merged, "summary": f"{names_selected} names -> {len(tagset)} ids ({merged} merged)"}
+        if c.mode == "adopt":
+            stats["adopt"] = adopt_summary(tagset, counts)
+            top = ", ".join(n for n, _ in stats["adopt"]["top_unmapped"][:8])
+            stats["summary"] += (f"\n{'':<11}adopt: {stats['adopt']['mapped_share']:.1%} of parsed tag occurrences "
+                                 f"mapped; most frequent unmapped: {top}")
+        else:
+            stats["largest_groups"] = [[t.name, *t.synonyms] for t in
+                                       sorted(tagset.tags, key=lambda t: (-len(t.synonyms), t.tag_id))[:10]]
+        if c.reference and c.mode == "build":  # an adopted list is the reference's own ids
+            stats["reference"] = self._score(tagset)
+            note = stats["reference"].get("note") or summary_line(stats["reference"])
+            stats["summary"] += f"\n{'':<11}{note}"
         return ReduceResult(tables={"tagset": tagset.to_table(), "tag_counts": counts_table}, files=files,
                             stats=stats)
 
+    def build(self, counts):
+        from tagset.vocab import build_vocab, load_overrides, load_stoplist
 
-def add_counts(into, other) -> None:
-    """Adds one shard's TagCounts to another's (counts of images and captions are per shard, so they add)."""
-    into.images.update(other.images)
-    into.captions.update(other.captions)
-    for name, kinds in other.kinds.items():
-        into.kinds.setdefault(name, type(kinds)()).update(kinds)
+        c = self.config
+        return build_vocab(counts, c.num_tags, c.min_count, load_stoplist(Path(c.stoplist) if c.stoplist else None),
+                           load_overrides(Path(c.overrides) if c.overrides else None), c.threshold)
+
+    def adopt(self, counts):
+        from tagset.vocab import adopt_vocab
+
+        return adopt_vocab(self._base(), counts)
+
+    def _base(self):
+        from tagset.tagset import TagSet
+
+        c = self.config
+        if not c.tag_list:
+            raise ValueError("vocab.tag_list is required when vocab.mode is 'adopt'")
+        return TagSet.from_ram_files(c.tag_list, c.threshold_file, c.chinese_file, c.threshold)
+
+    def _score(self, tagset) -> dict:
+        """Reference metrics of the finished tagset; a missing list is a note, not a failure."""
+        from tagset.reference import load_reference, reference_metrics
+
+        path = Path(self.config.reference)  # type: ignore[arg-type]
+        if not path.is_file():
+            return {"path": str(path), "note": f"reference {path} not found: metrics skipped"}
+        return {"path": str(path), **reference_metrics(tagset, load_reference(path))}
+
+
+@register("vocab.wordnet.v2")
+class VisualVocabStage(VocabStage):
+    """v1 plus visual-word selection, compound and spelling merges, stated canonical names (issue 15)."""
+
+    Config = VisualVocabConfig
+
+    def files_read(self) -> tuple[str | None, ...]:
+        return (*super().files_read(), self.config.light_verbs)
+
+    def build(self, counts):
+        from tagset.visual import load_light_verbs
+        from tagset.vocab import build_vocab, load_overrides, load_stoplist, visual_judge
+
+        c = self.config
+        overrides = load_overrides(Path(c.overrides) if c.overrides else None)
+        light = load_light_verbs(Path(c.light_verbs) if c.light_verbs else None)
+        return build_vocab(counts, c.num_tags, c.min_count, load_stoplist(Path(c.stoplist) if c.stoplist else None),
+                           overrides, c.threshold, judge=visual_judge(light, overrides["keep"]), variants=True,
+                           short_name_share=c.short_name_share)
+
+    def adopt(self, counts):
+        from tagset.vocab import adopt_vocab, load_overrides
+
+        c = self.config
+        return adopt_vocab(self._base(), counts, variants=True,
+                           overrides=load_overrides(Path(c.overrides) if c.overrides else None))
