@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,3 +73,38 @@ def small_world_config(tmp_path):
                                                                  ray=str(ray).lower()))
 
     return make
+
+
+def kill_leftovers(pgid: int, run_dir: Path) -> None:
+    """Stop what the dead driver's Ray left behind (its workers may still be committing shards)."""
+    import time
+
+    from pipeline.executor import ray_temp_dir
+
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    pattern = ray_temp_dir(run_dir)
+    subprocess.run(["pkill", "-9", "-f", pattern], check=False)
+    for _ in range(100):  # wait until they are gone, so the shard count below is final
+        if subprocess.run(["pgrep", "-f", pattern], capture_output=True).returncode != 0:
+            break
+        time.sleep(0.1)
+
+
+def run_until_killed(cfg: Path, out: Path, fault: str) -> None:
+    """Run a config in a subprocess that SIGKILLs its own driver at ``fault`` (PIPELINE_FAULT), then
+    stop what its Ray left behind."""
+    killed = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(cfg), "--out", str(out)], cwd=REPO,
+                              start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1", PIPELINE_FAULT=fault))
+    try:
+        assert killed.wait(timeout=300) == -signal.SIGKILL
+    finally:
+        kill_leftovers(killed.pid, out)
+
+
+def run_to_end(cfg: Path, out: Path) -> None:
+    res = subprocess.run([sys.executable, "-m", "pipeline", "run", str(cfg), "--out", str(out)], cwd=REPO,
+                         env=dict(os.environ, PYTHONUNBUFFERED="1"), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]

@@ -1,7 +1,5 @@
 """End-to-end runs of the clean workflow on a small scene world."""
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +9,7 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.store import StepDir
+from tests.conftest import run_to_end, run_until_killed
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = ("input", "parse", "vocab", "label", "export")
@@ -126,44 +125,17 @@ def test_ray_end_to_end_through_actor_pools(ray_local, small_world_config, tmp_p
     assert len(ids) == len(set(ids)) == 40
 
 
-def _kill_leftovers(pgid: int, run_dir: Path) -> None:
-    """Stop what the dead driver's Ray left behind (its workers may still be committing shards)."""
-    import time
-
-    from pipeline.executor import ray_temp_dir
-
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    pattern = ray_temp_dir(run_dir)
-    subprocess.run(["pkill", "-9", "-f", pattern], check=False)
-    for _ in range(100):  # wait until they are gone, so the shard count below is final
-        if subprocess.run(["pgrep", "-f", pattern], capture_output=True).returncode != 0:
-            break
-        time.sleep(0.1)
-
-
 @pytest.mark.ray
 @pytest.mark.slow
 def test_sigkill_in_parse_then_resume_equals_uninterrupted_run(small_world_config, tmp_path):
     cfg = small_world_config(images=120, shard_rows=10, ray=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "pipeline", "run", str(cfg), "--out"]
-    killed = subprocess.Popen(cmd + [str(tmp_path / "killed")], cwd=REPO, start_new_session=True,
-                              env=dict(env, PIPELINE_FAULT="kill_after:parse:3"))
-    try:
-        assert killed.wait(timeout=300) == -signal.SIGKILL
-    finally:
-        _kill_leftovers(killed.pid, tmp_path / "killed")
+    run_until_killed(cfg, tmp_path / "killed", "kill_after:parse:3")
     parse_dir = StepDir(tmp_path / "killed" / "parse")
     assert parse_dir.manifest() is None
     done_before = len(list((parse_dir.path / "_stats").glob("*.json")))
     assert 3 <= done_before < 12
     for run in ("killed", "clean"):
-        res = subprocess.run(cmd + [str(tmp_path / run)], cwd=REPO, env=env, capture_output=True, text=True,
-                             timeout=300)
-        assert res.returncode == 0, res.stderr[-3000:]
+        run_to_end(cfg, tmp_path / run)
     resumed = json.loads((parse_dir.path / "_manifest.json").read_text())
     # shards committed before the kill are reused, not redone (a worker may have committed one more
     # after the driver died: commits are atomic, so that one is reused too)

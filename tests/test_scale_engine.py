@@ -1,10 +1,6 @@
 """The engine at the mission's scale: column groups, distributed cluster, rows counted across steps,
 fingerprints that follow imports. Regions here are SIMULATED (source.synthetic_regions.v1)."""
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +15,7 @@ from pipeline.store import StepDir
 from pipeline.view import View, step_view
 from pipeline.workflow import Runner
 from stages.cluster import ClusterConfig, ClusterStage, bottom_k, fit_centroids, normalise, sample_table
-from tests.conftest import write_config
+from tests.conftest import run_to_end, run_until_killed, write_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -142,32 +138,17 @@ def test_a_shard_missing_between_two_steps_fails_naming_both(tmp_path):
         runner._check_visible(step, StepDir(out / "cluster"), [{"shard": 1}], data=True)
 
 
-def _kill_leftovers(pgid: int, run_dir: Path) -> None:
-    from tests.test_runner import _kill_leftovers as kill
-
-    kill(pgid, run_dir)
-
-
 @pytest.mark.ray
 @pytest.mark.slow
 def test_sigkill_during_cluster_scoring_resumes_and_equals_an_uninterrupted_run(tmp_path):
     cfg = write_config(tmp_path / "sim.yaml", SIM.format(ray="true", images=1000, shard_rows=100))
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "pipeline", "run", str(cfg), "--out"]
-    killed = subprocess.Popen(cmd + [str(tmp_path / "killed")], cwd=REPO, start_new_session=True,
-                              env=dict(env, PIPELINE_FAULT="kill_after:cluster:3"))
-    try:
-        assert killed.wait(timeout=300) == -signal.SIGKILL
-    finally:
-        _kill_leftovers(killed.pid, tmp_path / "killed")
+    run_until_killed(cfg, tmp_path / "killed", "kill_after:cluster:3")
     cdir = tmp_path / "killed" / "cluster"
     assert not (cdir / "_manifest.json").exists() and (cdir / "_prepared.json").exists()
     done_before = len(list((cdir / "_stats").glob("*.json")))
     assert 3 <= done_before < 10
     for run in ("killed", "clean"):
-        res = subprocess.run(cmd + [str(tmp_path / run)], cwd=REPO, env=env, capture_output=True, text=True,
-                             timeout=300)
-        assert res.returncode == 0, res.stderr[-3000:]
+        run_to_end(cfg, tmp_path / run)
     m = json.loads((cdir / "_manifest.json").read_text())
     assert m["shards_resumed"] >= done_before and m["shards"] == 10
     for step in ("cluster", "decide"):
