@@ -177,14 +177,14 @@ class GroundStage(Stage):
         return StageResult(table, rejects)
 
     def _attention(self, images, cands) -> list[list[dict]]:
-        _, maps = self.tagger.scores(images, attention=True)
+        """Each candidate's box from its own attention map (a RAM head computes only the candidates)."""
         out = []
-        for img, c, m in zip(images, cands, maps):
+        for img, c, (_, maps) in zip(images, cands, self.tagger.scores_for(images, cands, attention=True)):
             rs = []
-            for t in c:
-                if self.tagger.class_of_tag[t] < 0 or not np.any(m[t] > 0):
+            for t, m in zip(c, maps):
+                if self.tagger.class_of_tag[t] < 0 or not np.any(m > 0):
                     continue  # the model lacks the tag: no region (decide records no_region)
-                box, mass = attention_box(m[t], *img.size, rel=self.config.attention_rel)
+                box, mass = attention_box(m, *img.size, rel=self.config.attention_rel)
                 box = clip_box(box, *img.size)
                 if box is not None:
                     rs.append({"tag_id": t, "box": box, "score": mass, "backend": "attention"})

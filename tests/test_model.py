@@ -158,7 +158,9 @@ def test_class_subset_gives_the_same_logits_as_the_full_set():
 
 
 def test_tagger_matches_generate_tag_and_keeps_scores(shared):
-    from model.infer import Tagger
+    """The stages' tagger (stages/vision.BaseTagger on model/infer.Inference, the one inference path)
+    gives the official scores and tags, also with the head in chunks and for a subset of classes."""
+    from stages.vision import BaseTagger
 
     g = shared / "ref/ram/golden"
     names = (g / "ram_tag_list.txt").read_text().splitlines()
@@ -168,13 +170,15 @@ def test_tagger_matches_generate_tag_and_keeps_scores(shared):
         model = create_model(name, pretrained=str(g / ckpt))
         model.set_thresholds(float(x) for x in (g / "ram_tag_list_threshold.txt").read_text().split())
         imgs = [Image.fromarray(np.load(g / f"{n}.npy")) for n in ("chelsea", "coffee")]
-        out = Tagger(model, names, zh, batch_size=2, head_chunk=1).tag_images(imgs)
-        torch.testing.assert_close(torch.stack([o.scores for o in out]), golden[key]["scores"], atol=1e-4, rtol=1e-4)
-        for o, t in zip(out, golden[key]["targets"]):
-            assert o.tags == [names[i] for i in torch.nonzero(t).flatten().tolist()]
-            assert o.tags_zh == [zh[i] for i in torch.nonzero(t).flatten().tolist()]
-        sub = Tagger(model, names, classes=[2, 11, 27]).tag_images(imgs[:1])[0]
-        torch.testing.assert_close(sub.scores, golden[key]["scores"][0, [2, 11, 27]], atol=1e-4, rtol=1e-4)
+        tagger = BaseTagger.from_model(model, names, batch_size=2, head_chunk=1)
+        scores = tagger.scores(imgs)
+        torch.testing.assert_close(torch.from_numpy(scores), golden[key]["scores"], atol=1e-4, rtol=1e-4)
+        for s, t in zip(scores, golden[key]["targets"]):
+            fired = np.nonzero(s > tagger.threshold_of_tag)[0].tolist()  # the official rule: strictly above
+            assert [names[i] for i in fired] == [names[i] for i in torch.nonzero(t).flatten().tolist()]
+            assert [zh[i] for i in fired] == [zh[i] for i in torch.nonzero(t).flatten().tolist()]
+        sub = BaseTagger.from_model(model, names, [names[i] for i in (2, 11, 27)]).scores(imgs[:1])[0]
+        torch.testing.assert_close(torch.from_numpy(sub), golden[key]["scores"][0, [2, 11, 27]], atol=1e-4, rtol=1e-4)
 
 
 def test_fused_attention_equals_the_explicit_softmax():
