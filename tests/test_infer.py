@@ -1,14 +1,18 @@
 """model/infer.Inference, the one inference path, through the stages' BaseTagger: the class-restricted
-head, precisions, torch.compile."""
+head, precisions, torch.compile, and the CUDA placement path checked for device mix-ups without a GPU
+(the model on the ``meta`` device under a dispatch mode that fails on any op mixing devices)."""
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from model.infer import Inference, resolve_precision
 from model.ram import create_model
 from stages.vision import BaseTagger
 
+aten = torch.ops.aten
 RAM_ARGS = {"num_classes": 12, "image_size": 64, "window_size": 4, "embed_dim": 8, "depths": [2, 2, 2],
             "num_heads": [1, 2, 4], "head_hidden": 32, "head_intermediate": 64, "label_dim": 16}
 
@@ -110,3 +114,77 @@ def test_compiled_backbone_gives_the_same_scores():
     compiled = _tagger(_model("ram_test"), compile="eager")
     assert compiled.engine._embed is not compiled.model.image_embeds
     np.testing.assert_allclose(compiled.scores(images), want, atol=1e-5)
+
+
+# -- the CUDA path without a GPU -------------------------------------------------------------------------
+
+class DeviceGuard(TorchDispatchMode):
+    """Fails on any op whose tensors live on more than one device (host scalars aside). It stands in
+    for what needs a GPU: pinned host memory (allocated unpinned, remembered) and copies from the model's
+    ``meta`` device back to the host (zeros of the right shape). ``copies``: (non_blocking, pinned) of
+    each host -> device copy."""
+
+    def __init__(self):
+        super().__init__()
+        self.pinned: set[int] = set()
+        self.copies: list[tuple[bool, bool]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if kwargs.get("pin_memory"):
+            out = func(*args, **{**kwargs, "pin_memory": False})
+            self.pinned.add(out.data_ptr())
+            return out
+        if func is aten.is_pinned.default:
+            return args[0].data_ptr() in self.pinned
+        if func is aten._pin_memory.default:
+            out = args[0].clone()
+            self.pinned.add(out.data_ptr())
+            return out
+        dst = kwargs.get("device") or next((a for a in args[1:] if isinstance(a, torch.device)), None)
+        if func.overloadpacket in (aten._to_copy, aten.to) and dst is not None:
+            src, dst = args[0].device, torch.device(dst)
+            if src.type == "cpu" and dst.type != "cpu":
+                self.copies.append((bool(kwargs.get("non_blocking")), args[0].data_ptr() in self.pinned))
+            if src.type == "meta" and dst.type == "cpu":  # "copy back": the values are not what is tested
+                return torch.zeros(args[0].shape, dtype=kwargs.get("dtype") or args[0].dtype)
+            return func(*args, **kwargs)
+        tensors = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+        devices = {t.device for t in tensors if not (t.device.type == "cpu" and t.dim() == 0)}
+        if len(devices) > 1:
+            raise AssertionError(f"{func} mixes devices {sorted(map(str, devices))}")
+        return func(*args, **kwargs)
+
+
+def _on_meta(model) -> BaseTagger:
+    return _tagger(model, device="meta", pin_memory=True)  # what CUDA does: pinned, non-blocking
+
+
+@pytest.mark.parametrize("name", ["ram_test", "ram_plus_test", "cnn_tagger_tiny"])
+def test_every_stage_call_keeps_tensors_on_the_models_device(name):
+    """The model on ``meta`` (a device that holds no data, like a GPU seen from the host): a batch, a
+    class index, a cached query or a threshold left on the host makes an op mix devices and fails."""
+    model = create_model(name, **({"num_classes": 12, "widths": [8, 8, 8, 8]} if name.startswith("cnn")
+                                  else {**RAM_ARGS, **({"descriptions_per_class": 3} if "plus" in name else {})}))
+    if hasattr(model, "for_inference"):
+        model = model.eval().for_inference()
+    tagger = _on_meta(model)
+    assert next(tagger.model.parameters()).device.type == "meta"
+    images = _images(3)
+    guard = DeviceGuard()
+    with guard:
+        s, maps = tagger.scores(images, attention=True)
+        tagger.scores_for(images, [[0, 3], [5], [1]], attention=True)
+        tagger.crop_scores(images, [0, 3, 5])
+        feats = tagger.embed(images)
+        if tagger.fully_convolutional:
+            tagger.crop_scores([im.resize((24, 16)) for im in images], [0, 1, 2], native=True)
+    assert s.shape == (3, 14) and maps.shape[:2] == (3, 14) and feats.shape == (3, tagger.model.cfg.label_dim)
+    assert guard.copies and all(c == (True, True) for c in guard.copies)  # pinned, non-blocking, every batch
+
+
+def test_an_input_batch_left_on_the_host_is_caught():
+    tagger = _on_meta(_model("ram_test"))
+    tagger.engine.to_device = lambda x: x  # the mistake: the batch never goes to the model's device
+    with pytest.raises((AssertionError, RuntimeError), match="device"), DeviceGuard():
+        tagger.scores(_images(2))
