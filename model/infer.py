@@ -44,11 +44,11 @@ def resolve_precision(precision: str, device_type: str) -> torch.dtype:
     return PRECISIONS[precision]
 
 
-class Inference:
-    """A model on its device with its precision; see the module docstring."""
+class Placement:
+    """Where and how tensors run: the device, the autocast dtype, TF32, pinned non-blocking uploads and
+    one batch in flight (:meth:`run`). Shared by :class:`Inference` and the detectors."""
 
-    def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu", precision: str = "auto",
-                 compile: bool | str = False, tf32: bool = True, head_chunk: int | None = None,
+    def __init__(self, device: str | torch.device = "cpu", precision: str = "auto", tf32: bool = True,
                  pin_memory: bool | None = None):
         self.device = torch.device(device)
         cuda = self.device.type == "cuda"
@@ -56,15 +56,58 @@ class Inference:
         if cuda and tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        self.pin_memory = cuda if pin_memory is None else pin_memory
+
+    def stack(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """One host batch, in pinned memory when batches go to a GPU (the copy can then overlap)."""
+        if not self.pin_memory:
+            return torch.stack(tensors)
+        out = torch.empty((len(tensors), *tensors[0].shape), dtype=tensors[0].dtype, pin_memory=True)
+        return torch.stack(tensors, out=out)
+
+    def upload(self, x: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the device: from pinned memory and without waiting, on a GPU."""
+        if self.device.type == "cpu":
+            return x
+        if self.pin_memory and not x.is_pinned():
+            x = x.pin_memory()
+        return x.to(self.device, non_blocking=True)
+
+    def autocast(self):
+        if self.dtype == torch.float32 or not torch.amp.is_autocast_available(self.device.type):
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def run(self, jobs: Iterable[tuple[object, Callable[[], object]]]) -> Iterator[tuple[object, object]]:
+        """``jobs``: (key, thunk) pairs; a thunk prepares a batch on the host and queues its forward.
+        Yields (key, outputs on the host, float32) one job behind, so the host prepares the next batch
+        while the device computes this one (on a CPU: the same work in the same order)."""
+        pending = None
+        for key, thunk in jobs:
+            out = thunk()
+            if pending is not None:
+                yield pending[0], to_host(pending[1])
+            pending = (key, out)
+        if pending is not None:
+            yield pending[0], to_host(pending[1])
+
+
+class Inference(Placement):
+    """A tagger on its device with its precision; see the module docstring."""
+
+    def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu", precision: str = "auto",
+                 compile: bool | str = False, tf32: bool = True, head_chunk: int | None = None,
+                 pin_memory: bool | None = None):
+        super().__init__(device, precision, tf32, pin_memory)
+        accelerated = self.device.type != "cpu"
         model = model.eval().to(self.device)
-        if cuda:
+        if accelerated:
             model = model.to(memory_format=torch.channels_last)  # the patch-embedding / conv weights
         self.model = model
-        self.channels_last = cuda or bool(getattr(model, "channels_last", False))
-        self.pin_memory = cuda if pin_memory is None else pin_memory
+        self.channels_last = accelerated or bool(getattr(model, "channels_last", False))
         # RAM / RAM++: label queries through a tagging head and one shared fc
         self.query_head = hasattr(model, "tagging_head") and hasattr(model, "fc")
-        self.head_chunk = head_chunk or (None if self.device.type != "cpu" else 2)
+        self.head_chunk = head_chunk or (None if accelerated else 2)
         self._queries = None
         self._class_index: dict[bytes, torch.Tensor] = {}
         if self.query_head and model.cfg.variant == "ram":  # fp32, once: indexed per call
@@ -74,28 +117,9 @@ class Inference:
         self._forward: Callable = model
         if compile:
             backend = compile if isinstance(compile, str) else "inductor"
-            if self.query_head:  # the backbone: the head's shape follows the classes asked for
-                self._embed = torch.compile(model.image_embeds, backend=backend, dynamic=False)
-            else:
+            self._embed = torch.compile(model.image_embeds, backend=backend, dynamic=False)
+            if not self.query_head:  # RAM: the backbone only, the head's shape follows the classes asked for
                 self._forward = torch.compile(model, backend=backend, dynamic=False)
-                self._embed = torch.compile(model.image_embeds, backend=backend, dynamic=False)
-
-    # -- placement ---------------------------------------------------------------------------------
-
-    def stack(self, pixels: list[torch.Tensor]) -> torch.Tensor:
-        """One host batch, in pinned memory when batches go to a GPU (the copy can then overlap)."""
-        if not self.pin_memory:
-            return torch.stack(pixels)
-        out = torch.empty((len(pixels), *pixels[0].shape), dtype=pixels[0].dtype, pin_memory=True)
-        return torch.stack(pixels, out=out)
-
-    def upload(self, x: torch.Tensor) -> torch.Tensor:
-        """A host tensor on the device: from pinned memory and without waiting, on a GPU."""
-        if self.device.type == "cpu":
-            return x
-        if self.pin_memory and not x.is_pinned():
-            x = x.pin_memory()
-        return x.to(self.device, non_blocking=True)
 
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
         """A pixel batch on the device, channels-last where the model wants it (on a CPU: the CNN's
@@ -115,11 +139,6 @@ class Inference:
                 self._class_index.clear()
             self._class_index[key] = self.upload(idx)
         return self._class_index[key]
-
-    def autocast(self):
-        if self.dtype == torch.float32 or not torch.amp.is_autocast_available(self.device.type):
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
 
     # -- forwards (device tensors in, device tensors out) ---------------------------------------------
 
@@ -157,21 +176,6 @@ class Inference:
         """The pooled image feature ``image_embeds[:, 0]`` (what embed stores), float32."""
         with torch.inference_mode(), self.autocast():
             return self._embed(x)[:, 0].float()
-
-    # -- one batch in flight ------------------------------------------------------------------------
-
-    def run(self, jobs: Iterable[tuple[object, Callable[[], object]]]) -> Iterator[tuple[object, object]]:
-        """``jobs``: (key, thunk) pairs; a thunk prepares a batch on the host and queues its forward.
-        Yields (key, outputs on the host) one job behind, so the host prepares the next batch while the
-        device computes this one (on a CPU the same work in the same order)."""
-        pending = None
-        for key, thunk in jobs:
-            out = thunk()
-            if pending is not None:
-                yield pending[0], to_host(pending[1])
-            pending = (key, out)
-        if pending is not None:
-            yield pending[0], to_host(pending[1])
 
 
 def to_host(out):
