@@ -1,6 +1,8 @@
-"""Benchmark: batched tagging vs an official-style one-image-at-a-time fp32 loop, same run, same images.
+"""Benchmark: batched tagging through the stages' own tagger (stages/vision.BaseTagger on
+model/infer.Inference: what pseudolabel runs) vs an official-style one-image-at-a-time fp32 loop, same
+run, same images.
 
-    python bench/tagging.py [--model ram_swin_t_224] [--images 64] [--batch 16]
+    python bench/tagging.py [--model ram_swin_l_384] [--images 48] [--batch 16] [--precision auto]
 
 Images are the 20 COCO photos beside the project (../shared/data/coco20), repeated; random weights
 (speed does not depend on them). The last line is ``tagging_speedup_vs_per_image: X.XX``.
@@ -23,9 +25,9 @@ def main() -> int:
     import torch
     from PIL import Image
 
-    from model.infer import Tagger
     from model.preprocess import load_rgb, to_tensor
     from model.ram import create_model
+    from stages.vision import BaseTagger
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="ram_swin_l_384")
@@ -35,6 +37,7 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=48)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     ap.add_argument("--out", default=str(REPO / "bench/out/tagging.json"))
     args = ap.parse_args()
     photos = sorted((SHARED / "data/coco20/images").glob("*.jpg"))
@@ -58,18 +61,21 @@ def main() -> int:
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    tagger = Tagger(model, [str(i) for i in range(model.cfg.num_classes)], batch_size=args.batch, device=args.device)
+    names = [str(i) for i in range(model.cfg.num_classes)]
+    tagger = BaseTagger.from_model(model, names, batch_size=args.batch, device=args.device, precision=args.precision)
 
     def batched() -> float:
         t0 = time.perf_counter()
-        tagger.tag_images([load_rgb(str(p)) for p in paths])
+        scores = tagger.scores([load_rgb(str(p)) for p in paths])
+        [(s > tagger.threshold_of_tag).nonzero() for s in scores]
         if args.device == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
     per_image(), batched()  # warm-up
     t_single, t_batch = min(per_image() for _ in range(2)), min(batched() for _ in range(2))
-    res = {"model": args.model, "model_args": margs, "device": args.device, "images": len(paths),
+    res = {"model": args.model, "model_args": margs, "device": args.device, "precision": args.precision,
+           "images": len(paths),
            "batch": args.batch, "threads": torch.get_num_threads(),
            "per_image_img_per_s": round(len(paths) / t_single, 2), "batched_img_per_s": round(len(paths) / t_batch, 2),
            "tagging_speedup_vs_per_image": round(t_single / t_batch, 2)}

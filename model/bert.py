@@ -7,8 +7,11 @@ then cross-attention to the tag encoder's output, then a tied LM head). Names fo
 ``attention.self.query``, ``crossattention.output.LayerNorm``, ``intermediate.dense``, ``cls.predictions``…
 
 Numerics follow the official code: LayerNorm eps 1e-12, exact (erf) GELU, additive attention masks of
--10000 for hidden positions. No dropout: the engine trains small models for minutes and evaluates
-released ones; a dropout rate would be one more knob with nothing here to tune it on.
+-10000 for hidden positions. Attention runs through ``F.scaled_dot_product_attention`` (the additive
+mask as its float ``attn_mask``) unless a caller wants the probabilities (``return_attn``: the grounding
+maps) or sets ``Attention.fused = False``, which selects the explicit softmax, the reference formula.
+No dropout: the engine trains small models for minutes and evaluates released ones; a dropout rate
+would be one more knob with nothing here to tune it on.
 """
 from __future__ import annotations
 
@@ -49,15 +52,26 @@ class Attention(nn.Module):
         b, n, _ = x.shape
         return x.view(b, n, self.heads, self.head_dim).permute(0, 2, 1, 3)
 
+    fused = True  # scaled_dot_product_attention; False: the explicit softmax (same function)
+
     def forward(self, q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None = None,
                 return_attn: bool = False):
         qh, kh, vh = self._split(self.query(q)), self._split(self.key(kv)), self._split(self.value(kv))
+        if return_attn or not self.fused:
+            ctx, probs = self.explicit(qh, kh, vh, mask)
+        else:
+            ctx = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=None if mask is None else mask.to(qh.dtype))
+            probs = None
+        out = ctx.permute(0, 2, 1, 3).reshape(q.shape[0], q.shape[1], -1)
+        return (out, probs) if return_attn else (out, None)
+
+    def explicit(self, qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, mask: torch.Tensor | None):
+        """The reference formula on split heads: (``softmax(q·kᵀ/√d + mask) v``, the probabilities)."""
         scores = (qh @ kh.transpose(-1, -2)) / math.sqrt(self.head_dim)
         if mask is not None:
             scores = scores + mask.to(scores.dtype)
         probs = scores.softmax(dim=-1)
-        out = (probs @ vh).permute(0, 2, 1, 3).reshape(q.shape[0], q.shape[1], -1)
-        return (out, probs) if return_attn else (out, None)
+        return probs @ vh, probs
 
 
 class AddNorm(nn.Module):

@@ -1,74 +1,184 @@
-"""Batched inference: images in -> raw scores (kept) and tags by the per-class thresholds."""
+"""The one inference path: every forward of a tagger in this project runs through :class:`Inference`
+(the vision stages through ``stages/vision.BaseTagger``, the benchmarks, the tests).
+
+What it does beside calling the model, and why:
+
+* **precision** — ``auto`` is bf16 autocast on CUDA (Swin-L is bandwidth and matmul bound; bf16
+  keeps fp32's range, so no loss scaling or overflow checks) and fp32 on CPU, where the golden tests
+  hold the numerics to the official code; ``fp32``, ``bf16`` and ``fp16`` force one. With ``tf32``
+  the fp32 matmuls that autocast leaves (and all of them in ``fp32``) use TF32 on CUDA.
+* **placement** — batches are stacked into pinned host memory and copied with ``non_blocking`` on
+  CUDA; :meth:`Inference.run` keeps one batch in flight, so the host prepares batch *i + 1* while the
+  device computes batch *i* and the copy back of *i - 1* is the only wait.
+* **label queries** — RAM's queries (``relu(wordvec_proj(label_embed))``) do not depend on the image:
+  computed once, in fp32, then indexed. RAM++ reweights its descriptions per image, so its queries are
+  computed per batch.
+* **class-restricted head** — the tagging head has no self-attention between label queries and one
+  ``fc`` shared by every class, so a class's logit depends only on its own query: scoring only the
+  classes a call asks for is exact, and cheap next to 4,585 (the full head is 116 GFLOPs per image,
+  0.56x the Swin-L backbone's 208). Models without a query head (the CNN: a 1x1 convolution per
+  class) are always called as before.
+* **head chunks** — the head's activations are ``[images, classes, 4 x hidden]``; a CPU takes two
+  images at a time (cache, and 56 MB per image with 4,585 classes), a GPU the whole batch.
+* ``compile`` — opt-in ``torch.compile`` of the backbone (minutes of warm-up per process).
+
+Outputs come back to the host as float32.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from typing import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
-from PIL import Image
 
-from model.preprocess import to_tensor
-from model.ram import RAM
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-@dataclass
-class TagResult:
-    scores: torch.Tensor  # [num classes in use], sigmoid scores
-    tags: list[str]
-    tags_zh: list[str] | None
+def resolve_precision(precision: str, device_type: str) -> torch.dtype:
+    """``auto``: bf16 on CUDA, fp32 elsewhere (the CPU path stays the golden-tested fp32)."""
+    if precision == "auto":
+        return torch.bfloat16 if device_type == "cuda" else torch.float32
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, not {precision!r}")
+    return PRECISIONS[precision]
 
 
-class Tagger:
-    """Wraps a RAM model for batched, optionally class-subset inference (GPU: bf16, channels-last)."""
+class Placement:
+    """Where and how tensors run: the device, the autocast dtype, TF32, pinned non-blocking uploads and
+    one batch in flight (:meth:`run`). Shared by :class:`Inference` and the detectors."""
 
-    def __init__(self, model: RAM, names: list[str], names_zh: list[str] | None = None, batch_size: int = 16,
-                 device: str = "cpu", classes: list[int] | None = None, head_chunk: int | None = None):
-        self.model = model.eval().to(device)
+    def __init__(self, device: str | torch.device = "cpu", precision: str = "auto", tf32: bool = True,
+                 pin_memory: bool | None = None):
         self.device = torch.device(device)
-        if self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.names, self.names_zh = names, names_zh
-        self.batch_size = batch_size
-        self.classes = torch.tensor(classes, device=self.device) if classes is not None else None
-        # The tagging head's activations are [images, classes, 4 x hidden]: on a CPU, a few images at a
-        # time keep them in cache; a GPU takes the whole batch.
-        self.head_chunk = head_chunk or (batch_size if self.device.type == "cuda" else 2)
-        self._queries = None  # RAM's label queries do not depend on the image: computed once
+        cuda = self.device.type == "cuda"
+        self.dtype = resolve_precision(precision, self.device.type)
+        if cuda and tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.pin_memory = cuda if pin_memory is None else pin_memory
 
-    def _ram_queries(self) -> torch.Tensor:
-        if self._queries is None:
-            emb = self.model.label_embed if self.classes is None else self.model.label_embed[self.classes]
-            self._queries = torch.relu(self.model.wordvec_proj(emb))
-        return self._queries
+    def stack(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """One host batch, in pinned memory when batches go to a GPU (the copy can then overlap)."""
+        if not self.pin_memory:
+            return torch.stack(tensors)
+        out = torch.empty((len(tensors), *tensors[0].shape), dtype=tensors[0].dtype, pin_memory=True)
+        return torch.stack(tensors, out=out)
 
-    def class_ids(self) -> list[int]:
-        return self.classes.tolist() if self.classes is not None else list(range(len(self.names)))
+    def upload(self, x: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the device: from pinned memory and without waiting, on a GPU."""
+        if self.device.type == "cpu":
+            return x
+        if self.pin_memory and not x.is_pinned():
+            x = x.pin_memory()
+        return x.to(self.device, non_blocking=True)
 
-    @torch.inference_mode()
-    def scores(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = pixels.to(self.device, non_blocking=True)
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            img = self.model.image_embeds(x)
-            chunks = []
-            for i in range(0, img.shape[0], self.head_chunk):
-                part = img[i:i + self.head_chunk]
-                if self.model.cfg.variant == "ram":
-                    q = self._ram_queries().unsqueeze(0).expand(part.shape[0], -1, -1)
-                else:
-                    q = self.model.label_queries(part, self.classes)
-                chunks.append(self.model.fc(self.model.tagging_head(q, part)[0]).squeeze(-1))
-            logits = torch.cat(chunks)
-        return torch.sigmoid(logits.float()).cpu()
+    def autocast(self):
+        if self.dtype == torch.float32 or not torch.amp.is_autocast_available(self.device.type):
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
 
-    def tag_images(self, images: list[Image.Image]) -> list[TagResult]:
-        out: list[TagResult] = []
-        ids = self.class_ids()
-        th = self.model.class_threshold.cpu()[ids]
-        for i in range(0, len(images), self.batch_size):
-            batch = torch.stack([to_tensor(im, self.model.cfg) for im in images[i:i + self.batch_size]])
-            for s in self.scores(batch):
-                fired = [ids[j] for j in torch.nonzero(s > th).flatten().tolist()]
-                out.append(TagResult(s, [self.names[c] for c in fired],
-                                     [self.names_zh[c] for c in fired] if self.names_zh else None))
-        return out
+    def run(self, jobs: Iterable[tuple[object, Callable[[], object]]]) -> Iterator[tuple[object, object]]:
+        """``jobs``: (key, thunk) pairs; a thunk prepares a batch on the host and queues its forward.
+        Yields (key, outputs on the host, float32) one job behind, so the host prepares the next batch
+        while the device computes this one (on a CPU: the same work in the same order)."""
+        pending = None
+        for key, thunk in jobs:
+            out = thunk()
+            if pending is not None:
+                yield pending[0], to_host(pending[1])
+            pending = (key, out)
+        if pending is not None:
+            yield pending[0], to_host(pending[1])
+
+
+class Inference(Placement):
+    """A tagger on its device with its precision; see the module docstring."""
+
+    def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu", precision: str = "auto",
+                 compile: bool | str = False, tf32: bool = True, head_chunk: int | None = None,
+                 pin_memory: bool | None = None):
+        super().__init__(device, precision, tf32, pin_memory)
+        accelerated = self.device.type != "cpu"
+        model = model.eval().to(self.device)
+        if accelerated:
+            model = model.to(memory_format=torch.channels_last)  # the patch-embedding / conv weights
+        self.model = model
+        self.channels_last = accelerated or bool(getattr(model, "channels_last", False))
+        # RAM / RAM++: label queries through a tagging head and one shared fc
+        self.query_head = hasattr(model, "tagging_head") and hasattr(model, "fc")
+        self.head_chunk = head_chunk or (None if accelerated else 2)
+        self._queries = None
+        self._class_index: dict[bytes, torch.Tensor] = {}
+        if self.query_head and model.cfg.variant == "ram":  # fp32, once: indexed per call
+            with torch.inference_mode():
+                self._queries = torch.relu(model.wordvec_proj(model.label_embed))
+        self._embed: Callable = model.image_embeds
+        self._forward: Callable = model
+        if compile:
+            backend = compile if isinstance(compile, str) else "inductor"
+            self._embed = torch.compile(model.image_embeds, backend=backend, dynamic=False)
+            if not self.query_head:  # RAM: the backbone only, the head's shape follows the classes asked for
+                self._forward = torch.compile(model, backend=backend, dynamic=False)
+
+    def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        """A pixel batch on the device, channels-last where the model wants it (on a CPU: the CNN's
+        inference form, converted on the host as before)."""
+        x = self.upload(x)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def classes(self, classes) -> torch.Tensor | None:
+        """A class index on the device, kept per distinct set: a pageable copy would wait for the
+        device's queue and end the overlap (tests/test_infer.py's device guard caught it)."""
+        if classes is None:
+            return None
+        idx = torch.as_tensor(np.asarray(classes, dtype=np.int64))
+        key = idx.numpy().tobytes()
+        if key not in self._class_index:
+            if len(self._class_index) >= 256:
+                self._class_index.clear()
+            self._class_index[key] = self.upload(idx)
+        return self._class_index[key]
+
+    # -- forwards (device tensors in, device tensors out) ---------------------------------------------
+
+    def scores(self, x: torch.Tensor, classes=None, attention: bool = False):
+        """Sigmoid scores ``[B, N]`` (float32) for ``classes`` (all when None); with ``attention`` also
+        each class's last-layer attention over the image tokens, heads averaged, ``[B, N, L]``."""
+        cls = self.classes(classes)
+        with torch.inference_mode(), self.autocast():
+            if self.query_head:
+                logits, attn = self._head(self._embed(x), cls, attention)
+            elif attention:
+                logits, attn = self._forward(x, cls, return_attn=True)
+            else:
+                logits, attn = self._forward(x, cls), None
+            out = torch.sigmoid(logits.float())
+            if not attention:
+                return out
+            return out, attn.float().mean(dim=1)[:, :, 1:]  # pooled token dropped
+
+    def _head(self, img: torch.Tensor, cls: torch.Tensor | None, attention: bool):
+        m, step = self.model, self.head_chunk or img.shape[0]
+        logits, attns = [], []
+        for i in range(0, img.shape[0], step):
+            part = img[i:i + step]
+            if m.cfg.variant == "ram":
+                q = (self._queries if cls is None else self._queries[cls]).unsqueeze(0).expand(part.shape[0], -1, -1)
+            else:
+                q = m.label_queries(part, cls)
+            tagged, attn = m.tagging_head(q, part, attention)
+            logits.append(m.fc(tagged).squeeze(-1))
+            attns.append(attn)
+        return torch.cat(logits), (torch.cat(attns) if attention else None)
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled image feature ``image_embeds[:, 0]`` (what embed stores), float32."""
+        with torch.inference_mode(), self.autocast():
+            return self._embed(x)[:, 0].float()
+
+
+def to_host(out):
+    if isinstance(out, tuple):
+        return tuple(to_host(o) for o in out)
+    return out.float().cpu() if out.device.type != "cpu" else out.float()

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.bert import BertEncoder, BertLayer, TextDecoder, TextEncoder
-from model.swin import SwinTransformer
+from model.bert import Attention, BertEncoder, BertLayer, TextDecoder, TextEncoder
+from model.swin import SwinTransformer, WindowAttention
 
 # -- helpers ---------------------------------------------------------------------------------------
 
@@ -29,6 +29,15 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class CheckpointError(ValueError):
     """A checkpoint that does not fit the model: names the key and both shapes."""
+
+
+def set_fused_attention(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Every Swin and BERT attention of ``model`` through ``scaled_dot_product_attention`` (True, the
+    default) or the explicit softmax (False: the reference formula, plain matmuls for exporters)."""
+    for m in model.modules():
+        if isinstance(m, (WindowAttention, Attention)):
+            m.fused = enabled
+    return model
 
 
 # -- blocks: the tagging head (BERT layers with only cross-attention) --------------------------------
@@ -42,12 +51,13 @@ class TaggingHead(nn.Module):
                                     for _ in range(layers)])
 
     def forward(self, queries: torch.Tensor, image_embeds: torch.Tensor, return_attn: bool = False):
-        attns = []
-        x = queries
-        for layer in self.encoder.layer:
-            x, probs = layer(x, image_embeds, return_attn=return_attn)
-            attns.append(probs)
-        return x, attns
+        """Tagged queries and, with ``return_attn``, the last layer's attention (the one the stages read;
+        the layers below keep the fused kernel)."""
+        x, probs = queries, None
+        last = len(self.encoder.layer) - 1
+        for i, layer in enumerate(self.encoder.layer):
+            x, probs = layer(x, image_embeds, return_attn=return_attn and i == last)
+        return x, probs
 
 
 def _init_weights(m: nn.Module) -> None:
@@ -173,9 +183,9 @@ class RAM(ThresholdedTagger, nn.Module):
     def forward(self, pixels: torch.Tensor, classes: torch.Tensor | None = None, return_attn: bool = False):
         """Logits ``[B, N]`` (before the sigmoid); with ``return_attn`` also the last layer's attention."""
         img = self.image_embeds(pixels)
-        tagged, attns = self.tagging_head(self.label_queries(img, classes), img, return_attn)
+        tagged, attn = self.tagging_head(self.label_queries(img, classes), img, return_attn)
         logits = self.fc(tagged).squeeze(-1)
-        return (logits, attns[-1]) if return_attn else logits
+        return (logits, attn) if return_attn else logits
 
     def caption_loss(self, image_embeds: torch.Tensor, tags, captions, label_smoothing: float = 0.1) -> torch.Tensor:
         """Image-tag-text generation loss: the tag encoder reads the tag text against the image, the

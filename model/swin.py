@@ -4,6 +4,11 @@ Numerics follow the reference implementation: LayerNorm eps 1e-5, exact GELU, at
 ``softmax(q·scale·kᵀ + rel_bias [+ mask])`` with mask value -100, cyclic shift by ``roll(-s)`` before
 windowing and ``roll(+s)`` after, PatchMerging order (0,0), (1,0), (0,1), (1,1) then norm, reduction.
 ``relative_position_index`` and ``attn_mask`` are persistent buffers, as in the official modules.
+
+Attention runs through ``F.scaled_dot_product_attention`` (fused kernels on a GPU) with the relative
+position bias and the shifted-window mask as one additive float mask; ``WindowAttention.fused =
+False`` (or ``model.attention.set_fused_attention``) selects the explicit softmax, the reference
+formula, kept for tests and for exporters that want plain matmuls.
 """
 from __future__ import annotations
 
@@ -65,19 +70,37 @@ class WindowAttention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
+    fused = True  # scaled_dot_product_attention; False: the explicit softmax (same function)
+
+    def position_bias(self, n: int) -> torch.Tensor:
+        """``[1, heads, n, n]`` relative position bias of one window."""
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
+        return bias.permute(2, 0, 1).unsqueeze(0)
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        if not self.fused:
+            return self.proj(self.explicit(qkv, mask).transpose(1, 2).reshape(b, n, c))
+        bias = self.position_bias(n)
+        if mask is not None:  # windows are (image, window) ordered: the mask repeats every nw windows
+            nw = mask.shape[0]
+            bias = (bias.unsqueeze(1) + mask.view(1, nw, 1, n, n)).expand(b // nw, -1, -1, -1, -1)
+            bias = bias.reshape(b, self.heads, n, n)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=bias.to(qkv.dtype), scale=self.scale)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+    def explicit(self, qkv: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The reference formula, ``softmax(q·scale·kᵀ + bias [+ mask]) v``: ``[b, heads, n, head_dim]``."""
+        b, n = qkv.shape[1], qkv.shape[3]
         q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]
         attn = q @ k.transpose(-2, -1)
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
-        attn = attn + bias.permute(2, 0, 1).unsqueeze(0)
+        attn = attn + self.position_bias(n)
         if mask is not None:
             nw = mask.shape[0]
             attn = attn.view(b // nw, nw, self.heads, n, n) + mask.unsqueeze(1).unsqueeze(0)
             attn = attn.view(-1, self.heads, n, n)
-        attn = attn.softmax(dim=-1)
-        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+        return attn.softmax(dim=-1) @ v
 
 
 class SwinBlock(nn.Module):

@@ -218,7 +218,7 @@ def _iter_results(step: Step, tasks: list[tuple[int, dict]], kwargs: dict, ray_c
     res = step.resources
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     common: dict = dict(batch_size=1, num_cpus=res.num_cpus)
-    if res.num_gpus and actors:
+    if res.num_gpus:  # tasks too: Ray hides the GPUs from a task that asks for none (cluster's faiss fits)
         common["num_gpus"] = res.num_gpus
     if actors:
         pool = min(res.pool_size, len(items))

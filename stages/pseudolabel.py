@@ -101,7 +101,8 @@ class GroundConfig(VisionConfig):
     candidate_score: float = Field(0.5, ge=0, le=1, description="pseudo tags at or above this are grounded too")
     max_candidates: int = Field(16, ge=1, description="per image: parse tags first, then the best pseudo tags")
     attention_rel: float = Field(0.5, gt=0, le=1, description="attention cells >= this x the peak form the box")
-    detector: str | None = Field(None, description="local Grounding DINO directory (HF format) or .pth")
+    detector: str | None = Field(None, description="transformers: a local Grounding DINO directory (HF format); "
+                                  "groundingdino: CONFIG.py:WEIGHTS.pth of the original release")
     box_threshold: float = Field(0.25, ge=0, le=1)
     text_threshold: float = Field(0.25, ge=0, le=1)
     max_text_tokens: int = Field(256, ge=8, description="prompts are chunked to the detector's text limit")
@@ -141,7 +142,7 @@ class GroundStage(Stage):
             if not c.detector:
                 raise ValueError("ground.backend 'transformers' needs ground.detector: a local Grounding DINO "
                                  "directory in Hugging Face format")
-            self.detector = HFGroundingDino(c.detector, resolve_device(c.device), c.max_text_tokens)
+            self.detector = HFGroundingDino(c.detector, resolve_device(c.device), c.max_text_tokens, c.precision)
         else:
             from stages.detectors import OriginalGroundingDino
 
@@ -177,14 +178,14 @@ class GroundStage(Stage):
         return StageResult(table, rejects)
 
     def _attention(self, images, cands) -> list[list[dict]]:
-        _, maps = self.tagger.scores(images, attention=True)
+        """Each candidate's box from its own attention map (a RAM head computes only the candidates)."""
         out = []
-        for img, c, m in zip(images, cands, maps):
+        for img, c, (_, maps) in zip(images, cands, self.tagger.scores_for(images, cands, attention=True)):
             rs = []
-            for t in c:
-                if self.tagger.class_of_tag[t] < 0 or not np.any(m[t] > 0):
+            for t, m in zip(c, maps):
+                if self.tagger.class_of_tag[t] < 0 or not np.any(m > 0):
                     continue  # the model lacks the tag: no region (decide records no_region)
-                box, mass = attention_box(m[t], *img.size, rel=self.config.attention_rel)
+                box, mass = attention_box(m, *img.size, rel=self.config.attention_rel)
                 box = clip_box(box, *img.size)
                 if box is not None:
                     rs.append({"tag_id": t, "box": box, "score": mass, "backend": "attention"})

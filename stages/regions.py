@@ -192,9 +192,15 @@ class VerifyStage(_CropStage):
                 items.append((j, r["tag_id"], idx))
         if not items:
             return out
-        s = self.tagger.scores(crops)  # [views, tags]; the views are already the model's input size
+        # each view scored for the tags that look at it only (the views are already the model's input size)
+        want: list[list[int]] = [[] for _ in crops]
+        for _, t, idx in items:
+            for k in idx:
+                if t not in want[k]:
+                    want[k].append(t)
+        s = [dict(zip(w, got)) for w, got in zip(want, self.tagger.scores_for(crops, want))]
         for j, t, idx in items:
-            got = s[idx, t]
+            got = np.array([s[k][t] for k in idx], dtype=np.float32)
             if not np.isnan(got).any():
                 out[j].append({"tag_id": t, "score": float(got.mean())})
         return out

@@ -13,6 +13,7 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image
@@ -108,15 +109,48 @@ class TaggerConfig(StageConfig):
     device: str = Field("auto", description="auto (cuda when this worker sees a GPU: under Ray, when the "
                         "step's resources ask for one), cpu or cuda")
     batch_size: int = Field(32, ge=1)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="inference dtype: auto is bf16 autocast on CUDA and fp32 on CPU (the golden "
+        "numerics); bf16 / fp16 autocast anywhere; fp32 off")
+    tf32: bool = Field(True, description="on CUDA, fp32 matmuls and convolutions in TF32")
+    compile: bool = Field(False, description="torch.compile the backbone (minutes of warm-up per worker)")
 
 
 @dataclass
 class BaseTagger:
-    model: object  # model.ram.RAM
+    """The base tagger as the stages see it: tagset ids in, scores out. Every forward goes through
+    ``model/infer.Inference`` (device, precision, pinned copies, cached queries, restricted head)."""
+
+    model: object  # model.ram.RAM or model.cnn.CnnTagger
     class_of_tag: np.ndarray  # tagset id -> model class index, -1 when the model has no such class
     threshold_of_tag: np.ndarray  # tagset id -> the tag's threshold (NaN when the model lacks the tag)
     device: str = "cpu"
     batch_size: int = 32
+    precision: str = "auto"
+    compile: bool | str = False  # True: inductor; a string names another torch.compile backend
+    tf32: bool = True
+    head_chunk: int | None = None
+    pin_memory: bool | None = None  # None: on CUDA
+
+    def __post_init__(self) -> None:
+        from model.infer import Inference
+
+        self.engine = Inference(self.model, self.device, self.precision, self.compile, self.tf32, self.head_chunk,
+                                self.pin_memory)
+        self.model = self.engine.model
+
+    @classmethod
+    def from_model(cls, model, model_names: list[str], tag_names: list[str] | None = None,
+                   tag_thresholds: list[float] | None = None, **kw) -> "BaseTagger":
+        """Tags matched to the model's classes by name (``tag_names``: default the model's own);
+        thresholds are ``tag_thresholds`` where given, else the model's own ``class_threshold``."""
+        tag_names = list(model_names) if tag_names is None else list(tag_names)
+        index = {n: i for i, n in enumerate(model_names)}
+        class_of_tag = np.array([index.get(n, -1) for n in tag_names], dtype=np.int64)
+        own = model.class_threshold.cpu().numpy()
+        th = np.array([np.nan if c < 0 else (own[c] if tag_thresholds is None else tag_thresholds[t])
+                       for t, c in enumerate(class_of_tag)], dtype=np.float32)
+        return cls(model, class_of_tag, th, **kw)
 
     @classmethod
     def load(cls, cfg: TaggerConfig, artifacts: dict[str, str], tag_names: list[str],
@@ -124,58 +158,17 @@ class BaseTagger:
         """``tag_thresholds`` (the tagset's) apply where the tagger brings none of its own."""
         import torch
 
-        from model.ram import create_model, load_checkpoint
-
         torch.set_num_threads(max(1, torch.get_num_threads()))
-        if cfg.model is None:
-            if "tagger" not in artifacts:
-                raise ValueError("no base tagger: set model + checkpoint in the stage config, or run a train "
-                                 "step (it provides the 'tagger' artifact) before this one")
-            d = Path(artifacts["tagger"])
-            spec = json.loads((d / "model.json").read_text())
-            model = create_model(spec["entrypoint"], **spec["model_args"])
-            state = torch.load(d / spec["checkpoint"], map_location="cpu", weights_only=True)
-            if "label_embed" in state["model"]:  # RAM / RAM++
-                n = state["model"]["label_embed"].shape[0] // (
-                    model.cfg.descriptions_per_class if model.cfg.variant == "ram_plus" else 1)
-                if n != model.cfg.num_classes:
-                    model.set_vocabulary(state["model"]["label_embed"])
-                load_checkpoint(model, state)
-            else:  # a tagger without label queries (model/cnn.py): its own strict load
-                model.load_state_dict(state["model"])
-            model_names = (d / "tag_list.txt").read_text().split("\n") if (d / "tag_list.txt").exists() \
-                else list(tag_names)
-            thresholds = json.loads((d / "thresholds.json").read_text()) if (d / "thresholds.json").exists() else None
-        else:
-            if not cfg.checkpoint:
-                raise ValueError(f"model {cfg.model!r} needs a local checkpoint path (checkpoint:)")
-            state = torch.load(cfg.checkpoint, map_location="cpu", weights_only=False)
-            sd = state.get("model", state)
-            model = create_model(cfg.model, **cfg.model_args)
-            if "label_embed" not in sd and not hasattr(model, "set_vocabulary"):
-                model.load_state_dict(sd)
-            else:
-                per = model.cfg.descriptions_per_class if model.cfg.variant == "ram_plus" else 1
-                if "label_embed" in sd and sd["label_embed"].shape[0] // per != model.cfg.num_classes:
-                    model.set_vocabulary(sd["label_embed"] if sd["label_embed"].shape[1] == model.cfg.label_dim
-                                         else torch.zeros(sd["label_embed"].shape[0], model.cfg.label_dim))
-                load_checkpoint(model, state)
-            model_names = Path(cfg.tag_list).read_text().split("\n") if cfg.tag_list else list(tag_names)
-            thresholds = None
-        model_names = [n.strip() for n in model_names if n.strip()]
+        model, model_names, thresholds = _load_model(cfg, artifacts, tag_names)
         if thresholds is not None:
             model.set_thresholds(thresholds)
-        index = {n: i for i, n in enumerate(model_names)}
-        class_of_tag = np.array([index.get(n, -1) for n in tag_names], dtype=np.int64)
-        own = model.class_threshold.cpu().numpy()
-        fallback = tag_thresholds if tag_thresholds is not None else [0.65] * len(tag_names)
-        th = np.array([np.nan if c < 0 else (own[c] if thresholds is not None else fallback[t])
-                       for t, c in enumerate(class_of_tag)], dtype=np.float32)
-        device = resolve_device(cfg.device)
         model = model.eval()
         if hasattr(model, "for_inference"):  # same function, faster (CNN: BatchNorm folded, channels-last)
             model = model.for_inference()
-        return cls(model.to(device), class_of_tag, th, device, cfg.batch_size)
+        fallback = None if thresholds is not None else \
+            (tag_thresholds if tag_thresholds is not None else [0.65] * len(tag_names))
+        return cls.from_model(model, model_names, tag_names, fallback, device=resolve_device(cfg.device),
+                              batch_size=cfg.batch_size, precision=cfg.precision, compile=cfg.compile, tf32=cfg.tf32)
 
     @property
     def image_size(self) -> int:
@@ -188,14 +181,13 @@ class BaseTagger:
 
     def _pixels(self, images: list[Image.Image], native: bool = False):
         """A batch on the model's device; ``native``: the images already have their input size (all equal)."""
-        import torch
-
         from model.preprocess import to_tensor
 
-        x = torch.stack([to_tensor(im, self.model.cfg, im.size if native else None) for im in images])
-        if getattr(self.model, "channels_last", False):
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x.to(self.device)
+        x = self.engine.stack([to_tensor(im, self.model.cfg, im.size if native else None) for im in images])
+        return self.engine.to_device(x)
+
+    def _slices(self, n: int):
+        return (list(range(i, min(n, i + self.batch_size))) for i in range(0, n, self.batch_size))
 
     def native_batches(self, images: list[Image.Image]):
         """Indices of ``images`` grouped by size, at most ``batch_size`` each (inputs of one size stack)."""
@@ -211,14 +203,13 @@ class BaseTagger:
         """Each crop's score for its own tag (NaN when the model lacks the tag); ``native``: crops are
         already at their input size (:func:`native_crop`), scored batch by batch of equal size."""
         if not native:
-            s = self.scores(crops) if crops else np.zeros((0, len(self.class_of_tag)), np.float32)
-            return np.array([s[k, t] for k, t in enumerate(tags)], dtype=np.float32)
-        import torch
-
+            got = self.scores_for(crops, [[t] for t in tags])
+            return np.array([g[0] for g in got], dtype=np.float32)
         out = np.full(len(crops), np.nan, dtype=np.float32)
-        for idx in self.native_batches(crops):
-            with torch.inference_mode():
-                p = torch.sigmoid(self.model(self._pixels([crops[i] for i in idx], native=True)).float()).cpu().numpy()
+        jobs = ((idx, lambda idx=idx: self.engine.scores(self._pixels([crops[i] for i in idx], native=True)))
+                for idx in self.native_batches(crops))
+        for idx, p in self.engine.run(jobs):
+            p = p.numpy()
             for k, i in enumerate(idx):
                 c = self.class_of_tag[tags[i]]
                 if c >= 0:
@@ -228,44 +219,115 @@ class BaseTagger:
     def scores(self, images: list[Image.Image], attention: bool = False):
         """``[B, tags]`` sigmoid scores (NaN for tags the model lacks); with ``attention`` also the last
         tagging layer's attention over image tokens, ``[B, tags, g, g]`` (zeros for unknown tags)."""
-        import torch
-
         known = self.class_of_tag >= 0
-        classes = torch.as_tensor(self.class_of_tag[known], device=self.device)
+        classes = self.class_of_tag[known]
         out = np.full((len(images), len(self.class_of_tag)), np.nan, dtype=np.float32)
         maps = None
-        for i in range(0, len(images), self.batch_size):
-            x = self._pixels(images[i:i + self.batch_size])
-            with torch.inference_mode():
-                if attention:
-                    logits, attn = self.model(x, classes, return_attn=True)
-                    a = attn.float().mean(dim=1)[:, :, 1:]  # heads averaged, pooled token dropped
-                    g = int(round(a.shape[-1] ** 0.5))
-                    if maps is None:
-                        maps = np.zeros((len(images), len(self.class_of_tag), g, g), dtype=np.float32)
-                    maps[i:i + len(x), known] = a.reshape(len(x), -1, g, g).cpu().numpy()
-                else:
-                    logits = self.model(x, classes)
-            out[i:i + len(x), known] = torch.sigmoid(logits.float()).cpu().numpy()
+        jobs = ((idx, lambda idx=idx: self.engine.scores(self._pixels([images[i] for i in idx]), classes, attention))
+                for idx in self._slices(len(images)))
+        for idx, res in self.engine.run(jobs):
+            i, n = idx[0], len(idx)
+            if attention:
+                res, a = res
+                g = int(round(a.shape[-1] ** 0.5))
+                if maps is None:
+                    maps = np.zeros((len(images), len(self.class_of_tag), g, g), dtype=np.float32)
+                maps[i:i + n, known] = a.reshape(n, -1, g, g).numpy()
+            out[i:i + n, known] = res.numpy()
         return (out, maps) if attention else out
+
+    def scores_for(self, images: list[Image.Image], wanted: list[list[int]], attention: bool = False) -> list:
+        """Each image's scores for its own tags only (``wanted[i]``, tagset ids; NaN where the model lacks
+        the tag), with ``attention`` as (scores, maps ``[len(wanted[i]), g, g]``). A model with a query
+        head (RAM) scores only the classes its batch needs, exactly what the full head gives them; other
+        models score every class and the wanted ones are read off."""
+        if not self.engine.query_head:
+            if not images:
+                return []
+            full = self.scores(images, attention)
+            if attention:
+                return [(full[0][i, w], full[1][i, w]) for i, w in enumerate(wanted)]
+            return [full[i, w] for i, w in enumerate(wanted)]
+        scores = [np.full(len(w), np.nan, dtype=np.float32) for w in wanted]
+        maps: list = [None] * len(wanted)
+
+        def jobs():
+            for idx in self._slices(len(images)):
+                need = sorted({int(self.class_of_tag[t]) for i in idx for t in wanted[i] if self.class_of_tag[t] >= 0})
+                if need:
+                    yield (idx, need), lambda idx=idx, need=need: self.engine.scores(
+                        self._pixels([images[i] for i in idx]), need, attention)
+
+        for (idx, need), res in self.engine.run(jobs()):
+            s, a = res if attention else (res, None)
+            g = int(round(a.shape[-1] ** 0.5)) if attention else 0
+            for k, i in enumerate(idx):
+                cls = self.class_of_tag[wanted[i]] if wanted[i] else np.zeros(0, np.int64)
+                hit = np.nonzero(cls >= 0)[0]
+                cols = np.searchsorted(need, cls[hit])
+                scores[i][hit] = s[k].numpy()[cols]
+                if attention:
+                    maps[i] = np.zeros((len(wanted[i]), g, g), np.float32)
+                    maps[i][hit] = a[k].numpy()[cols].reshape(-1, g, g)
+        if attention:
+            return [(s, m if m is not None else np.zeros((len(s), 0, 0), np.float32)) for s, m in zip(scores, maps)]
+        return scores
 
     def embed(self, images: list[Image.Image], native: bool = False) -> np.ndarray:
         """The pooled image feature (``image_embeds[:, 0]``), ``[B, label_dim]`` float32; ``native`` as in
         :meth:`crop_scores`."""
-        import torch
+        out = np.zeros((len(images), self.model.cfg.label_dim), np.float32)
+        batches = self.native_batches(images) if native else self._slices(len(images))
+        jobs = ((idx, lambda idx=idx: self.engine.pooled(self._pixels([images[i] for i in idx], native=native)))
+                for idx in batches)
+        for idx, f in self.engine.run(jobs):
+            out[idx] = f.numpy()
+        return out
 
-        if native:
-            out = np.zeros((len(images), self.model.cfg.label_dim), np.float32)
-            for idx in self.native_batches(images):
-                with torch.inference_mode():
-                    out[idx] = self.model.image_embeds(self._pixels([images[i] for i in idx], native=True))[:, 0] \
-                        .float().cpu().numpy()
-            return out
-        feats = []
-        for i in range(0, len(images), self.batch_size):
-            with torch.inference_mode():
-                feats.append(self.model.image_embeds(self._pixels(images[i:i + self.batch_size]))[:, 0].float().cpu())
-        return torch.cat(feats).numpy() if feats else np.zeros((0, self.model.cfg.label_dim), np.float32)
+
+def _load_model(cfg: TaggerConfig, artifacts: dict[str, str], tag_names: list[str]):
+    """(model, the model's class names, its own thresholds or None) from the run's tagger artifact or a
+    released checkpoint."""
+    import torch
+
+    from model.ram import create_model, load_checkpoint
+
+    if cfg.model is None:
+        if "tagger" not in artifacts:
+            raise ValueError("no base tagger: set model + checkpoint in the stage config, or run a train "
+                             "step (it provides the 'tagger' artifact) before this one")
+        d = Path(artifacts["tagger"])
+        spec = json.loads((d / "model.json").read_text())
+        model = create_model(spec["entrypoint"], **spec["model_args"])
+        state = torch.load(d / spec["checkpoint"], map_location="cpu", weights_only=True)
+        if "label_embed" in state["model"]:  # RAM / RAM++
+            n = state["model"]["label_embed"].shape[0] // (
+                model.cfg.descriptions_per_class if model.cfg.variant == "ram_plus" else 1)
+            if n != model.cfg.num_classes:
+                model.set_vocabulary(state["model"]["label_embed"])
+            load_checkpoint(model, state)
+        else:  # a tagger without label queries (model/cnn.py): its own strict load
+            model.load_state_dict(state["model"])
+        model_names = (d / "tag_list.txt").read_text().split("\n") if (d / "tag_list.txt").exists() \
+            else list(tag_names)
+        thresholds = json.loads((d / "thresholds.json").read_text()) if (d / "thresholds.json").exists() else None
+    else:
+        if not cfg.checkpoint:
+            raise ValueError(f"model {cfg.model!r} needs a local checkpoint path (checkpoint:)")
+        state = torch.load(cfg.checkpoint, map_location="cpu", weights_only=False)
+        sd = state.get("model", state)
+        model = create_model(cfg.model, **cfg.model_args)
+        if "label_embed" not in sd and not hasattr(model, "set_vocabulary"):
+            model.load_state_dict(sd)
+        else:
+            per = model.cfg.descriptions_per_class if model.cfg.variant == "ram_plus" else 1
+            if "label_embed" in sd and sd["label_embed"].shape[0] // per != model.cfg.num_classes:
+                model.set_vocabulary(sd["label_embed"] if sd["label_embed"].shape[1] == model.cfg.label_dim
+                                     else torch.zeros(sd["label_embed"].shape[0], model.cfg.label_dim))
+            load_checkpoint(model, state)
+        model_names = Path(cfg.tag_list).read_text().split("\n") if cfg.tag_list else list(tag_names)
+        thresholds = None
+    return model, [n.strip() for n in model_names if n.strip()], thresholds
 
 
 def resolve_device(device: str) -> str:

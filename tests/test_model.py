@@ -158,7 +158,9 @@ def test_class_subset_gives_the_same_logits_as_the_full_set():
 
 
 def test_tagger_matches_generate_tag_and_keeps_scores(shared):
-    from model.infer import Tagger
+    """The stages' tagger (stages/vision.BaseTagger on model/infer.Inference, the one inference path)
+    gives the official scores and tags, also with the head in chunks and for a subset of classes."""
+    from stages.vision import BaseTagger
 
     g = shared / "ref/ram/golden"
     names = (g / "ram_tag_list.txt").read_text().splitlines()
@@ -168,10 +170,46 @@ def test_tagger_matches_generate_tag_and_keeps_scores(shared):
         model = create_model(name, pretrained=str(g / ckpt))
         model.set_thresholds(float(x) for x in (g / "ram_tag_list_threshold.txt").read_text().split())
         imgs = [Image.fromarray(np.load(g / f"{n}.npy")) for n in ("chelsea", "coffee")]
-        out = Tagger(model, names, zh, batch_size=2, head_chunk=1).tag_images(imgs)
-        torch.testing.assert_close(torch.stack([o.scores for o in out]), golden[key]["scores"], atol=1e-4, rtol=1e-4)
-        for o, t in zip(out, golden[key]["targets"]):
-            assert o.tags == [names[i] for i in torch.nonzero(t).flatten().tolist()]
-            assert o.tags_zh == [zh[i] for i in torch.nonzero(t).flatten().tolist()]
-        sub = Tagger(model, names, classes=[2, 11, 27]).tag_images(imgs[:1])[0]
-        torch.testing.assert_close(sub.scores, golden[key]["scores"][0, [2, 11, 27]], atol=1e-4, rtol=1e-4)
+        tagger = BaseTagger.from_model(model, names, batch_size=2, head_chunk=1)
+        scores = tagger.scores(imgs)
+        torch.testing.assert_close(torch.from_numpy(scores), golden[key]["scores"], atol=1e-4, rtol=1e-4)
+        for s, t in zip(scores, golden[key]["targets"]):
+            fired = np.nonzero(s > tagger.threshold_of_tag)[0].tolist()  # the official rule: strictly above
+            assert [names[i] for i in fired] == [names[i] for i in torch.nonzero(t).flatten().tolist()]
+            assert [zh[i] for i in fired] == [zh[i] for i in torch.nonzero(t).flatten().tolist()]
+        sub = BaseTagger.from_model(model, names, [names[i] for i in (2, 11, 27)]).scores(imgs[:1])[0]
+        torch.testing.assert_close(torch.from_numpy(sub), golden[key]["scores"][0, [2, 11, 27]], atol=1e-4, rtol=1e-4)
+
+
+def test_fused_attention_equals_the_explicit_softmax():
+    """scaled_dot_product_attention (the default) computes what the explicit softmax does: Swin windows
+    with the relative position bias and the shifted-window mask, the BERT heads with padding and causal
+    masks, whole RAM / RAM++ models, and the attention maps the grounding step reads."""
+    from model.bert import TextDecoder
+    from model.ram import set_fused_attention
+    from model.swin import SwinBlock
+
+    torch.manual_seed(0)
+    block = SwinBlock(dim=16, resolution=8, heads=2, ws=4, shift=2).eval()  # shifted: the mask is in use
+    torch.nn.init.normal_(block.attn.relative_position_bias_table, std=1.0)
+    x = torch.randn(3, 64, 16)
+    dec = TextDecoder(vocab_size=50, hidden=16, layers=2, heads=2, inter=32, kv_width=24, max_positions=16).eval()
+    ids, kv = torch.randint(0, 50, (2, 7)), torch.randn(2, 5, 24)
+    keep, kv_keep = torch.tensor([[1] * 7, [1] * 4 + [0] * 3]), torch.tensor([[1] * 5, [1, 1, 0, 0, 0]])
+    with torch.no_grad():
+        want = (set_fused_attention(block, False)(x), set_fused_attention(dec, False)(ids, keep, kv, kv_keep))
+        got = (set_fused_attention(block, True)(x), set_fused_attention(dec, True)(ids, keep, kv, kv_keep))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    for name in ("ram_test", "ram_plus_test"):
+        model = create_model(name).eval()
+        for p in model.parameters():
+            p.data.normal_(0, 0.2)
+        px = torch.randn(2, 3, 224, 224)
+        with torch.no_grad():
+            want_logits, want_attn = set_fused_attention(model, False)(px, return_attn=True)
+            got_logits, got_attn = set_fused_attention(model, True)(px, return_attn=True)
+            torch.testing.assert_close(model(px), want_logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got_logits, want_logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got_attn, want_attn, atol=1e-5, rtol=1e-5)
+        assert got_attn.shape == (2, 2, 50, 50)  # [B, heads, classes, 1 + 7x7 tokens]

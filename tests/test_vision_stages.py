@@ -207,6 +207,17 @@ def test_kmeans_pp_and_distances_find_the_outlier():
     np.testing.assert_array_equal(dist, again[1])
 
 
+def test_kmeans_on_a_gpu_finds_the_cpus_centroids():
+    """With a faiss-gpu build on a GPU node (the ``gpu`` extra), fits run there by default."""
+    from stages.cluster import faiss_gpus, fit_centroids
+
+    if faiss_gpus() == 0:
+        pytest.skip("faiss sees no GPU (faiss-cpu, or no GPU given to this process)")
+    rng = np.random.default_rng(0)
+    x = np.vstack([rng.normal(0, 0.05, (200, 16)) + np.eye(16)[i] for i in range(4)]).astype(np.float32)
+    np.testing.assert_allclose(fit_centroids(x, 4, 10, 3), fit_centroids(x, 4, 10, 3, gpu=False), atol=1e-4)
+
+
 # -- decide ----------------------------------------------------------------------------------------------
 
 # the image's cluster_distances: tag 1's region is far (relative 2.0) and among the outermost 10%

@@ -1,0 +1,206 @@
+"""GPU check, for a person with one CUDA GPU (under 5 minutes): the vision steps' real code on real photos.
+
+    python bench/gpu.py [--images 512] [--batch 32] [--gd-images 64]
+
+* RAM at its real size (Swin-L 384, 4,585 classes; random init: speed does not depend on the weights)
+  through the stages' own tagger (``stages/vision.BaseTagger`` on ``model/infer.Inference``), in bf16
+  autocast and in fp32 (TF32 matmuls):
+  - ``model_img_per_s``: pixel batches already on the GPU, the forward only (all classes);
+  - ``decode_img_per_s``: one thread decoding the JPEG bytes and resizing to 384 px (``open_image`` +
+    the model's preprocessing), no model;
+  - ``with_decode_img_per_s``: what a pseudolabel actor does today: a stage batch of JPEG bytes decoded
+    (one thread), then scored, batch after batch;
+  - ``gpu_busy_share``: the GPU's time inside the forwards (CUDA events around each) over the wall time
+    of the with-decode run (an upper bound where kernel launches starve the GPU);
+  - ``peak_gpu_mem_gib``: ``torch.cuda.max_memory_allocated`` during that precision's runs.
+* Grounding DINO through the transformers backend (``stages/detectors.HFGroundingDino``) with the default
+  Swin-T config (random init), 16 COCO class names per image: ``pairs_per_s``, (image, prompt) pairs.
+
+Photos: ../shared/data/coco20 (20 COCO JPEGs), replicated. One JSON line on stdout (also written to
+``--out``). Without CUDA it prints one line saying it needs a GPU and exits with status 2; ``--smoke``
+runs the same code with tiny models on the CPU (numbers meaningless) to check the script itself.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+SHARED = Path(os.environ.get("RAM_SHARED_DIR", REPO.parent / "shared"))
+TINY_RAM = {"num_classes": 20, "image_size": 64, "window_size": 4, "embed_dim": 8, "depths": (2, 2, 2),
+            "num_heads": (1, 2, 4), "head_hidden": 32, "head_intermediate": 64, "label_dim": 16}
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def ram_section(model, rows: list[dict], precision: str, batch: int, stage_batch: int, device: str) -> dict:
+    import torch
+
+    from model.preprocess import to_tensor
+    from stages.vision import BaseTagger, ImageLimits, open_image
+
+    limits = ImageLimits()
+    names = [str(i) for i in range(model.cfg.num_classes)]
+    tagger = BaseTagger.from_model(model, names, batch_size=batch, device=device, precision=precision)
+    classes = tagger.class_of_tag
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    images = [open_image(r, None, limits)[0] for r in rows]
+    for im in images:
+        to_tensor(im, model.cfg)
+    decode_s = time.perf_counter() - t0
+    pixels = [tagger._pixels(images[i:i + batch]) for i in range(0, len(images), batch)]
+    tagger.engine.scores(pixels[0], classes)  # warm-up (kernels, allocator)
+    _sync(device)
+    t0 = time.perf_counter()
+    for x in pixels:
+        out = tagger.engine.scores(x, classes)
+    _sync(device)
+    model_s = time.perf_counter() - t0
+    del pixels, out
+    spans = []
+    forward = tagger.engine.scores
+
+    def timed(*a, **kw):  # CUDA events around each forward: the GPU's time inside it
+        if device != "cuda":
+            return forward(*a, **kw)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = forward(*a, **kw)
+        end.record()
+        spans.append((start, end))
+        return out
+
+    tagger.engine.scores = timed
+    t0 = time.perf_counter()
+    for s in range(0, len(rows), stage_batch):  # a pseudolabel actor's loop: decode a stage batch, score it
+        tagger.scores([open_image(r, None, limits)[0] for r in rows[s:s + stage_batch]])
+    _sync(device)
+    wall = time.perf_counter() - t0
+    busy = sum(a.elapsed_time(b) for a, b in spans) / 1000 / wall if spans else None
+    n = len(rows)
+    return {"model_img_per_s": round(n / model_s, 1), "decode_img_per_s": round(n / decode_s, 1),
+            "with_decode_img_per_s": round(n / wall, 1), "gpu_busy_share": None if busy is None else round(busy, 3),
+            "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if device == "cuda" else None}
+
+
+def grounding_dino(path: Path, names: list[str], smoke: bool) -> Path:
+    """A Grounding DINO directory in Hugging Face format with random weights: the default config
+    (Swin-T backbone, BERT-base-sized text encoder over a vocabulary of the prompt words)."""
+    import torch
+    from transformers import (BertConfig, BertTokenizerFast, GroundingDinoConfig, GroundingDinoForObjectDetection,
+                              GroundingDinoProcessor, SwinConfig)
+    from transformers.models.grounding_dino import GroundingDinoImageProcessorPil
+
+    words = sorted({w for n in names for w in n.split()})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "."] + words
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+    if smoke:
+        size = {"shortest_edge": 64, "longest_edge": 96}
+        cfg = GroundingDinoConfig(
+            backbone_config=SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4,
+                                       image_size=64, out_features=["stage2", "stage3", "stage4"]),
+            text_config=BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=64, max_position_embeddings=64),
+            d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+            encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=20, max_text_len=64, num_feature_levels=3,
+            encoder_n_points=2, decoder_n_points=2)
+    else:
+        size = {"shortest_edge": 800, "longest_edge": 1333}
+        cfg = GroundingDinoConfig(text_config=BertConfig(vocab_size=len(vocab)))
+    torch.manual_seed(0)
+    GroundingDinoForObjectDetection(cfg).save_pretrained(path)
+    GroundingDinoProcessor(image_processor=GroundingDinoImageProcessorPil(size=size), tokenizer=tok).save_pretrained(path)
+    return path
+
+
+def gd_section(path: Path, images: list, names: list[str], precision: str, device: str) -> dict:
+    from stages.detectors import HFGroundingDino
+
+    gd = HFGroundingDino(str(path), device, precision=precision)
+    per_image = [names] * len(images)
+    pairs = sum(len(gd_prompts(gd, ns)) for ns in per_image)
+    gd.detect(images[:8], per_image[:8], 0.3, 0.25, batch_size=8)  # warm-up
+    _sync(device)
+    t0 = time.perf_counter()
+    gd.detect(images, per_image, 0.3, 0.25, batch_size=8)
+    _sync(device)
+    return {"pairs": pairs, "pairs_per_s": round(pairs / (time.perf_counter() - t0), 1)}
+
+
+def gd_prompts(gd, names: list[str]):
+    from stages.detectors import build_prompts
+
+    return build_prompts(names, gd._count, gd.limit)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--stage-batch", type=int, default=256, help="rows a vision actor gets per call (resources)")
+    ap.add_argument("--gd-images", type=int, default=64)
+    ap.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks the script, measures nothing")
+    ap.add_argument("--out", default=str(REPO / "bench/out/gpu.json"))
+    args = ap.parse_args(argv)
+    if not args.smoke and not torch.cuda.is_available():
+        print("bench/gpu.py needs a CUDA GPU (torch.cuda.is_available() is False here): nothing measured",
+              file=sys.stderr)
+        return 2
+    photos = sorted((SHARED / "data/coco20/images").glob("*.jpg"))
+    if not photos:
+        print(f"bench/gpu.py needs photos in {SHARED}/data/coco20/images (set RAM_SHARED_DIR)", file=sys.stderr)
+        return 2
+    from model.ram import create_model
+    from stages.vision import ImageLimits, open_image
+
+    device = "cpu" if args.smoke else "cuda"
+    n = min(args.images, 24) if args.smoke else args.images
+    data = [p.read_bytes() for p in photos]
+    rows = [{"image_id": f"{i:05d}", "image_bytes": data[i % len(data)]} for i in range(n)]
+    res: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)",
+                 "torch": torch.__version__, "images": n, "batch": args.batch, "stage_batch": args.stage_batch,
+                 "model": "ram_swin_l_384 (random init)" if not args.smoke else "tiny ram (smoke)"}
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = create_model("ram_swin_l_384") if not args.smoke else create_model("ram_test", **TINY_RAM)
+    failed = False
+    for precision in ("bf16", "fp32"):
+        try:
+            res[f"ram_{precision}"] = ram_section(model, rows, precision, args.batch, args.stage_batch, device)
+        except Exception as e:  # noqa: BLE001 - a check reports what broke and goes on
+            res[f"ram_{precision}"], failed = {"error": f"{type(e).__name__}: {e}"[:500]}, True
+    del model
+    names = ["person", "bicycle", "car", "motorcycle", "bus", "truck", "boat", "traffic light", "bench", "bird",
+             "cat", "dog", "horse", "umbrella", "cup", "chair"]
+    images = [open_image(r, None, ImageLimits())[0] for r in rows[:min(args.gd_images, n)]]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = grounding_dino(Path(tmp) / "gd", names, args.smoke)
+        for precision in ("bf16", "fp32"):
+            try:
+                res[f"grounding_dino_{precision}"] = gd_section(path, images, names, precision, device)
+            except Exception as e:  # noqa: BLE001
+                res[f"grounding_dino_{precision}"], failed = {"error": f"{type(e).__name__}: {e}"[:500]}, True
+    line = json.dumps(res, sort_keys=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(line + "\n")
+    print(line)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
