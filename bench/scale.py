@@ -1,6 +1,6 @@
 """Benchmark: how the engine's cost grows from N to 4N rows, per step, driver apart from the workers.
 
-    python bench/scale.py [--captions 4000] [--images 20000] [--out bench/out/scale.json]
+    python bench/scale.py [--captions 8000] [--images 40000] [--out bench/out/scale.json]
 
 Two workloads run through the real runner (Ray, local, 2 CPUs), each at N and 4N, each size in its own
 process so peak memories are that run's alone:
@@ -128,8 +128,8 @@ def child(kind: str, n: int, work: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--captions", type=int, default=4000, help="N for the caption workload")
-    ap.add_argument("--images", type=int, default=20000, help="N (images) for the simulated region workload")
+    ap.add_argument("--captions", type=int, default=8000, help="N for the caption workload")
+    ap.add_argument("--images", type=int, default=40000, help="N (images) for the simulated region workload")
     ap.add_argument("--out", default=str(REPO / "bench" / "out" / "scale.json"))
     ap.add_argument("--child", nargs=3, metavar=("KIND", "N", "DIR"), help=argparse.SUPPRESS)
     a = ap.parse_args()
