@@ -269,3 +269,142 @@ def test_a_teacher_without_weights_is_a_config_error(tmp_path):
     cfg.write_text("workflow: train\ntrain: {teacher: ram}\n")
     with pytest.raises(ConfigError, match=r"t\.yaml.*train.*teacher_weights"):
         load_run_config(cfg)
+
+
+def _check_devices(model):
+    """Every submodule asserts that the tensors it is called with are on the model's device."""
+    device = next(model.parameters()).device
+
+    def hook(module, args, kwargs):
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, torch.Tensor):
+                assert a.device == device, f"{type(module).__name__} called with a {a.device} tensor, model on {device}"
+
+    for m in model.modules():
+        m.register_forward_pre_hook(hook, with_kwargs=True)
+    return model
+
+
+def _meta_models():
+    yield "ram", _model()
+    yield "cnn", create_model("cnn_tagger_tiny", num_classes=4, widths=[8, 16, 16, 16], pool="lse")
+    yield "ram_caption", create_model("ram_test", caption_branch=True, text_layers=2, num_classes=4, image_size=64,
+                                      window_size=4, embed_dim=8, head_hidden=32, head_intermediate=64)
+    yield "ram_plus", create_model("ram_plus_test", num_classes=4, image_size=64, window_size=4, embed_dim=8,
+                                   head_hidden=32, head_intermediate=64, label_dim=384)
+
+
+def test_the_loop_keeps_every_tensor_on_the_model_device(tmp_path):
+    """No GPU here, so the model goes to the ``meta`` device (a second device without data): a CPU batch fed
+    to it fails the submodules' device checks, and the host copy of a score is the one place it may stop."""
+    from model.teacher import RamTeacher
+    from model.text import MiniLMEncoder
+    from model.train import BatchLoss, Objective, evaluate, make_loader, optimizer_step, predict
+    from pipeline.stage import StageContext
+    from stages.train import TrainStage, TrainStageConfig
+
+    files = _tiny_export(tmp_path, 16)
+    meta = torch.device("meta")
+    encoder = MiniLMEncoder()
+    for name, model in _meta_models():
+        model = _check_devices(model.to(meta))
+        with pytest.raises(AssertionError, match="called with a cpu tensor"):  # the checks do catch a mix-up
+            model(torch.zeros(2, 3, 64, 64))
+        ds = ExportDataset(files, 4, model.cfg)
+        loader = make_loader(ds, 8, meta)
+        for s, y, _ in predict(model, loader):
+            assert s.device == meta and y.device == meta and s.shape == (8, 4), name
+        cfg = TrainConfig(hflip=True, grad_clip=1.0, distill_weight=1.0, align_weight=1.0, channels_last=name == "cnn")
+        teacher = None
+        if name.startswith("ram"):
+            teacher = RamTeacher(_check_devices(create_model(
+                "ram_test", num_classes=4, image_size=32, window_size=4, embed_dim=8, head_hidden=32,
+                head_intermediate=64, label_dim=model.cfg.label_dim).to(meta)), model.cfg)
+        objective = Objective(model, cfg)
+        batch_loss = BatchLoss(model, cfg, teacher, encoder if name == "ram_plus" else None,
+                               ["red", "green", "blue", "yellow"])
+        assert batch_loss.distill == (teacher is not None) and batch_loss.align == (name == "ram_plus")
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        objective.train()
+        x, y, idx = next(iter(loader))
+        loss = batch_loss(objective, x, y, lambda: [ds.rows[int(i)] for i in idx], torch.Generator(), meta)
+        loss.backward()
+        optimizer_step(opt, sched, params, cfg)
+        assert loss.device == meta and all(p.grad.device == meta for p in params if p.grad is not None), name
+        with pytest.raises(NotImplementedError, match="meta tensor"):  # stops at the host copy, nowhere before
+            evaluate(model, loader)
+    stage = TrainStage(TrainStageConfig(), StageContext(str(tmp_path), "train"))
+    with pytest.raises(NotImplementedError, match="meta tensor"):
+        stage._calibrate(model, ds, 4)
+
+
+def test_gradient_accumulation_equals_one_larger_batch(tmp_path):
+    """Two batches of 8 accumulated into one step: the same update as one batch of 16, half the steps."""
+    files = _tiny_export(tmp_path, 32)
+    big, acc = _model(), _model()
+    ds = ExportDataset(files, 4, big.cfg)
+    kw = {"epochs": 1, "warmup_steps": 1, "lr": 3e-3}
+    r_big = train(big, ds, ds, TrainConfig(batch_size=16, **kw), tmp_path / "big", log=lambda m: None)
+    r_acc = train(acc, ds, ds, TrainConfig(batch_size=8, global_batch_size=16, **kw), tmp_path / "acc",
+                  log=lambda m: None)
+    assert r_big["steps"] == r_acc["steps"] == 2
+    for k, v in big.state_dict().items():
+        torch.testing.assert_close(acc.state_dict()[k], v, atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="multiple of batch_size"):
+        train(_model(), ds, ds, TrainConfig(batch_size=8, global_batch_size=12, **kw), tmp_path / "bad")
+
+
+def test_gradient_clipping_bounds_the_update():
+    from model.train import optimizer_step
+
+    w = torch.nn.Parameter(torch.zeros(4))
+    w.grad = torch.tensor([3.0, 4.0, 0.0, 0.0])  # norm 5
+    opt = torch.optim.SGD([w], lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    optimizer_step(opt, sched, [w], TrainConfig(grad_clip=0.5))
+    torch.testing.assert_close(w.detach(), torch.tensor([-0.3, -0.4, 0.0, 0.0]))
+
+
+def test_loader_workers_decode_the_same_batches(tmp_path):
+    """An epoch with num_workers > 0 (prefetching processes) trains the very same model as the in-process
+    loader: the same images, decoded the same way, in the same order. Later epochs shuffle differently (the
+    persistent workers' one iterator draws the shuffle generator once less per epoch), and with ``hflip``
+    the flips differ (the sampler, run ahead by the prefetch, draws from the generator the flips use)."""
+    files = _tiny_export(tmp_path, 24)
+    a, b = _model(), _model()
+    ds = ExportDataset(files, 4, a.cfg)
+    cfg = {"epochs": 1, "batch_size": 8, "warmup_steps": 1}
+    train(a, ds, ds, TrainConfig(**cfg), tmp_path / "a", log=lambda m: None)
+    train(b, ds, ds, TrainConfig(num_workers=2, prefetch_factor=2, **cfg), tmp_path / "b", log=lambda m: None)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+
+
+def test_held_out_evaluation_is_a_bounded_sample_by_hash():
+    from stages.train import eval_sample
+
+    ids = [f"img{i:04d}" for i in range(500)]
+    s = eval_sample(ids, 40)
+    assert len(s) == 40 and s == eval_sample(reversed(ids), 40) and s <= set(ids)
+    assert eval_sample(ids[:30], 40) == set(ids[:30])
+    assert eval_sample(ids, 40) & set(ids[:250]) != s  # not simply the first ids
+
+
+def test_train_stage_scores_at_most_eval_max_images(tmp_path):
+    from pipeline.stage import RowSource, StageContext
+    from stages.train import TrainStage, TrainStageConfig
+    from tagset.tagset import Tag, TagSet
+
+    files = _tiny_export(tmp_path, 40)
+    vocab = tmp_path / "vocab"
+    vocab.mkdir()
+    pq.write_table(TagSet([Tag(i, n) for i, n in enumerate(["red", "green", "blue", "yellow"])]).to_table(),
+                   vocab / "tagset.parquet")
+    cfg = TrainStageConfig(text_encoder="none", epochs=1, batch_size=8, warmup_steps=1, val_fraction=0.5,
+                           eval_max_images=5, model_args={"image_size": 64, "window_size": 4, "embed_dim": 8,
+                                                          "head_hidden": 32, "head_intermediate": 64})
+    res = TrainStage(cfg, StageContext(str(tmp_path), "train", artifacts={"tagset": str(vocab)})).run(RowSource(files))
+    assert res.stats["val_images"] == 5 < res.stats["held_out_images"]
+    assert res.stats["train_images"] + res.stats["held_out_images"] == 40
