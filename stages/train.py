@@ -19,7 +19,16 @@ class TrainStageConfig(StageConfig):
     model: str = Field("ram_test", description="registered entrypoint (ram_swin_l_384, ram_plus_swin_l_384, "
                        "ram_test, cnn_tagger_tiny, ...)")
     model_args: dict = Field(default_factory=dict, description="entrypoint overrides, e.g. {image_size: 128}")
-    init_checkpoint: str | None = Field(None, description="local checkpoint to start from (official layout)")
+    init_checkpoint: str | None = Field(None, description="local checkpoint to start from (official layout); a "
+                                        "RAM / RAM++ one keeps its label space (model/finetune.py)")
+    init_tag_list: str | None = Field(None, description="the init_checkpoint's tag names, one a line (official "
+                                      "ram_tag_list.txt): tags it knows keep their rows, matched by name or synonym")
+    new_tag_rows: Literal["encoder", "project"] = Field(
+        "encoder", description="fine-tuning, rows for tags the checkpoint does not know: 'encoder' takes the text "
+        "encoder's (it must be the checkpoint's width: CLIP ViT-B/16, 512-d); 'project' maps another encoder's "
+        "(MiniLM, 384-d) by a ridge fit on the known tags and reports its held-out cosine")
+    descriptions: str | None = Field(None, description="RAM++: tag descriptions JSON in the official format "
+                                     "[{tag: [51 strings]}]; tags without one get 51 template rows")
     text_encoder: Literal["minilm", "clip", "none"] = Field("minilm", description="label queries from tag names")
     text_weights: str | None = Field(None, description="local weights for the text encoder (clip needs them)")
     freeze_label_embed: bool = True
@@ -154,11 +163,55 @@ class TrainStage(Stage):
                                                            self.config.prefetch_factor))
         return calibrate(scores, labels, self.config.calibrate_precision, self.config.calibrate_min_hits)
 
+    def _build_model(self, tagset):
+        """The model for ``tagset``: from scratch, or from a released checkpoint in its own label space.
+        Returns it, the entrypoint arguments that rebuild it, and statistics of the label transfer."""
+        import torch
+
+        from model.finetune import transfer_labels
+        from model.ram import create_model, load_checkpoint
+        from model.text import description_rows, description_texts, label_embeddings, load_descriptions, \
+            make_encoder
+
+        c = self.config
+        args = {"num_classes": len(tagset), **c.model_args}
+        model = create_model(c.model, **args)
+        ram = hasattr(model, "set_vocabulary")  # label queries from tag names: RAM models (a CNN has one output per tag)
+        encoder = make_encoder(c.text_encoder, c.text_weights) if c.text_encoder != "none" and ram else None
+        descriptions = load_descriptions(c.descriptions) if c.descriptions else None
+        per = model.cfg.descriptions_per_class if ram and model.cfg.variant == "ram_plus" else 1
+        stats: dict = {}
+        if c.init_checkpoint and ram:
+            state = torch.load(c.init_checkpoint, map_location="cpu", weights_only=True)
+            emb = (state["model"] if isinstance(state.get("model"), dict) else state)["label_embed"]
+            if not c.init_tag_list:
+                raise ValueError("train.init_tag_list: fine-tuning a RAM checkpoint needs its tag names, one a line "
+                                 "(the official ram_tag_list.txt), to map the tagset onto its label rows")
+            names = Path(c.init_tag_list).read_text(encoding="utf-8").splitlines()
+            args.update(num_classes=emb.shape[0] // per, label_dim=emb.shape[1])
+            model = load_checkpoint(create_model(c.model, **args), state)
+            tr = transfer_labels(emb, names, [(t.name, t.synonyms) for t in tagset.tags], per,
+                                 (lambda n: description_texts(n, descriptions, per)) if per > 1 else None,
+                                 encoder, c.new_tag_rows, f"text encoder {c.text_encoder!r}")
+            model.set_vocabulary(tr.label_embed, tagset.thresholds(), trainable=not c.freeze_label_embed)
+            args["num_classes"] = len(tagset)
+            stats = {f"init_{k}": v for k, v in tr.stats.items()}
+        else:
+            if encoder is not None:
+                args["label_dim"] = encoder.dim
+                model = create_model(c.model, **args)
+            if c.init_checkpoint:  # a tagger without label rows (model/cnn.py): a strict load of the same shapes
+                model.load_state_dict(torch.load(c.init_checkpoint, map_location="cpu", weights_only=True)["model"])
+            if encoder is not None:
+                emb = description_rows(encoder, tagset.names, descriptions, per) if per > 1 \
+                    else label_embeddings(encoder, tagset.names)
+                model.set_vocabulary(emb, tagset.thresholds(), trainable=not c.freeze_label_embed)
+        model.set_thresholds(tagset.thresholds())
+        return model, args, stats
+
     def run(self, rows: RowSource) -> ReduceResult:
         import torch
 
-        from model.ram import create_model, load_checkpoint
-        from model.text import label_embeddings, make_encoder
         from model.train import ExportDataset, TrainConfig, train
         from tagset.tagset import TagSet
 
@@ -166,22 +219,7 @@ class TrainStage(Stage):
         seed = c.seed if c.seed is not None else self.context.seed
         torch.manual_seed(seed)
         tagset = TagSet.load(self.context.artifact("tagset"))
-        args = {"num_classes": len(tagset), **c.model_args}
-        model = create_model(c.model, **args)
-        # label queries from tag names: RAM models only (a CNN tagger has one output per tag)
-        encoder = make_encoder(c.text_encoder, c.text_weights) \
-            if c.text_encoder != "none" and hasattr(model, "set_vocabulary") else None
-        if encoder is not None:
-            args["label_dim"] = encoder.dim
-            model = create_model(c.model, **args)
-        if c.init_checkpoint:
-            load_checkpoint(model, c.init_checkpoint)
-        if encoder is not None:
-            emb = label_embeddings(encoder, tagset.names)
-            if model.cfg.variant == "ram_plus":
-                emb = emb.repeat_interleave(model.cfg.descriptions_per_class, dim=0)
-            model.set_vocabulary(emb, tagset.thresholds(), trainable=not c.freeze_label_embed)
-        model.set_thresholds(tagset.thresholds())
+        model, args, label_stats = self._build_model(tagset)
         model.to(c.device)
         source = rows if rows.view is not None else rows.files
         ids, rejects = decode_errors(source)
@@ -225,6 +263,7 @@ class TrainStage(Stage):
                  "summary": f"val mAP {hist[0]['mAP']:.3f} -> {hist[-1]['mAP']:.3f} (chance "
                             f"{hist[-1]['chance_mAP']:.3f}), loss {hist[1]['loss']:.2f} -> {hist[-1]['loss']:.2f}"}
         stats.update(truth_q)
+        stats.update(label_stats)
         if truth_q:
             stats["summary"] += (f"; vs truth: val mAP {truth_q['val_truth_mAP_before']:.3f} -> "
                                  f"{truth_q['val_truth_mAP_after']:.3f} "

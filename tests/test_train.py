@@ -408,3 +408,98 @@ def test_train_stage_scores_at_most_eval_max_images(tmp_path):
     res = TrainStage(cfg, StageContext(str(tmp_path), "train", artifacts={"tagset": str(vocab)})).run(RowSource(files))
     assert res.stats["val_images"] == 5 < res.stats["held_out_images"]
     assert res.stats["train_images"] + res.stats["held_out_images"] == 40
+
+
+GOLDEN_CKPTS = [("ram_test", "tiny_ram.pth", 1), ("ram_plus_test", "tiny_ram_plus.pth", 51)]
+# ids 0-3 are the colours the tiny export labels (new to the checkpoint); then tags its list knows, one
+# by a synonym only ("aeroplane" -> "plane") and one by another spelling ("Alarm  Clock")
+FINETUNE_TAGS = [("red", []), ("green", []), ("blue", []), ("yellow", []), ("abacus", []), ("airport", []),
+                 ("Alarm  Clock", []), ("aeroplane", ["plane"])]
+
+
+def _finetune_stage(tmp_path, shared, name, ckpt, **overrides):
+    from pipeline.stage import StageContext
+    from stages.train import TrainStage, TrainStageConfig
+    from tagset.tagset import Tag, TagSet
+
+    g = shared / "ref/ram/golden"
+    vocab = tmp_path / "vocab"
+    vocab.mkdir(exist_ok=True)
+    pq.write_table(TagSet([Tag(i, n, s) for i, (n, s) in enumerate(FINETUNE_TAGS)]).to_table(),
+                   vocab / "tagset.parquet")
+    cfg = TrainStageConfig(**{"model": name, "init_checkpoint": str(g / ckpt),
+                              "init_tag_list": str(g / "ram_tag_list.txt"), "text_encoder": "minilm",
+                              "new_tag_rows": "project", "epochs": 1, "batch_size": 8, "warmup_steps": 1,
+                              "val_fraction": 0.3, "cache_images": False, **overrides})
+    return TrainStage(cfg, StageContext(str(tmp_path), "train", artifacts={"tagset": str(vocab)}))
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("name, ckpt, per", GOLDEN_CKPTS)
+def test_fine_tuning_a_released_checkpoint_keeps_its_label_rows(shared, tmp_path, name, ckpt, per):
+    """Golden set A's official tiny RAM / RAM++ on a tagset that adds four tags: the tags the checkpoint
+    knows keep their official 512-d rows exactly, the new ones get MiniLM rows projected into that space,
+    the run trains and publishes a model the vision stages load."""
+    import json
+
+    from pipeline.stage import RowSource
+    from stages.vision import BaseTagger, TaggerConfig
+
+    g = shared / "ref/ram/golden"
+    official = torch.load(g / ckpt, weights_only=True)["model"]["label_embed"].view(50, per, 512)
+    ck_names = (g / "ram_tag_list.txt").read_text().splitlines()
+    files = _tiny_export(tmp_path, 16)
+    res = _finetune_stage(tmp_path, shared, name, ckpt).run(RowSource(files))
+    out = tmp_path / "train"
+    rows = torch.load(out / "model.pth", weights_only=True)["model"]["label_embed"]
+    assert rows.shape == (len(FINETUNE_TAGS) * per, 512)
+    rows = rows.view(len(FINETUNE_TAGS), per, 512)
+    for ours, theirs in [(4, "abacus"), (5, "airport"), (6, "alarm clock"), (7, "plane")]:
+        assert torch.equal(rows[ours], official[ck_names.index(theirs)]), theirs
+    new = rows[:4].reshape(-1, 512)
+    torch.testing.assert_close(new.norm(dim=-1), torch.ones(len(new)))
+    assert not any(torch.equal(r, o) for r in rows[:4] for o in official)
+    if per > 1:  # RAM++: 51 different rows per new tag (template texts), not 51 copies of one
+        assert torch.unique(rows[0], dim=0).shape[0] == per
+    assert res.stats["init_tags_known"] == 4 and res.stats["init_tags_new"] == 4
+    assert res.stats["init_new_rows"] == "project" and -1 <= res.stats["init_projection_cosine"] <= 1
+    assert res.stats["steps"] >= 1 and np.isfinite(res.stats["loss_last_epoch"])
+    for fname, data in res.files.items():
+        (out / fname).write_bytes(data)
+    assert json.loads((out / "model.json").read_text())["model_args"]["label_dim"] == 512
+    tagger = BaseTagger.load(TaggerConfig(device="cpu"), {"tagger": str(out)}, [n for n, _ in FINETUNE_TAGS])
+    assert tagger.model(torch.zeros(1, 3, 224, 224)).shape == (1, len(FINETUNE_TAGS))
+
+
+@pytest.mark.shared
+def test_fine_tuning_never_mixes_label_widths(shared, tmp_path):
+    from pipeline.stage import RowSource
+
+    files = _tiny_export(tmp_path, 8)
+    with pytest.raises(ValueError, match=r"'minilm' is 384-d but the checkpoint's label space is 512-d"):
+        _finetune_stage(tmp_path, shared, "ram_test", "tiny_ram.pth", new_tag_rows="encoder").run(RowSource(files))
+    with pytest.raises(ValueError, match="init_tag_list"):
+        _finetune_stage(tmp_path, shared, "ram_test", "tiny_ram.pth", init_tag_list=None).run(RowSource(files))
+    with pytest.raises(ValueError, match="no text encoder"):
+        _finetune_stage(tmp_path, shared, "ram_test", "tiny_ram.pth", text_encoder="none").run(RowSource(files))
+
+
+def test_label_transfer_with_an_encoder_of_the_checkpoints_width():
+    """Same width (CLIP's case): new rows are the encoder's own, known rows the checkpoint's."""
+    from model.finetune import transfer_labels
+
+    class Hashed:  # a deterministic 8-d text encoder: no CLIP weights on this machine
+        dim = 8
+
+        def encode(self, texts):
+            return torch.stack([torch.randn(8, generator=torch.Generator().manual_seed(sum(map(ord, t))))
+                                for t in texts])
+
+    ck = torch.nn.functional.normalize(torch.randn(3 * 2, 8), dim=-1)  # 3 classes x 2 rows (a RAM++-like layout)
+    tr = transfer_labels(ck, ["cat", "dog", "car"], [("Dog", []), ("bus", []), ("kitty", ["cat"])], 2,
+                         lambda names: [f"{n} {d}" for n in names for d in ("a", "b")], Hashed())
+    assert tr.known == {0: 1, 2: 0} and tr.new == [1]
+    rows = tr.label_embed.view(3, 2, 8)
+    assert torch.equal(rows[0], ck.view(3, 2, 8)[1]) and torch.equal(rows[2], ck.view(3, 2, 8)[0])
+    torch.testing.assert_close(rows[1], torch.nn.functional.normalize(Hashed().encode(["bus a", "bus b"]), dim=-1))
+    assert tr.stats["new_rows"] == "encoder"
