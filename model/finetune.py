@@ -24,6 +24,9 @@ import torch
 import torch.nn.functional as F
 
 
+FIT_MAX_TAGS = 2000  # known tags the projection is fit on (RAM++: 51 texts each to encode)
+
+
 def _key(s: str) -> str:
     return " ".join(s.lower().split())
 
@@ -34,6 +37,19 @@ class LabelTransfer:
     known: dict[int, int]  # our tag id -> the checkpoint's class index
     new: list[int]  # our tag ids whose rows come from the text encoder
     stats: dict = field(default_factory=dict)
+    projection: torch.Tensor | None = None  # [encoder dim, dim] with new_rows='project'
+
+
+class ProjectedEncoder:
+    """A text encoder whose embeddings are mapped into a checkpoint's label space (RAM++'s alignment
+    loss compares caption embeddings with the image embedding in that space)."""
+
+    def __init__(self, encoder, projection: torch.Tensor):
+        self.encoder, self.projection = encoder, projection.double()
+        self.dim = projection.shape[1]
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        return F.normalize((self.encoder.encode(texts).double() @ self.projection).float(), dim=-1)
 
 
 def match_tags(ckpt_names: list[str], tags: list[tuple[str, list[str]]]) -> dict[int, int]:
@@ -121,7 +137,7 @@ def transfer_labels(ckpt_embed: torch.Tensor, ckpt_names: list[str], tags: list[
             if len(known) < 2:
                 raise ValueError(f"new_tag_rows: project fits on the tags the checkpoint knows; only "
                                  f"{len(known)} of the tag list's are in its tag list")
-            ids = sorted(known)
+            ids = sorted(known)[:FIT_MAX_TAGS]
             x = encode([tags[t][0] for t in ids]).mean(1)  # class means on both sides (RAM++: 51 rows each)
             y = torch.stack([rows[known[t]].mean(0) for t in ids])
             w = ridge_map(x, y)
@@ -130,4 +146,5 @@ def transfer_labels(ckpt_embed: torch.Tensor, ckpt_names: list[str], tags: list[
         else:
             stats["new_rows"] = "encoder"
         out[new] = enc_new.to(out.dtype)
-    return LabelTransfer(out.view(len(tags) * per, dim), known, new, stats)
+    return LabelTransfer(out.view(len(tags) * per, dim), known, new, stats,
+                         w if new and new_rows == "project" else None)

@@ -29,6 +29,8 @@ class TrainStageConfig(StageConfig):
         "(MiniLM, 384-d) by a ridge fit on the known tags and reports its held-out cosine")
     descriptions: str | None = Field(None, description="RAM++: tag descriptions JSON in the official format "
                                      "[{tag: [51 strings]}]; tags without one get 51 template rows")
+    align_weight: float = Field(0.0, ge=0, description="RAM++: weight of the image-text alignment loss (the "
+                                "official recipe: 1), each image's caption embedded by the text encoder")
     text_encoder: Literal["minilm", "clip", "none"] = Field("minilm", description="label queries from tag names")
     text_weights: str | None = Field(None, description="local weights for the text encoder (clip needs them)")
     freeze_label_embed: bool = True
@@ -165,10 +167,11 @@ class TrainStage(Stage):
 
     def _build_model(self, tagset):
         """The model for ``tagset``: from scratch, or from a released checkpoint in its own label space.
-        Returns it, the entrypoint arguments that rebuild it, and statistics of the label transfer."""
+        Returns it, the entrypoint arguments that rebuild it, statistics of the label transfer, and the
+        caption encoder of RAM++'s alignment loss (in the model's label space) when ``align_weight`` asks."""
         import torch
 
-        from model.finetune import transfer_labels
+        from model.finetune import ProjectedEncoder, transfer_labels
         from model.ram import create_model, load_checkpoint
         from model.text import description_rows, description_texts, label_embeddings, load_descriptions, \
             make_encoder
@@ -177,7 +180,7 @@ class TrainStage(Stage):
         args = {"num_classes": len(tagset), **c.model_args}
         model = create_model(c.model, **args)
         ram = hasattr(model, "set_vocabulary")  # label queries from tag names: RAM models (a CNN has one output per tag)
-        encoder = make_encoder(c.text_encoder, c.text_weights) if c.text_encoder != "none" and ram else None
+        encoder = make_encoder(c.text_encoder, c.text_weights, c.device) if c.text_encoder != "none" and ram else None
         descriptions = load_descriptions(c.descriptions) if c.descriptions else None
         per = model.cfg.descriptions_per_class if ram and model.cfg.variant == "ram_plus" else 1
         stats: dict = {}
@@ -196,6 +199,8 @@ class TrainStage(Stage):
             model.set_vocabulary(tr.label_embed, tagset.thresholds(), trainable=not c.freeze_label_embed)
             args["num_classes"] = len(tagset)
             stats = {f"init_{k}": v for k, v in tr.stats.items()}
+            if tr.projection is not None:
+                encoder = ProjectedEncoder(encoder, tr.projection)
         else:
             if encoder is not None:
                 args["label_dim"] = encoder.dim
@@ -207,7 +212,16 @@ class TrainStage(Stage):
                     else label_embeddings(encoder, tagset.names)
                 model.set_vocabulary(emb, tagset.thresholds(), trainable=not c.freeze_label_embed)
         model.set_thresholds(tagset.thresholds())
-        return model, args, stats
+        captions = None
+        if c.align_weight > 0 and per == 1:
+            raise ValueError(f"train.align_weight: the image-text alignment loss is RAM++'s; {c.model!r} is not")
+        if c.align_weight > 0:
+            if encoder is None or encoder.dim != model.cfg.label_dim:
+                raise ValueError(f"train.align_weight: RAM++'s alignment compares caption embeddings with the "
+                                 f"{model.cfg.label_dim}-d image embedding; text encoder {c.text_encoder!r} "
+                                 f"{'is not set' if encoder is None else f'is {encoder.dim}-d'}")
+            captions = encoder
+        return model, args, stats, captions
 
     def run(self, rows: RowSource) -> ReduceResult:
         import torch
@@ -219,7 +233,7 @@ class TrainStage(Stage):
         seed = c.seed if c.seed is not None else self.context.seed
         torch.manual_seed(seed)
         tagset = TagSet.load(self.context.artifact("tagset"))
-        model, args, label_stats = self._build_model(tagset)
+        model, args, label_stats, caption_encoder = self._build_model(tagset)
         model.to(c.device)
         source = rows if rows.view is not None else rows.files
         ids, rejects = decode_errors(source)
@@ -233,7 +247,7 @@ class TrainStage(Stage):
                          caption_weight=c.caption_weight, distill_weight=c.distill_weight,
                          channels_last=c.channels_last, num_workers=c.num_workers,
                          prefetch_factor=c.prefetch_factor, bf16=c.bf16, grad_clip=c.grad_clip,
-                         global_batch_size=c.global_batch_size)
+                         global_batch_size=c.global_batch_size, align_weight=c.align_weight)
         teacher = None
         if c.teacher != "none":
             from model.teacher import make_teacher
@@ -246,6 +260,7 @@ class TrainStage(Stage):
         has_truth = "truth" in self.context.artifacts
         truth_before = self._truth_map(model, val_set, tagset) if has_truth and len(val_set) else {}
         res = train(model, train_set, val_set, tc, out / "checkpoints", tag_names=list(tagset.names), teacher=teacher,
+                    caption_encoder=caption_encoder,
                     log=lambda m: print(f"  [{self.context.step}] {m}", flush=True))
         hist = res["history"]
         truth_q = self._truth_map(model, val_set, tagset) if truth_before else {}

@@ -503,3 +503,67 @@ def test_label_transfer_with_an_encoder_of_the_checkpoints_width():
     assert torch.equal(rows[0], ck.view(3, 2, 8)[1]) and torch.equal(rows[2], ck.view(3, 2, 8)[0])
     torch.testing.assert_close(rows[1], torch.nn.functional.normalize(Hashed().encode(["bus a", "bus b"]), dim=-1))
     assert tr.stats["new_rows"] == "encoder"
+
+
+def test_ram_plus_rows_from_descriptions_and_templates(tmp_path):
+    """51 rows per tag: a tag's own descriptions where the JSON has them (official format), else 51
+    prompt templates; each row one normalised embedding of one text."""
+    import json
+
+    from model.text import DESCRIPTION_TEMPLATES, MiniLMEncoder, description_rows, load_descriptions
+
+    desc = [f"description {d} of an aerial photo" for d in range(51)]
+    path = tmp_path / "desc.json"
+    path.write_text(json.dumps([{"Aerial  Photography": desc}, {"unused": ["x"] * 51}]))
+    descriptions = load_descriptions(path)
+    enc = MiniLMEncoder()
+    rows = description_rows(enc, ["red", "aerial photography"], descriptions)
+    assert rows.shape == (102, 384) and torch.unique(rows[:51], dim=0).shape[0] == 51
+    torch.testing.assert_close(rows[:51], enc.encode([t.format("red") for t in DESCRIPTION_TEMPLATES]))
+    torch.testing.assert_close(rows[51:], enc.encode(desc))
+    with pytest.raises(ValueError, match="has 50 descriptions"):
+        description_rows(enc, ["a"], {"a": desc[:50]})
+
+
+@pytest.mark.shared
+def test_official_description_file_loads(shared):
+    from model.text import description_texts, load_descriptions
+
+    d = load_descriptions(shared / "ref/ram/openimages_rare_200_llm_tag_descriptions.json")
+    assert len(d) == 200 and {len(v) for v in d.values()} == {51}
+    texts = description_texts(["Aerial photography"], d)
+    assert len(texts) == 51 and texts[0] == "a photo of a aerial photography."
+
+
+def test_ram_plus_trains_with_description_rows_and_the_alignment_loss(tmp_path):
+    """RAM++ from the train step: its label rows are the descriptions' embeddings (frozen, so kept), and
+    align_weight switches the image-text alignment loss on (it adds to the objective)."""
+    import json
+
+    from model.text import MiniLMEncoder
+    from pipeline.stage import RowSource, StageContext
+    from stages.train import TrainStage, TrainStageConfig
+    from tagset.tagset import Tag, TagSet
+
+    files = _tiny_export(tmp_path, 16)
+    vocab = tmp_path / "vocab"
+    vocab.mkdir()
+    names = ["red", "green", "blue", "yellow"]
+    pq.write_table(TagSet([Tag(i, n) for i, n in enumerate(names)]).to_table(), vocab / "tagset.parquet")
+    desc = [f"something {d} that is coloured blue" for d in range(51)]
+    (tmp_path / "desc.json").write_text(json.dumps([{"blue": desc}]))
+    args = {"image_size": 64, "window_size": 4, "embed_dim": 8, "head_hidden": 32, "head_intermediate": 64}
+    losses = {}
+    for weight in (0.0, 1.0):
+        cfg = TrainStageConfig(model="ram_plus_test", model_args=args, descriptions=str(tmp_path / "desc.json"),
+                               align_weight=weight, epochs=1, batch_size=8, warmup_steps=1, val_fraction=0.3,
+                               seed=0)
+        res = TrainStage(cfg, StageContext(str(tmp_path), f"train{weight}", artifacts={"tagset": str(vocab)})).run(
+            RowSource(files))
+        losses[weight] = res.stats["loss_first_epoch"]
+    rows = torch.load(tmp_path / "train1.0" / "model.pth", weights_only=True)["model"]["label_embed"]
+    torch.testing.assert_close(rows.view(4, 51, 384)[2], MiniLMEncoder().encode(desc))
+    assert losses[1.0] > losses[0.0] + 0.1, losses
+    with pytest.raises(ValueError, match="alignment loss is RAM\\+\\+'s"):
+        TrainStage(TrainStageConfig(model="ram_test", model_args=args, align_weight=1.0),
+                   StageContext(str(tmp_path), "t", artifacts={"tagset": str(vocab)})).run(RowSource(files))
