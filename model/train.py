@@ -69,14 +69,15 @@ class ExportDataset(torch.utils.data.Dataset):
     of any earlier step (``image`` path or inline ``image_bytes``) + ``union_label_id``.
 
     ``cache``: keep decoded, resized tensors in memory after the first epoch (small corpora on CPU).
+    ``keep``: a predicate on image_id (a Ray Train worker's own rows), besides ``ids``.
     """
 
-    def __init__(self, files, num_classes: int, cfg, ids: set[str] | None = None, cache: bool = False):
+    def __init__(self, files, num_classes: int, cfg, ids: set[str] | None = None, cache: bool = False, keep=None):
         self.rows = []
         for table, base in row_tables(files, ("image_id", "image_path", "image", "image_bytes", "caption", "captions",
                                               "union_label_id", "parse_label_id")):
             for r in table.to_pylist():
-                if ids is None or r["image_id"] in ids:
+                if (ids is None or r["image_id"] in ids) and (keep is None or keep(r["image_id"])):
                     src = r.get("image_path") or r.get("image")
                     if r.get("image_bytes") is not None:
                         r["data"] = r["image_bytes"]

@@ -65,6 +65,13 @@ class TrainStageConfig(StageConfig):
     teacher_model: str = Field("ram_swin_l_384", description="teacher entrypoint (teacher: ram)")
     teacher_model_args: dict = Field(default_factory=dict, description="teacher entrypoint overrides")
     distill_weight: float = Field(1.0, ge=0, description="weight of the distillation term")
+    backend: Literal["local", "ray_train"] = Field("local", description="local: the loop in this process; "
+                                                   "ray_train: a Ray Train job (DDP, each worker its own rows)")
+    workers: int = Field(1, ge=1, description="ray_train: training workers (device cuda: one GPU each)")
+    cpus_per_worker: float = Field(1.0, gt=0, description="ray_train: CPUs each worker reserves (its loader too)")
+    checkpoint_every_steps: int = Field(0, ge=0, description="ray_train: a checkpoint every N optimizer steps "
+                                        "besides each epoch's end (0: epoch ends only)")
+    max_failures: int = Field(2, ge=0, description="ray_train: worker-group restarts from the latest checkpoint")
     calibrate_precision: float = Field(0.9, gt=0, le=1, description="per-class thresholds: the lowest score "
                                        "whose held-out precision (vs the labels) reaches this; 1.0 if none does")
     calibrate_min_hits: int = Field(3, ge=1, description="a threshold needs this many held-out true hits above it")
@@ -223,6 +230,38 @@ class TrainStage(Stage):
             captions = encoder
         return model, args, stats, captions
 
+    def _train_ray(self, model, args, source, rejects, val_ids, tc, out: Path, tagset, caption_encoder) -> dict:
+        """Train as a Ray Train job (``pipeline/trainer.py``, ``model/distributed.py``); the trained weights
+        are loaded back into ``model``. A job re-run with the same config resumes from its latest checkpoint."""
+        import dataclasses
+        import functools
+
+        import torch
+
+        from model.distributed import JobSpec, train_loop_per_worker
+        from pipeline.trainer import TrainJob, run_torch_job
+
+        c = self.config
+        storage = out / "ray_train"
+        storage.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": model.state_dict()}, storage / "init.pth")
+        teacher = {"kind": c.teacher, "weights": c.teacher_weights, "model_name": c.teacher_model,
+                   "model_args": c.teacher_model_args} if c.teacher != "none" else None
+        captions = {"kind": c.text_encoder, "weights": c.text_weights,
+                    "projection": getattr(caption_encoder, "projection", None)} if caption_encoder else None
+        spec = JobSpec(c.model, args, str(storage / "init.pth"), not c.freeze_label_embed, source, len(tagset),
+                       dataclasses.asdict(tc), functools.partial(held_out, fraction=c.val_fraction),
+                       frozenset(r.image_id for r in rejects), val_ids, list(tagset.names), c.checkpoint_every_steps,
+                       c.cache_images, teacher, captions)
+        name = "run-" + hashlib.sha1(f"{c.model_dump_json()}:{tc.seed}".encode()).hexdigest()[:12]
+        result = run_torch_job(train_loop_per_worker, {"spec": spec},
+                               TrainJob(c.workers, c.device == "cuda", c.cpus_per_worker, str(storage), name,
+                                        c.max_failures))
+        with result.checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / "model.pth", map_location="cpu", weights_only=True)["model"]
+        model.load_state_dict(state)
+        return result.return_value
+
     def run(self, rows: RowSource) -> ReduceResult:
         import torch
 
@@ -234,12 +273,14 @@ class TrainStage(Stage):
         torch.manual_seed(seed)
         tagset = TagSet.load(self.context.artifact("tagset"))
         model, args, label_stats, caption_encoder = self._build_model(tagset)
-        model.to(c.device)
+        ray_train = c.backend == "ray_train"
+        # with ray_train the driver only orchestrates: it scores the held-out sample on whatever it has
+        model.to(("cuda" if torch.cuda.is_available() else "cpu") if ray_train else c.device)
         source = rows if rows.view is not None else rows.files
         ids, rejects = decode_errors(source)
         held = {i for i in ids if held_out(i, c.val_fraction)}
         val_ids = eval_sample(held, c.eval_max_images)  # the rest of the held-out split is not trained on either
-        train_set = ExportDataset(source, len(tagset), model.cfg, set(ids) - held, cache=c.cache_images)
+        train_ids = set(ids) - held
         val_set = ExportDataset(source, len(tagset), model.cfg, val_ids, cache=c.cache_images)
         out = Path(self.context.run_dir) / self.context.step
         tc = TrainConfig(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, weight_decay=c.weight_decay,
@@ -259,9 +300,13 @@ class TrainStage(Stage):
                                    c.device)
         has_truth = "truth" in self.context.artifacts
         truth_before = self._truth_map(model, val_set, tagset) if has_truth and len(val_set) else {}
-        res = train(model, train_set, val_set, tc, out / "checkpoints", tag_names=list(tagset.names), teacher=teacher,
-                    caption_encoder=caption_encoder,
-                    log=lambda m: print(f"  [{self.context.step}] {m}", flush=True))
+        if ray_train:
+            res = self._train_ray(model, args, source, rejects, sorted(val_ids), tc, out, tagset, caption_encoder)
+        else:
+            train_set = ExportDataset(source, len(tagset), model.cfg, train_ids, cache=c.cache_images)
+            res = train(model, train_set, val_set, tc, out / "checkpoints", tag_names=list(tagset.names),
+                        teacher=teacher, caption_encoder=caption_encoder,
+                        log=lambda m: print(f"  [{self.context.step}] {m}", flush=True))
         hist = res["history"]
         truth_q = self._truth_map(model, val_set, tagset) if truth_before else {}
         if truth_q:
@@ -270,7 +315,7 @@ class TrainStage(Stage):
                 "variant": model.cfg.variant, "label_dim": model.cfg.label_dim, "num_classes": len(tagset)}
         torch.save({"model": model.state_dict()}, out / "model.pth")
         thresholds = self._calibrate(model, val_set, len(tagset)) if len(val_set) else tagset.thresholds()
-        stats = {"train_images": len(train_set), "val_images": len(val_set), "held_out_images": len(held),
+        stats = {"train_images": len(train_ids), "val_images": len(val_set), "held_out_images": len(held),
                  "steps": res["steps"],
                  "loss_first_epoch": hist[1]["loss"], "loss_last_epoch": hist[-1]["loss"],
                  "val_mAP_before": round(hist[0]["mAP"], 4), "val_mAP_after": round(hist[-1]["mAP"], 4),

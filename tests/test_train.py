@@ -567,3 +567,14 @@ def test_ram_plus_trains_with_description_rows_and_the_alignment_loss(tmp_path):
     with pytest.raises(ValueError, match="alignment loss is RAM\\+\\+'s"):
         TrainStage(TrainStageConfig(model="ram_test", model_args=args, align_weight=1.0),
                    StageContext(str(tmp_path), "t", artifacts={"tagset": str(vocab)})).run(RowSource(files))
+
+
+def test_cli_train_runs_only_the_train_step(tmp_path, small_world_config, capsys):
+    from pipeline.cli import main
+
+    assert main(["train", str(small_world_config()), "--out", str(tmp_path / "a")]) == 2
+    assert "has no train step" in capsys.readouterr().err
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text("workflow: train\nray: {enabled: false}\ninput: {images: 8, size: 64}\n")
+    assert main(["train", str(cfg), "--out", str(tmp_path / "b"), "--set", "train.backend=ray_train"]) == 2
+    assert "--only leaves out step 'input'" in capsys.readouterr().err  # the data steps must be done first
