@@ -26,6 +26,7 @@ import math
 import os
 import signal
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -196,7 +197,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
         batches = epoch_batches(len(ds), n_max, cfg.batch_size, cfg.seed, epoch, rank)
         loader = make_loader(ds, 1, device, cfg.num_workers, cfg.prefetch_factor, batch_sampler=batches[first:])
         wrapped.train()
-        loss_sum, n = torch.zeros((), dtype=torch.float64, device=device), 0
+        loss_sum, n, t0 = torch.zeros((), dtype=torch.float64, device=device), 0, time.perf_counter()
         for b, (x, y, idx) in enumerate(loader, start=first):
             if b % accum == 0:
                 opt.zero_grad(set_to_none=True)
@@ -224,7 +225,9 @@ def train_loop_per_worker(config: dict) -> dict | None:
                 pos.epoch, pos.batch, pos.loss_sum, pos.loss_n = epoch, b + 1, carried[0], carried[1]
                 _report(rank, {"step": pos.step, "epoch": epoch}, model, opt, sched, pos, final=False)
         total, count = _all_reduce([float(loss_sum) + carried[0], n + carried[1]], device)
-        metrics = {"epoch": epoch, "loss": total / max(1, count)}
+        # wall time of this attempt's batches (bench/train.py's samples/s), and the images they held
+        metrics = {"epoch": epoch, "loss": total / max(1, count), "seconds": time.perf_counter() - t0,
+                   "images": int(count)}
         if rank == 0:
             metrics.update(evaluate(model, val_loader, cfg))
             pos.history.append(metrics)

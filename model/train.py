@@ -198,6 +198,8 @@ def predict_arrays(model, loader, cfg: TrainConfig | None = None) -> tuple[np.nd
 
 
 def evaluate(model: RAM, loader, cfg: TrainConfig | None = None) -> dict:
+    if len(loader.dataset) == 0:  # nothing held out (a benchmark, a tiny corpus)
+        return {"mAP": float("nan"), "chance_mAP": float("nan"), "classes_with_positives": 0}
     s, t = predict_arrays(model, loader, cfg)
     aps = average_precision(s, t)
     rng = np.random.default_rng(0)

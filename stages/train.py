@@ -39,6 +39,7 @@ class TrainStageConfig(StageConfig):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.05, ge=0)
     warmup_steps: int = Field(50, ge=0)
+    min_lr_ratio: float = Field(0.05, ge=0, le=1, description="the cosine decay's floor, a share of lr")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="held-out share, chosen by hash of image_id")
     seed: int | None = Field(None, description="default: the run seed")
     device: str = Field("cpu", description="cpu or cuda")
@@ -284,7 +285,7 @@ class TrainStage(Stage):
         val_set = ExportDataset(source, len(tagset), model.cfg, val_ids, cache=c.cache_images)
         out = Path(self.context.run_dir) / self.context.step
         tc = TrainConfig(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, weight_decay=c.weight_decay,
-                         warmup_steps=c.warmup_steps, seed=seed, loss=c.loss, hflip=c.hflip,
+                         warmup_steps=c.warmup_steps, min_lr_ratio=c.min_lr_ratio, seed=seed, loss=c.loss, hflip=c.hflip,
                          caption_weight=c.caption_weight, distill_weight=c.distill_weight,
                          channels_last=c.channels_last, num_workers=c.num_workers,
                          prefetch_factor=c.prefetch_factor, bf16=c.bf16, grad_clip=c.grad_clip,

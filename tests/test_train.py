@@ -1,4 +1,6 @@
 """Training pieces: ASL, AP, checkpoint round trip, deterministic resume, the text encoder."""
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -578,3 +580,20 @@ def test_cli_train_runs_only_the_train_step(tmp_path, small_world_config, capsys
     cfg.write_text("workflow: train\nray: {enabled: false}\ninput: {images: 8, size: 64}\n")
     assert main(["train", str(cfg), "--out", str(tmp_path / "b"), "--set", "train.backend=ray_train"]) == 2
     assert "--only leaves out step 'input'" in capsys.readouterr().err  # the data steps must be done first
+
+
+def test_gpu_recipe_is_the_official_schedule():
+    from pipeline.config import load_run_config
+    from pipeline.workflow import check_contract
+
+    recipe = Path(__file__).resolve().parent.parent / "stages" / "train_ram_gpu.yaml"
+    cfg = load_run_config(recipe)
+    check_contract(cfg)
+    t = cfg.step("train").config
+    assert (t.backend, t.device, t.model, t.model_args) == ("ray_train", "cuda", "ram_swin_l_384",
+                                                            {"image_size": 224, "window_size": 7})
+    assert (t.batch_size, t.lr, t.weight_decay, t.epochs, t.warmup_steps) == (52, 1e-4, 0.05, 5, 3000)
+    assert t.teacher == "clip" and t.text_encoder == "clip" and t.freeze_label_embed
+    ft = load_run_config(recipe, ["train.model_args={}", "train.batch_size=26",
+                                                       "train.lr=5e-6", "train.epochs=2"]).step("train").config
+    assert (ft.model_args, ft.batch_size, ft.lr, ft.epochs) == ({}, 26, 5e-6, 2)
