@@ -153,7 +153,8 @@ def _report(rank: int, metrics: dict, model, opt, sched, pos: Position, final: b
 
 
 def train_loop_per_worker(config: dict) -> dict | None:
-    """Ray Train's per-worker function; rank 0 returns ``{"history", "steps"}`` as model/train.train does."""
+    """Ray Train's per-worker function; rank 0 returns ``{"history", "steps"}`` as model/train.train does,
+    and ``resumed_at``: the step this attempt started from (None: from scratch)."""
     import ray.train
     import ray.train.torch
 
@@ -184,6 +185,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     teacher, captions = _extras(spec, model, device)
     batch_loss = BatchLoss(model, cfg, teacher, captions, spec.tag_names)
     pos = _restore(model, opt, sched)
+    resumed_at = pos.step or None  # every checkpoint comes after a step
     val_loader = None
     if rank == 0:
         val_set = ExportDataset(spec.source, spec.num_classes, model.cfg, set(spec.eval_ids), cache=spec.cache_images)
@@ -237,4 +239,4 @@ def train_loop_per_worker(config: dict) -> dict | None:
         Path(spec.record_ids).mkdir(parents=True, exist_ok=True)
         (Path(spec.record_ids) / f"rank-{rank}.json").write_text(json.dumps(
             {"shard": sorted(r["image_id"] for r in ds.rows), "seen": sorted(seen), "steps": pos.step}))
-    return {"history": pos.history, "steps": pos.step} if rank == 0 else None
+    return {"history": pos.history, "steps": pos.step, "resumed_at": resumed_at} if rank == 0 else None

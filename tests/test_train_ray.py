@@ -44,8 +44,9 @@ def _fit(spec, storage, name, workers=2):
 
 def test_two_workers_train_on_disjoint_rows_and_resume_after_a_sigkill(ray_local, tmp_path):
     """Loss goes down; the workers' rows are disjoint and together the training split, each seen whole
-    every epoch; a worker SIGKILLed mid-epoch (step 5 of 18, after the step-4 checkpoint) is restarted by
-    Ray Train from that checkpoint and ends at the same step with bit-identical weights."""
+    every epoch; a worker SIGKILLed mid-epoch (step 5 of 18, checkpoints every 2 steps and at epoch ends)
+    is restarted by Ray Train from the latest checkpoint and ends at the same step with bit-identical
+    weights and losses."""
     files = _tiny_export(tmp_path, 48)
     spec, train_ids = _spec(tmp_path, files, checkpoint_every=2, record_ids=str(tmp_path / "ids"))
     result, final = _fit(spec, tmp_path / "storage", "plain")
@@ -62,6 +63,9 @@ def test_two_workers_train_on_disjoint_rows_and_resume_after_a_sigkill(ray_local
     killed, final_killed = _fit(spec_kill, tmp_path / "storage", "killed")
     assert (tmp_path / "killed").read_text() == "5"  # it did die
     assert killed.return_value["steps"] == result.return_value["steps"] == 18
+    # from the latest checkpoint Ray Train had registered: step 4's, or the epoch end's (step 3) when the
+    # kill came before the controller took step 4's report; never from scratch
+    assert killed.return_value["resumed_at"] in (3, 4) and result.return_value["resumed_at"] is None
     for k, v in final["model"].items():
         assert torch.equal(v, final_killed["model"][k]), k
     assert [h["loss"] for h in killed.return_value["history"]] == [h["loss"] for h in result.return_value["history"]]
@@ -87,3 +91,45 @@ def test_train_step_with_the_ray_train_backend(ray_local, tmp_path):
     sd = torch.load(tmp_path / "train" / "model.pth", weights_only=True)["model"]
     assert not torch.equal(sd["fc.weight"], _model().state_dict()["fc.weight"])  # trained
     assert json.loads(res.files["thresholds.json"])
+
+
+DRIVER = """
+import pickle, sys
+import ray
+sys.path.insert(0, {tests!r})
+from test_train_ray import _fit
+ray.init(address={address!r}, log_to_driver=False)
+_fit(pickle.load(open({spec!r}, "rb")), {storage!r}, "driver")
+"""
+
+
+def test_a_killed_driver_resumes_from_the_latest_checkpoint(ray_local, tmp_path):
+    """The driver (a job launched as a subprocess) is SIGKILLed once Ray Train has registered a checkpoint
+    on the run's storage; the same job started again finds its run there and finishes from that
+    checkpoint, with the weights of an uninterrupted run."""
+    import pickle
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    files = _tiny_export(tmp_path, 48)
+    spec, _ = _spec(tmp_path, files, checkpoint_every=2)
+    spec.train["epochs"] = 2
+    (tmp_path / "spec.pkl").write_bytes(pickle.dumps(spec))
+    storage = tmp_path / "storage"
+    code = DRIVER.format(tests=str(Path(__file__).parent), address=ray_local.get_runtime_context().gcs_address,
+                         spec=str(tmp_path / "spec.pkl"), storage=str(storage))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    snapshot = storage / "driver" / "checkpoint_manager_snapshot.json"  # Ray Train registered a checkpoint
+    while not snapshot.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, f"the driver ended before a checkpoint: {proc.stderr.read()[-2000:]}"
+    proc.kill()
+    proc.wait()
+    resumed, final = _fit(spec, storage, "driver")
+    assert resumed.return_value["resumed_at"] is not None and resumed.return_value["steps"] == 6
+    plain, final_plain = _fit(spec, storage, "plain")
+    for k, v in final_plain["model"].items():
+        assert torch.equal(v, final["model"][k]), k
