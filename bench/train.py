@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def write_export(root: Path, images: int) -> list[Path]:
+def write_export(root: Path, images: int) -> tuple[list[Path], int]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -36,9 +36,9 @@ def write_export(root: Path, images: int) -> list[Path]:
     recs = []
     for r, t in zip(rows.to_pylist(), truth.to_pylist()):
         (root / "images" / f"{r['image_id']}.png").write_bytes(r["image_bytes"])
+        labels = sorted({classes.index(o["cls"]) for o in t["objects"]})
         recs.append({"image_id": r["image_id"], "image_path": f"images/{r['image_id']}.png",
-                     "caption": r["captions"], "union_label_id": sorted({classes.index(o["cls"]) for o in t["objects"]}),
-                     "parse_label_id": []})
+                     "caption": r["captions"], "union_label_id": labels, "parse_label_id": []})
     pq.write_table(pa.Table.from_pylist(recs), root / "part-00000.parquet")
     return [root / "part-00000.parquet"], len(classes)
 

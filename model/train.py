@@ -294,7 +294,8 @@ class BatchLoss:
                 kw["caption_emb"] = self.caption_encoder.encode(caps).to(device)
             if self.captioning:
                 tags, caps = caption_batch(rows(), self.tag_names, g)
-                kw["tags"], kw["captions"] = self.tokenizer.tags(tags).to(device), self.tokenizer.captions(caps).to(device)
+                kw["tags"] = self.tokenizer.tags(tags).to(device)
+                kw["captions"] = self.tokenizer.captions(caps).to(device)
             if self.distill:
                 kw["teacher_emb"] = self.teacher(x)
             return objective(x, y, **kw)

@@ -173,6 +173,15 @@ class TrainStage(Stage):
                                                            self.config.prefetch_factor))
         return calibrate(scores, labels, self.config.calibrate_precision, self.config.calibrate_min_hits)
 
+    def _device(self) -> str:
+        """Where this process computes: ``device``, except that a Ray Train driver only orchestrates (its
+        workers get the GPUs), so it scores the held-out sample on a GPU only when it has one."""
+        import torch
+
+        if self.config.backend == "ray_train":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.config.device
+
     def _build_model(self, tagset):
         """The model for ``tagset``: from scratch, or from a released checkpoint in its own label space.
         Returns it, the entrypoint arguments that rebuild it, statistics of the label transfer, and the
@@ -187,8 +196,9 @@ class TrainStage(Stage):
         c = self.config
         args = {"num_classes": len(tagset), **c.model_args}
         model = create_model(c.model, **args)
-        ram = hasattr(model, "set_vocabulary")  # label queries from tag names: RAM models (a CNN has one output per tag)
-        encoder = make_encoder(c.text_encoder, c.text_weights, c.device) if c.text_encoder != "none" and ram else None
+        ram = hasattr(model, "set_vocabulary")  # label queries from tag names: RAM (a CNN has one output per tag)
+        encoder = make_encoder(c.text_encoder, c.text_weights, self._device()) \
+            if c.text_encoder != "none" and ram else None
         descriptions = load_descriptions(c.descriptions) if c.descriptions else None
         per = model.cfg.descriptions_per_class if ram and model.cfg.variant == "ram_plus" else 1
         stats: dict = {}
@@ -275,8 +285,7 @@ class TrainStage(Stage):
         tagset = TagSet.load(self.context.artifact("tagset"))
         model, args, label_stats, caption_encoder = self._build_model(tagset)
         ray_train = c.backend == "ray_train"
-        # with ray_train the driver only orchestrates: it scores the held-out sample on whatever it has
-        model.to(("cuda" if torch.cuda.is_available() else "cpu") if ray_train else c.device)
+        model.to(self._device())
         source = rows if rows.view is not None else rows.files
         ids, rejects = decode_errors(source)
         held = {i for i in ids if held_out(i, c.val_fraction)}
@@ -285,8 +294,8 @@ class TrainStage(Stage):
         val_set = ExportDataset(source, len(tagset), model.cfg, val_ids, cache=c.cache_images)
         out = Path(self.context.run_dir) / self.context.step
         tc = TrainConfig(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, weight_decay=c.weight_decay,
-                         warmup_steps=c.warmup_steps, min_lr_ratio=c.min_lr_ratio, seed=seed, loss=c.loss, hflip=c.hflip,
-                         caption_weight=c.caption_weight, distill_weight=c.distill_weight,
+                         warmup_steps=c.warmup_steps, min_lr_ratio=c.min_lr_ratio, seed=seed, loss=c.loss,
+                         hflip=c.hflip, caption_weight=c.caption_weight, distill_weight=c.distill_weight,
                          channels_last=c.channels_last, num_workers=c.num_workers,
                          prefetch_factor=c.prefetch_factor, bf16=c.bf16, grad_clip=c.grad_clip,
                          global_batch_size=c.global_batch_size, align_weight=c.align_weight)
@@ -297,8 +306,9 @@ class TrainStage(Stage):
             if not hasattr(model, "image_embeds") or not hasattr(model, "label_queries"):
                 raise ValueError(f"train.teacher: distillation needs a RAM student; {c.model!r} has no pooled "
                                  f"image embedding to distil into")
-            teacher = make_teacher(c.teacher, c.teacher_weights, model.cfg, c.teacher_model, c.teacher_model_args,
-                                   c.device)
+            if not ray_train:  # Ray Train workers build their own
+                teacher = make_teacher(c.teacher, c.teacher_weights, model.cfg, c.teacher_model,
+                                       c.teacher_model_args, c.device)
         has_truth = "truth" in self.context.artifacts
         truth_before = self._truth_map(model, val_set, tagset) if has_truth and len(val_set) else {}
         if ray_train:
