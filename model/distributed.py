@@ -73,7 +73,7 @@ class JobSpec:
     cache_images: bool = False
     teacher: dict | None = None  # model.teacher.make_teacher arguments (kind, weights, model_name, model_args)
     caption_encoder: dict | None = None  # RAM++ alignment: {"kind", "weights", "projection"}
-    record_ids: str | None = None  # a folder: each worker writes the ids of its shard and of what it trained on
+    record_ids: str | None = None  # a folder: each worker writes its shard's ids, what it trained on, its weights' sha1
     fault: dict = field(default_factory=dict)  # tests: {"kill_at_step": k, "marker": path} SIGKILLs rank 0 once
 
 
@@ -237,6 +237,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
         _report(rank, {"step": pos.step, **metrics}, model, opt, sched, pos, final=epoch == cfg.epochs - 1)
     if spec.record_ids:
         Path(spec.record_ids).mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha1(b"".join(v.detach().cpu().numpy().tobytes() for v in model.state_dict().values()))
         (Path(spec.record_ids) / f"rank-{rank}.json").write_text(json.dumps(
-            {"shard": sorted(r["image_id"] for r in ds.rows), "seen": sorted(seen), "steps": pos.step}))
+            {"shard": sorted(r["image_id"] for r in ds.rows), "seen": sorted(seen), "steps": pos.step,
+             "weights_sha1": digest.hexdigest()}))
     return {"history": pos.history, "steps": pos.step, "resumed_at": resumed_at} if rank == 0 else None

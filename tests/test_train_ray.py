@@ -56,6 +56,7 @@ def test_two_workers_train_on_disjoint_rows_and_resume_after_a_sigkill(ray_local
     assert a["shard"] and b["shard"] and not set(a["shard"]) & set(b["shard"])
     assert set(a["shard"]) | set(b["shard"]) == train_ids
     assert a["seen"] == a["shard"] and b["seen"] == b["shard"]
+    assert a["weights_sha1"] == b["weights_sha1"]  # DDP kept the two replicas identical
     assert set(final) == {"model"}  # the official layout
 
     spec_kill, _ = _spec(tmp_path, files, checkpoint_every=2,
