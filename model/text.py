@@ -19,6 +19,65 @@ PROMPTS = (
     "a photo of a large {}.", "a cropped photo of the {}.",
 )
 
+# RAM++ wants DESCRIPTIONS_PER_CLASS rows per tag. Without LLM descriptions, a tag's rows come from these
+# templates: 51 different views of the name (photo kinds, framings, contexts), not 51 copies of one row.
+DESCRIPTION_TEMPLATES = (
+    "a photo of a {}.", "a picture of a {}.", "an image showing a {}.", "a close-up photo of the {}.",
+    "a photo of the {} in a scene.", "a blurry photo of a {}.", "a bright photo of a {}.", "a dark photo of a {}.",
+    "a photo of a small {}.", "a photo of a large {}.", "a cropped photo of the {}.", "a low resolution photo of a {}.",
+    "a high resolution photo of a {}.", "a black and white photo of a {}.", "a photo of many {}.",
+    "a photo of one {}.", "a photo of the {} seen from above.", "a photo of the {} seen from the side.",
+    "a photo of a {} in the background.", "a photo of a {} in the foreground.", "a snapshot of a {}.",
+    "a professional photo of a {}.", "an amateur photo of a {}.", "a photo of a {} outdoors.",
+    "a photo of a {} indoors.", "a photo of a {} at night.", "a photo of a {} during the day.",
+    "a photo of a {} in the sun.", "a photo of a {} in the rain.", "a photo of a clean {}.",
+    "a photo of a dirty {}.", "a photo of an old {}.", "a photo of a new {}.", "a photo of a colourful {}.",
+    "a photo with a {} in it.", "there is a {} in the picture.", "a {} can be seen in this photo.",
+    "a scene that contains a {}.", "a drawing of a {}.", "a painting of a {}.", "a rendering of a {}.",
+    "a photo of the {} up close.", "a wide shot with a {}.", "a partly hidden {}.", "a photo of a typical {}.",
+    "a photo of an unusual {}.", "a street photo with a {}.", "a stock photo of a {}.", "a photo of a {} on a table.",
+    "a photo of a person and a {}.", "a photo that shows what a {} looks like.",
+)
+
+
+def load_descriptions(path: str | Path) -> dict[str, list[str]]:
+    """RAM++ tag descriptions in the official format: a JSON list of ``{tag: [descriptions]}`` objects
+    (``openimages_rare_200_llm_tag_descriptions.json``); keys matched case- and space-insensitively."""
+    import json
+
+    data = json.loads(Path(path).read_text())
+    if isinstance(data, dict):
+        data = [data]
+    out: dict[str, list[str]] = {}
+    for item in data:
+        if not isinstance(item, dict):
+            raise ValueError(f"{path}: expected a list of {{tag: [descriptions]}} objects, got {type(item).__name__}")
+        for tag, desc in item.items():
+            out[" ".join(tag.lower().split())] = [str(d) for d in desc]
+    return out
+
+
+def description_texts(names: list[str], descriptions: dict[str, list[str]] | None = None,
+                      per: int = len(DESCRIPTION_TEMPLATES)) -> list[str]:
+    """``per`` texts per tag, laid out ``c*per + d``: the tag's own descriptions where given (exactly
+    ``per`` of them), else the description templates."""
+    if per > len(DESCRIPTION_TEMPLATES):
+        raise ValueError(f"{per} descriptions per tag asked; there are {len(DESCRIPTION_TEMPLATES)} templates")
+    out = []
+    for n in names:
+        d = (descriptions or {}).get(" ".join(n.lower().split()))
+        if d is not None and len(d) != per:
+            raise ValueError(f"tag {n!r} has {len(d)} descriptions; RAM++ needs {per} per tag")
+        out += d if d is not None else [t.format(n) for t in DESCRIPTION_TEMPLATES[:per]]
+    return out
+
+
+def description_rows(encoder, names: list[str], descriptions: dict[str, list[str]] | None = None,
+                     per: int = len(DESCRIPTION_TEMPLATES)) -> torch.Tensor:
+    """``[N*per, dim]`` RAM++ label rows, one normalised embedding per description (as the official
+    open-set builder does)."""
+    return F.normalize(encoder.encode(description_texts(names, descriptions, per)).float(), dim=-1)
+
 
 class MiniLMEncoder:
     """Sentence embeddings by mean pooling, L2-normalised (the model's own recipe)."""

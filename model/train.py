@@ -12,6 +12,7 @@ caption's own parse tags, as the official data loader does, with the prompt mask
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -68,14 +69,15 @@ class ExportDataset(torch.utils.data.Dataset):
     of any earlier step (``image`` path or inline ``image_bytes``) + ``union_label_id``.
 
     ``cache``: keep decoded, resized tensors in memory after the first epoch (small corpora on CPU).
+    ``keep``: a predicate on image_id (a Ray Train worker's own rows), besides ``ids``.
     """
 
-    def __init__(self, files, num_classes: int, cfg, ids: set[str] | None = None, cache: bool = False):
+    def __init__(self, files, num_classes: int, cfg, ids: set[str] | None = None, cache: bool = False, keep=None):
         self.rows = []
         for table, base in row_tables(files, ("image_id", "image_path", "image", "image_bytes", "caption", "captions",
                                               "union_label_id", "parse_label_id")):
             for r in table.to_pylist():
-                if ids is None or r["image_id"] in ids:
+                if (ids is None or r["image_id"] in ids) and (keep is None or keep(r["image_id"])):
                     src = r.get("image_path") or r.get("image")
                     if r.get("image_bytes") is not None:
                         r["data"] = r["image_bytes"]
@@ -125,6 +127,15 @@ class TrainConfig:
     # weights and batches channels-last: convolutions run ~1.2x faster on CPU (bench/cnn_train.py), but
     # the float sums differ, so the trained model (and what later steps decide) differs a little too
     channels_last: bool = False
+    bf16: bool = True  # bf16 autocast on CUDA (a CPU always trains in fp32)
+    grad_clip: float | None = None  # clip the global gradient norm to this before each optimizer step
+    # images per optimizer step over all workers; a multiple of batch_size x workers, reached by
+    # accumulating gradients over several batches (None: one batch per step)
+    global_batch_size: int | None = None
+    # batches each loader worker decodes ahead (num_workers > 0). A run with workers is another run than
+    # one without: the persistent workers keep one iterator (the shuffle generator is drawn once less per
+    # epoch) and the sampler runs ahead of the flips that draw from the same generator
+    prefetch_factor: int = 2
 
 
 def lr_lambda(cfg: TrainConfig, total: int):
@@ -143,14 +154,53 @@ def save_checkpoint(path: Path, model: RAM, opt, sched, step: int, epoch: int, e
     tmp.replace(path)
 
 
-@torch.no_grad()
-def evaluate(model: RAM, loader) -> dict:
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def autocast(device: torch.device, cfg: TrainConfig | None = None):
+    """bf16 autocast on CUDA (unless ``cfg.bf16`` is off); nothing elsewhere (fp32 on CPU, and any device
+    type, ``meta`` included, works)."""
+    if device.type == "cuda" and (cfg is None or cfg.bf16):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def make_loader(dataset, batch_size: int, device: torch.device, num_workers: int = 0, prefetch_factor: int = 2,
+                **kw) -> torch.utils.data.DataLoader:
+    """A DataLoader that decodes in ``num_workers`` processes, ``prefetch_factor`` batches ahead each, into
+    pinned memory when the model is on CUDA (so the copy to the device overlaps compute). With 0 workers
+    it is the plain in-process loader."""
+    extra = {"prefetch_factor": prefetch_factor, "persistent_workers": True} if num_workers > 0 else {}
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                       pin_memory=device.type == "cuda", **extra, **kw)
+
+
+def predict(model, loader, cfg: TrainConfig | None = None):
+    """``(sigmoid scores, targets, indices)`` per batch, every tensor on the model's device: the batch
+    goes to the model, never the model's output to the host (callers copy what they keep)."""
+    device = model_device(model)
     model.eval()
+    for x, y, idx in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.no_grad(), autocast(device, cfg):  # per batch: grad mode is not held across a yield
+            scores = torch.sigmoid(model(x)).float()
+        yield scores, y, idx
+
+
+def predict_arrays(model, loader, cfg: TrainConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and targets of a whole (bounded) held-out loader, on the host."""
     scores, targets = [], []
-    for x, y, _ in loader:
-        scores.append(torch.sigmoid(model(x)).float().numpy())
-        targets.append(y.numpy())
-    s, t = np.concatenate(scores), np.concatenate(targets)
+    for s, y, _ in predict(model, loader, cfg):
+        scores.append(s.cpu().numpy())
+        targets.append(y.cpu().numpy())
+    return np.concatenate(scores), np.concatenate(targets)
+
+
+def evaluate(model: RAM, loader, cfg: TrainConfig | None = None) -> dict:
+    if len(loader.dataset) == 0:  # nothing held out (a benchmark, a tiny corpus)
+        return {"mAP": float("nan"), "chance_mAP": float("nan"), "classes_with_positives": 0}
+    s, t = predict_arrays(model, loader, cfg)
     aps = average_precision(s, t)
     rng = np.random.default_rng(0)
     chance = average_precision(rng.random(s.shape), t)
@@ -179,6 +229,96 @@ def caption_batch(rows: list[dict], tag_names: list[str], g: torch.Generator) ->
     return tags, caps
 
 
+class Objective(torch.nn.Module):
+    """The training loss as one module's ``forward``. DDP all-reduces the gradients of what its wrapped
+    module computes, so every trained parameter is used inside this call; the local loop runs the same
+    module, so both paths compute the same objective."""
+
+    def __init__(self, model, cfg: TrainConfig):
+        super().__init__()
+        self.model, self.cfg = model, cfg
+
+    def forward(self, x, y, teacher_emb=None, caption_emb=None, tags=None, captions=None) -> torch.Tensor:
+        model, cfg = self.model, self.cfg
+        if isinstance(model, RAM):
+            img = model.image_embeds(x)
+            logits = model.fc(model.tagging_head(model.label_queries(img), img)[0]).squeeze(-1)
+        else:
+            img, logits = None, model(x)
+        if cfg.loss == "bce":
+            loss = F.binary_cross_entropy_with_logits(logits.float(), y, reduction="sum") / x.shape[0]
+        else:
+            loss = asl_loss(logits, y) / x.shape[0]
+        if teacher_emb is not None:
+            loss = loss + cfg.distill_weight * F.l1_loss(img[:, 0].float(), teacher_emb.float())
+        if caption_emb is not None:
+            loss = loss + cfg.align_weight * alignment_loss(model, img, caption_emb)
+        if tags is not None:
+            loss = loss + cfg.caption_weight * model.caption_loss(img, tags, captions)
+        return loss
+
+
+class BatchLoss:
+    """A batch of the loader -> its loss: moves it to the model's device, flips, and makes the inputs of
+    the optional terms (the teacher's embedding, RAM++ caption embeddings, RAM's caption tokens)."""
+
+    def __init__(self, model, cfg: TrainConfig, teacher=None, caption_encoder=None, tag_names=None,
+                 caption_tokenizer=None):
+        ram = isinstance(model, RAM)
+        self.cfg, self.teacher, self.caption_encoder = cfg, teacher, caption_encoder
+        self.distill = ram and teacher is not None and cfg.distill_weight > 0
+        self.align = ram and caption_encoder is not None and cfg.align_weight > 0 and model.cfg.variant == "ram_plus"
+        self.captioning = getattr(model.cfg, "caption_branch", False) and cfg.caption_weight > 0
+        if self.captioning:
+            if tag_names is None:
+                raise ValueError("training RAM's caption branch needs the tag names (tag_names=...)")
+            if caption_tokenizer is None:
+                from model.caption import CaptionTokenizer
+
+                caption_tokenizer = CaptionTokenizer()
+        self.tag_names, self.tokenizer = tag_names, caption_tokenizer
+
+    def __call__(self, objective, x, y, rows, g: torch.Generator, device: torch.device) -> torch.Tensor:
+        """``rows``: a callable giving the batch's row dicts (only the caption terms read them)."""
+        cfg = self.cfg
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if cfg.hflip:
+            flip = torch.rand(x.shape[0], generator=g) < 0.5
+            x = torch.where(flip.to(device)[:, None, None, None], x.flip(-1), x)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        kw = {}
+        with autocast(device, cfg):
+            if self.align:
+                caps = [(r["caption"] or [""])[0] for r in rows()]
+                kw["caption_emb"] = self.caption_encoder.encode(caps).to(device)
+            if self.captioning:
+                tags, caps = caption_batch(rows(), self.tag_names, g)
+                kw["tags"] = self.tokenizer.tags(tags).to(device)
+                kw["captions"] = self.tokenizer.captions(caps).to(device)
+            if self.distill:
+                kw["teacher_emb"] = self.teacher(x)
+            return objective(x, y, **kw)
+
+
+def accumulation_steps(cfg: TrainConfig, workers: int = 1) -> int:
+    """Batches per optimizer step so that one step sees ``global_batch_size`` images over all workers."""
+    if cfg.global_batch_size is None:
+        return 1
+    per_step = cfg.batch_size * workers
+    if cfg.global_batch_size % per_step:
+        raise ValueError(f"global_batch_size {cfg.global_batch_size} is not a multiple of batch_size x workers "
+                         f"= {cfg.batch_size} x {workers}")
+    return cfg.global_batch_size // per_step
+
+
+def optimizer_step(opt, sched, params, cfg: TrainConfig) -> None:
+    if cfg.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    opt.step()
+    sched.step()
+
+
 def train(model: RAM, train_set, val_set, cfg: TrainConfig, out_dir: Path, teacher=None, caption_encoder=None,
           log=print, tag_names: list[str] | None = None, caption_tokenizer=None) -> dict:
     """Train, checkpoint every ``save_every_epochs`` into ``out_dir``, resume from ``last.pth``.
@@ -186,35 +326,29 @@ def train(model: RAM, train_set, val_set, cfg: TrainConfig, out_dir: Path, teach
     ``teacher``: callable images -> pooled embedding (distillation); ``caption_encoder``: a text
     encoder whose width is the model's label_dim (RAM++ alignment); ``tag_names`` and
     ``caption_tokenizer`` (default: :class:`model.caption.CaptionTokenizer`) for RAM's caption branch.
+    Every tensor of a step is on the model's device; the loss is summed there (no host sync per step).
     """
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(cfg.seed)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=g,
-                                         num_workers=cfg.num_workers, drop_last=len(train_set) > cfg.batch_size)
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=cfg.batch_size * 2)
+    device = model_device(model)
+    loader = make_loader(train_set, cfg.batch_size, device, cfg.num_workers, cfg.prefetch_factor, shuffle=True,
+                         generator=g, drop_last=len(train_set) > cfg.batch_size)
+    val_loader = make_loader(val_set, cfg.batch_size * 2, device, cfg.num_workers, cfg.prefetch_factor)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total = cfg.epochs * len(loader)
+    accum = accumulation_steps(cfg)
+    total = cfg.epochs * math.ceil(len(loader) / accum)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
-    device = next(model.parameters()).device
-    amp = device.type == "cuda"
-    channels_last = cfg.channels_last
-    if channels_last:
+    if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    captioning = getattr(model.cfg, "caption_branch", False) and cfg.caption_weight > 0
-    if captioning:
-        if tag_names is None:
-            raise ValueError("training RAM's caption branch needs the tag names (tag_names=...)")
-        if caption_tokenizer is None:
-            from model.caption import CaptionTokenizer
-
-            caption_tokenizer = CaptionTokenizer()
+    objective = Objective(model, cfg)
+    batch_loss = BatchLoss(model, cfg, teacher, caption_encoder, tag_names, caption_tokenizer)
     start_epoch, step, history = 0, 0, []
     last = out_dir / "last.pth"
     if last.exists():
-        ck = torch.load(last, map_location=device, weights_only=False)
+        ck = torch.load(last, map_location="cpu", weights_only=False)  # load_state_dict moves to the device
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["lr_scheduler"])
@@ -223,45 +357,22 @@ def train(model: RAM, train_set, val_set, cfg: TrainConfig, out_dir: Path, teach
         g.set_state(ck["loader_rng"])
         log(f"resumed from {last} at epoch {start_epoch}")
     if not history:
-        history.append({"epoch": -1, "loss": None, **evaluate(model, val_loader)})
+        history.append({"epoch": -1, "loss": None, **evaluate(model, val_loader, cfg)})
     for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        total_loss, n = 0.0, 0
-        for x, y, idx in loader:
-            x, y = x.to(device), y.to(device)
-            if cfg.hflip:
-                flip = torch.rand(x.shape[0], generator=g) < 0.5
-                x = torch.where(flip.to(device)[:, None, None, None], x.flip(-1), x)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                if isinstance(model, RAM):
-                    img = model.image_embeds(x)
-                    logits = model.fc(model.tagging_head(model.label_queries(img), img)[0]).squeeze(-1)
-                else:
-                    img, logits = None, model(x)
-                if cfg.loss == "bce":
-                    loss = F.binary_cross_entropy_with_logits(logits.float(), y, reduction="sum") / x.shape[0]
-                else:
-                    loss = asl_loss(logits, y) / x.shape[0]
-                if img is not None and teacher is not None and cfg.distill_weight > 0:
-                    loss = loss + cfg.distill_weight * F.l1_loss(img[:, 0].float(), teacher(x).float())
-                if img is not None and caption_encoder is not None and cfg.align_weight > 0 \
-                        and model.cfg.variant == "ram_plus":
-                    caps = [(train_set.rows[int(i)]["caption"] or [""])[0] for i in idx]
-                    loss = loss + cfg.align_weight * alignment_loss(model, img, caption_encoder.encode(caps).to(device))
-                if captioning:
-                    tags, caps = caption_batch([train_set.rows[int(i)] for i in idx], tag_names, g)
-                    loss = loss + cfg.caption_weight * model.caption_loss(
-                        img, caption_tokenizer.tags(tags).to(device), caption_tokenizer.captions(caps).to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            total_loss += float(loss.detach()) * x.shape[0]
+        objective.train()
+        total_loss, n, batches = torch.zeros((), dtype=torch.float64, device=device), 0, len(loader)
+        for b, (x, y, idx) in enumerate(loader):
+            if b % accum == 0:
+                opt.zero_grad(set_to_none=True)
+                group = min(accum, batches - b)  # batches in this optimizer step (fewer at an epoch's end)
+            loss = batch_loss(objective, x, y, lambda: [train_set.rows[int(i)] for i in idx], g, device)
+            (loss / group if group > 1 else loss).backward()
+            if (b + 1) % accum == 0 or b + 1 == batches:
+                optimizer_step(opt, sched, params, cfg)
+                step += 1
+            total_loss += loss.detach().double() * x.shape[0]  # float64, as a Python float would sum it
             n += x.shape[0]
-        metrics = {"epoch": epoch, "loss": total_loss / max(1, n), **evaluate(model, val_loader)}
+        metrics = {"epoch": epoch, "loss": float(total_loss) / max(1, n), **evaluate(model, val_loader, cfg)}
         history.append(metrics)
         if (epoch + 1) % cfg.save_every_epochs == 0 or epoch == cfg.epochs - 1:
             save_checkpoint(last, model, opt, sched, step, epoch, {"history": history, "rng": torch.get_rng_state(),

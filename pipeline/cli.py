@@ -1,4 +1,4 @@
-"""Command line: ``python -m pipeline run CONFIG``, ``stages``, ``scene-world``, ``explain``.
+"""Command line: ``python -m pipeline run CONFIG``, ``train CONFIG``, ``stages``, ``scene-world``, ``explain``.
 
 ``main(argv)`` takes a list so tests can run the CLI in-process. Exit codes: 0 ok, 2 bad config or
 workflow contract (nothing written), 1 anything else.
@@ -26,6 +26,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     reports = runner.run()
     print_summary(cfg, out, reports)
     return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    """The config's train step(s) alone (a ``ray job submit`` entrypoint): the steps before must be done."""
+    from pipeline.config import load_run_config
+
+    cfg = load_run_config(args.config, args.set)
+    steps = [s.name for s in cfg.steps if s.use.startswith("train.")]
+    if not steps:
+        raise ConfigError(args.config, "workflow", f"workflow '{cfg.workflow}' has no train step")
+    args.only = steps
+    return _cmd_run(args)
 
 
 def _cmd_stages(args: argparse.Namespace) -> int:
@@ -74,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value by dotted path, e.g. --set input.images=500")
     r.set_defaults(fn=_cmd_run)
+    t = sub.add_parser("train", help="run only a config's train step (the steps before it must be done)")
+    t.add_argument("config")
+    t.add_argument("--out", help="run directory (default: runs/<config name>)")
+    t.add_argument("--force", action="store_true", help="retrain even when the step's output is current")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.backend=ray_train --set train.workers=8")
+    t.set_defaults(fn=_cmd_train)
     s = sub.add_parser("stages", help="list registered stages with their config fields")
     s.set_defaults(fn=_cmd_stages)
     w = sub.add_parser("scene-world", help="write a generated scene world (images, captions, truth)")

@@ -18,7 +18,18 @@ class TrainStageConfig(StageConfig):
     model: str = Field("ram_test", description="registered entrypoint (ram_swin_l_384, ram_plus_swin_l_384, "
                        "ram_test, cnn_tagger_tiny, ...)")
     model_args: dict = Field(default_factory=dict, description="entrypoint overrides, e.g. {image_size: 128}")
-    init_checkpoint: str | None = Field(None, description="local checkpoint to start from (official layout)")
+    init_checkpoint: str | None = Field(None, description="local checkpoint to start from (official layout); a "
+                                        "RAM / RAM++ one keeps its label space (model/finetune.py)")
+    init_tag_list: str | None = Field(None, description="the init_checkpoint's tag names, one a line (official "
+                                      "ram_tag_list.txt): tags it knows keep their rows, matched by name or synonym")
+    new_tag_rows: Literal["encoder", "project"] = Field(
+        "encoder", description="fine-tuning, rows for tags the checkpoint does not know: 'encoder' takes the text "
+        "encoder's (it must be the checkpoint's width: CLIP ViT-B/16, 512-d); 'project' maps another encoder's "
+        "(MiniLM, 384-d) by a ridge fit on the known tags and reports its held-out cosine")
+    descriptions: str | None = Field(None, description="RAM++: tag descriptions JSON in the official format "
+                                     "[{tag: [51 strings]}]; tags without one get 51 template rows")
+    align_weight: float = Field(0.0, ge=0, description="RAM++: weight of the image-text alignment loss (the "
+                                "official recipe: 1), each image's caption embedded by the text encoder")
     text_encoder: Literal["minilm", "clip", "none"] = Field("minilm", description="label queries from tag names")
     text_weights: str | None = Field(None, description="local weights for the text encoder (clip needs them)")
     freeze_label_embed: bool = True
@@ -27,6 +38,7 @@ class TrainStageConfig(StageConfig):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.05, ge=0)
     warmup_steps: int = Field(50, ge=0)
+    min_lr_ratio: float = Field(0.05, ge=0, le=1, description="the cosine decay's floor, a share of lr")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="held-out share, chosen by hash of image_id")
     seed: int | None = Field(None, description="default: the run seed")
     device: str = Field("cpu", description="cpu or cuda")
@@ -36,13 +48,30 @@ class TrainStageConfig(StageConfig):
                                   "the model has the caption branch (model_args: {caption_branch: true})")
     channels_last: bool = Field(False, description="train with channels-last weights and batches (convolutional "
                                 "models: ~1.2x faster on CPU; numerically a different run)")
-    cache_images: bool = Field(True, description="keep decoded, resized images in memory (small corpora)")
+    cache_images: bool = Field(True, description="keep decoded, resized images in memory (small corpora; with "
+                               "num_workers > 0 each loader process keeps its own copy)")
+    num_workers: int = Field(0, ge=0, description="DataLoader processes decoding ahead of the model (0: in process)")
+    prefetch_factor: int = Field(2, ge=1, description="batches each loader process decodes ahead")
+    bf16: bool = Field(True, description="bf16 autocast on CUDA (a CPU always trains in fp32)")
+    grad_clip: float | None = Field(None, gt=0, description="clip the global gradient norm before each step")
+    global_batch_size: int | None = Field(None, ge=1, description="images per optimizer step over all workers, "
+                                          "reached by gradient accumulation (a multiple of batch_size x workers)")
+    eval_max_images: int = Field(10_000, ge=1, description="held-out images scored for mAP and threshold "
+                                 "calibration: a fixed sample by hash of image_id; at 4,585 tags, 10,000 images "
+                                 "hold ~370 MB of scores and labels on one process")
     teacher: Literal["none", "ram", "clip"] = Field("none", description="L1 distillation of the pooled image "
                                                     "embedding: a released RAM checkpoint, or CLIP (open_clip)")
     teacher_weights: str | None = Field(None, description="local weights of the teacher")
     teacher_model: str = Field("ram_swin_l_384", description="teacher entrypoint (teacher: ram)")
     teacher_model_args: dict = Field(default_factory=dict, description="teacher entrypoint overrides")
     distill_weight: float = Field(1.0, ge=0, description="weight of the distillation term")
+    backend: Literal["local", "ray_train"] = Field("local", description="local: the loop in this process; "
+                                                   "ray_train: a Ray Train job (DDP, each worker its own rows)")
+    workers: int = Field(1, ge=1, description="ray_train: training workers (device cuda: one GPU each)")
+    cpus_per_worker: float = Field(1.0, gt=0, description="ray_train: CPUs each worker reserves (its loader too)")
+    checkpoint_every_steps: int = Field(0, ge=0, description="ray_train: a checkpoint every N optimizer steps "
+                                        "besides each epoch's end (0: epoch ends only)")
+    max_failures: int = Field(2, ge=0, description="ray_train: worker-group restarts from the latest checkpoint")
     calibrate_precision: float = Field(0.9, gt=0, le=1, description="per-class thresholds: the lowest score "
                                        "whose held-out precision (vs the labels) reaches this; 1.0 if none does")
     calibrate_min_hits: int = Field(3, ge=1, description="a threshold needs this many held-out true hits above it")
@@ -104,6 +133,14 @@ def held_out(image_id: str, fraction: float) -> bool:
     return int(hashlib.sha1(image_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
 
 
+def eval_sample(ids, k: int) -> set[str]:
+    """The ``k`` held-out ids of lowest priority (a second hash of image_id): a sample that does not depend
+    on sharding or order, kept in O(k) memory; all of them when there are at most ``k``."""
+    import heapq
+
+    return set(heapq.nsmallest(k, ids, key=lambda i: hashlib.sha1(f"eval:{i}".encode()).digest()))
+
+
 @register("train.ram.v1")
 class TrainStage(Stage):
     """Held-out mAP before and after training is recorded; checkpoints resume after a crash."""
@@ -117,37 +154,127 @@ class TrainStage(Stage):
 
     def _truth_map(self, model, val_set, tagset) -> dict:
         """On a scene world, the held-out mAP against the truth (parse labels are noisy by design)."""
-        import numpy as np
-        import torch
-
+        from model.train import make_loader, model_device, predict_arrays
         from pipeline.store import StepDir
         from stages.world.score import names_for_ids, truth_by_image
 
         truth = truth_by_image(StepDir(self.context.artifact("truth")).read(name="truth"))
-        loader = torch.utils.data.DataLoader(val_set, batch_size=64)
-        model.eval()
-        with torch.no_grad():
-            scores = np.concatenate([torch.sigmoid(model(x)).numpy() for x, _, _ in loader])
+        scores, _ = predict_arrays(model, make_loader(val_set, 64, model_device(model), self.config.num_workers,
+                                                           self.config.prefetch_factor))
         ids = [r["image_id"] for r in val_set.rows]
         m, chance = truth_map(scores, ids, truth, names_for_ids(tagset))
         return {"val_truth_mAP_after": round(m, 4), "val_truth_chance_mAP": round(chance, 4)}
 
     def _calibrate(self, model, val_set, n: int) -> list[float]:
-        import numpy as np
+        from model.train import make_loader, model_device, predict_arrays
+
+        scores, labels = predict_arrays(model, make_loader(val_set, 64, model_device(model), self.config.num_workers,
+                                                           self.config.prefetch_factor))
+        return calibrate(scores, labels, self.config.calibrate_precision, self.config.calibrate_min_hits)
+
+    def _device(self) -> str:
+        """Where this process computes: ``device``, except that a Ray Train driver only orchestrates (its
+        workers get the GPUs), so it scores the held-out sample on a GPU only when it has one."""
         import torch
 
-        loader = torch.utils.data.DataLoader(val_set, batch_size=64)
-        model.eval()
-        with torch.no_grad():
-            pairs = [(torch.sigmoid(model(x)).numpy(), y.numpy()) for x, y, _ in loader]
-        scores, labels = np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
-        return calibrate(scores, labels, self.config.calibrate_precision, self.config.calibrate_min_hits)
+        if self.config.backend == "ray_train":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.config.device
+
+    def _build_model(self, tagset):
+        """The model for ``tagset``: from scratch, or from a released checkpoint in its own label space.
+        Returns it, the entrypoint arguments that rebuild it, statistics of the label transfer, and the
+        caption encoder of RAM++'s alignment loss (in the model's label space) when ``align_weight`` asks."""
+        import torch
+
+        from model.finetune import ProjectedEncoder, transfer_labels
+        from model.ram import create_model, load_checkpoint
+        from model.text import description_rows, description_texts, label_embeddings, load_descriptions, \
+            make_encoder
+
+        c = self.config
+        args = {"num_classes": len(tagset), **c.model_args}
+        model = create_model(c.model, **args)
+        ram = hasattr(model, "set_vocabulary")  # label queries from tag names: RAM (a CNN has one output per tag)
+        encoder = make_encoder(c.text_encoder, c.text_weights, self._device()) \
+            if c.text_encoder != "none" and ram else None
+        descriptions = load_descriptions(c.descriptions) if c.descriptions else None
+        per = model.cfg.descriptions_per_class if ram and model.cfg.variant == "ram_plus" else 1
+        stats: dict = {}
+        if c.init_checkpoint and ram:
+            state = torch.load(c.init_checkpoint, map_location="cpu", weights_only=True)
+            emb = (state["model"] if isinstance(state.get("model"), dict) else state)["label_embed"]
+            if not c.init_tag_list:
+                raise ValueError("train.init_tag_list: fine-tuning a RAM checkpoint needs its tag names, one a line "
+                                 "(the official ram_tag_list.txt), to map the tagset onto its label rows")
+            names = Path(c.init_tag_list).read_text(encoding="utf-8").splitlines()
+            args.update(num_classes=emb.shape[0] // per, label_dim=emb.shape[1])
+            model = load_checkpoint(create_model(c.model, **args), state)
+            tr = transfer_labels(emb, names, [(t.name, t.synonyms) for t in tagset.tags], per,
+                                 (lambda n: description_texts(n, descriptions, per)) if per > 1 else None,
+                                 encoder, c.new_tag_rows, f"text encoder {c.text_encoder!r}")
+            model.set_vocabulary(tr.label_embed, tagset.thresholds(), trainable=not c.freeze_label_embed)
+            args["num_classes"] = len(tagset)
+            stats = {f"init_{k}": v for k, v in tr.stats.items()}
+            if tr.projection is not None:
+                encoder = ProjectedEncoder(encoder, tr.projection)
+        else:
+            if encoder is not None:
+                args["label_dim"] = encoder.dim
+                model = create_model(c.model, **args)
+            if c.init_checkpoint:  # a tagger without label rows (model/cnn.py): a strict load of the same shapes
+                model.load_state_dict(torch.load(c.init_checkpoint, map_location="cpu", weights_only=True)["model"])
+            if encoder is not None:
+                emb = description_rows(encoder, tagset.names, descriptions, per) if per > 1 \
+                    else label_embeddings(encoder, tagset.names)
+                model.set_vocabulary(emb, tagset.thresholds(), trainable=not c.freeze_label_embed)
+        model.set_thresholds(tagset.thresholds())
+        captions = None
+        if c.align_weight > 0 and per == 1:
+            raise ValueError(f"train.align_weight: the image-text alignment loss is RAM++'s; {c.model!r} is not")
+        if c.align_weight > 0:
+            if encoder is None or encoder.dim != model.cfg.label_dim:
+                raise ValueError(f"train.align_weight: RAM++'s alignment compares caption embeddings with the "
+                                 f"{model.cfg.label_dim}-d image embedding; text encoder {c.text_encoder!r} "
+                                 f"{'is not set' if encoder is None else f'is {encoder.dim}-d'}")
+            captions = encoder
+        return model, args, stats, captions
+
+    def _train_ray(self, model, args, source, rejects, val_ids, tc, out: Path, tagset, caption_encoder) -> dict:
+        """Train as a Ray Train job (``pipeline/trainer.py``, ``model/distributed.py``); the trained weights
+        are loaded back into ``model``. A job re-run with the same config resumes from its latest checkpoint."""
+        import dataclasses
+        import functools
+
+        import torch
+
+        from model.distributed import JobSpec, train_loop_per_worker
+        from pipeline.trainer import TrainJob, run_torch_job
+
+        c = self.config
+        storage = out / "ray_train"
+        storage.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": model.state_dict()}, storage / "init.pth")
+        teacher = {"kind": c.teacher, "weights": c.teacher_weights, "model_name": c.teacher_model,
+                   "model_args": c.teacher_model_args} if c.teacher != "none" else None
+        captions = {"kind": c.text_encoder, "weights": c.text_weights,
+                    "projection": getattr(caption_encoder, "projection", None)} if caption_encoder else None
+        spec = JobSpec(c.model, args, str(storage / "init.pth"), not c.freeze_label_embed, source, len(tagset),
+                       dataclasses.asdict(tc), functools.partial(held_out, fraction=c.val_fraction),
+                       frozenset(r.image_id for r in rejects), val_ids, list(tagset.names), c.checkpoint_every_steps,
+                       c.cache_images, teacher, captions)
+        name = "run-" + hashlib.sha1(f"{c.model_dump_json()}:{tc.seed}".encode()).hexdigest()[:12]
+        result = run_torch_job(train_loop_per_worker, {"spec": spec},
+                               TrainJob(c.workers, c.device == "cuda", c.cpus_per_worker, str(storage), name,
+                                        c.max_failures))
+        with result.checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / "model.pth", map_location="cpu", weights_only=True)["model"]
+        model.load_state_dict(state)
+        return result.return_value
 
     def run(self, rows: RowSource) -> ReduceResult:
         import torch
 
-        from model.ram import create_model, load_checkpoint
-        from model.text import label_embeddings, make_encoder
         from model.train import ExportDataset, TrainConfig, train
         from tagset.tagset import TagSet
 
@@ -155,33 +282,22 @@ class TrainStage(Stage):
         seed = c.seed if c.seed is not None else self.context.seed
         torch.manual_seed(seed)
         tagset = TagSet.load(self.context.artifact("tagset"))
-        args = {"num_classes": len(tagset), **c.model_args}
-        model = create_model(c.model, **args)
-        # label queries from tag names: RAM models only (a CNN tagger has one output per tag)
-        encoder = make_encoder(c.text_encoder, c.text_weights) \
-            if c.text_encoder != "none" and hasattr(model, "set_vocabulary") else None
-        if encoder is not None:
-            args["label_dim"] = encoder.dim
-            model = create_model(c.model, **args)
-        if c.init_checkpoint:
-            load_checkpoint(model, c.init_checkpoint)
-        if encoder is not None:
-            emb = label_embeddings(encoder, tagset.names)
-            if model.cfg.variant == "ram_plus":
-                emb = emb.repeat_interleave(model.cfg.descriptions_per_class, dim=0)
-            model.set_vocabulary(emb, tagset.thresholds(), trainable=not c.freeze_label_embed)
-        model.set_thresholds(tagset.thresholds())
-        model.to(c.device)
+        model, args, label_stats, caption_encoder = self._build_model(tagset)
+        ray_train = c.backend == "ray_train"
+        model.to(self._device())
         source = rows if rows.view is not None else rows.files
         ids, rejects = decode_errors(source)
-        val_ids = {i for i in ids if held_out(i, c.val_fraction)}
-        train_set = ExportDataset(source, len(tagset), model.cfg, set(ids) - val_ids, cache=c.cache_images)
+        held = {i for i in ids if held_out(i, c.val_fraction)}
+        val_ids = eval_sample(held, c.eval_max_images)  # the rest of the held-out split is not trained on either
+        train_ids = set(ids) - held
         val_set = ExportDataset(source, len(tagset), model.cfg, val_ids, cache=c.cache_images)
         out = Path(self.context.run_dir) / self.context.step
         tc = TrainConfig(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, weight_decay=c.weight_decay,
-                         warmup_steps=c.warmup_steps, seed=seed, loss=c.loss, hflip=c.hflip,
-                         caption_weight=c.caption_weight, distill_weight=c.distill_weight,
-                         channels_last=c.channels_last)
+                         warmup_steps=c.warmup_steps, min_lr_ratio=c.min_lr_ratio, seed=seed, loss=c.loss,
+                         hflip=c.hflip, caption_weight=c.caption_weight, distill_weight=c.distill_weight,
+                         channels_last=c.channels_last, num_workers=c.num_workers,
+                         prefetch_factor=c.prefetch_factor, bf16=c.bf16, grad_clip=c.grad_clip,
+                         global_batch_size=c.global_batch_size, align_weight=c.align_weight)
         teacher = None
         if c.teacher != "none":
             from model.teacher import make_teacher
@@ -189,12 +305,18 @@ class TrainStage(Stage):
             if not hasattr(model, "image_embeds") or not hasattr(model, "label_queries"):
                 raise ValueError(f"train.teacher: distillation needs a RAM student; {c.model!r} has no pooled "
                                  f"image embedding to distil into")
-            teacher = make_teacher(c.teacher, c.teacher_weights, model.cfg, c.teacher_model, c.teacher_model_args,
-                                   c.device)
+            if not ray_train:  # Ray Train workers build their own
+                teacher = make_teacher(c.teacher, c.teacher_weights, model.cfg, c.teacher_model,
+                                       c.teacher_model_args, c.device)
         has_truth = "truth" in self.context.artifacts
         truth_before = self._truth_map(model, val_set, tagset) if has_truth and len(val_set) else {}
-        res = train(model, train_set, val_set, tc, out / "checkpoints", tag_names=list(tagset.names), teacher=teacher,
-                    log=lambda m: print(f"  [{self.context.step}] {m}", flush=True))
+        if ray_train:
+            res = self._train_ray(model, args, source, rejects, sorted(val_ids), tc, out, tagset, caption_encoder)
+        else:
+            train_set = ExportDataset(source, len(tagset), model.cfg, train_ids, cache=c.cache_images)
+            res = train(model, train_set, val_set, tc, out / "checkpoints", tag_names=list(tagset.names),
+                        teacher=teacher, caption_encoder=caption_encoder,
+                        log=lambda m: print(f"  [{self.context.step}] {m}", flush=True))
         hist = res["history"]
         truth_q = self._truth_map(model, val_set, tagset) if truth_before else {}
         if truth_q:
@@ -203,13 +325,15 @@ class TrainStage(Stage):
                 "variant": model.cfg.variant, "label_dim": model.cfg.label_dim, "num_classes": len(tagset)}
         torch.save({"model": model.state_dict()}, out / "model.pth")
         thresholds = self._calibrate(model, val_set, len(tagset)) if len(val_set) else tagset.thresholds()
-        stats = {"train_images": len(train_set), "val_images": len(val_set), "steps": res["steps"],
+        stats = {"train_images": len(train_ids), "val_images": len(val_set), "held_out_images": len(held),
+                 "steps": res["steps"],
                  "loss_first_epoch": hist[1]["loss"], "loss_last_epoch": hist[-1]["loss"],
                  "val_mAP_before": round(hist[0]["mAP"], 4), "val_mAP_after": round(hist[-1]["mAP"], 4),
                  "val_chance_mAP": round(hist[-1]["chance_mAP"], 4),
                  "summary": f"val mAP {hist[0]['mAP']:.3f} -> {hist[-1]['mAP']:.3f} (chance "
                             f"{hist[-1]['chance_mAP']:.3f}), loss {hist[1]['loss']:.2f} -> {hist[-1]['loss']:.2f}"}
         stats.update(truth_q)
+        stats.update(label_stats)
         if truth_q:
             stats["summary"] += (f"; vs truth: val mAP {truth_q['val_truth_mAP_before']:.3f} -> "
                                  f"{truth_q['val_truth_mAP_after']:.3f} "

@@ -1,4 +1,6 @@
 """Training pieces: ASL, AP, checkpoint round trip, deterministic resume, the text encoder."""
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -269,3 +271,329 @@ def test_a_teacher_without_weights_is_a_config_error(tmp_path):
     cfg.write_text("workflow: train\ntrain: {teacher: ram}\n")
     with pytest.raises(ConfigError, match=r"t\.yaml.*train.*teacher_weights"):
         load_run_config(cfg)
+
+
+def _check_devices(model):
+    """Every submodule asserts that the tensors it is called with are on the model's device."""
+    device = next(model.parameters()).device
+
+    def hook(module, args, kwargs):
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, torch.Tensor):
+                assert a.device == device, f"{type(module).__name__} called with a {a.device} tensor, model on {device}"
+
+    for m in model.modules():
+        m.register_forward_pre_hook(hook, with_kwargs=True)
+    return model
+
+
+def _meta_models():
+    yield "ram", _model()
+    yield "cnn", create_model("cnn_tagger_tiny", num_classes=4, widths=[8, 16, 16, 16], pool="lse")
+    yield "ram_caption", create_model("ram_test", caption_branch=True, text_layers=2, num_classes=4, image_size=64,
+                                      window_size=4, embed_dim=8, head_hidden=32, head_intermediate=64)
+    yield "ram_plus", create_model("ram_plus_test", num_classes=4, image_size=64, window_size=4, embed_dim=8,
+                                   head_hidden=32, head_intermediate=64, label_dim=384)
+
+
+def test_the_loop_keeps_every_tensor_on_the_model_device(tmp_path):
+    """No GPU here, so the model goes to the ``meta`` device (a second device without data): a CPU batch fed
+    to it fails the submodules' device checks, and the host copy of a score is the one place it may stop."""
+    from model.teacher import RamTeacher
+    from model.text import MiniLMEncoder
+    from model.train import BatchLoss, Objective, evaluate, make_loader, optimizer_step, predict
+    from pipeline.stage import StageContext
+    from stages.train import TrainStage, TrainStageConfig
+
+    files = _tiny_export(tmp_path, 16)
+    meta = torch.device("meta")
+    encoder = MiniLMEncoder()
+    for name, model in _meta_models():
+        model = _check_devices(model.to(meta))
+        with pytest.raises(AssertionError, match="called with a cpu tensor"):  # the checks do catch a mix-up
+            model(torch.zeros(2, 3, 64, 64))
+        ds = ExportDataset(files, 4, model.cfg)
+        loader = make_loader(ds, 8, meta)
+        for s, y, _ in predict(model, loader):
+            assert s.device == meta and y.device == meta and s.shape == (8, 4), name
+        cfg = TrainConfig(hflip=True, grad_clip=1.0, distill_weight=1.0, align_weight=1.0, channels_last=name == "cnn")
+        teacher = None
+        if name.startswith("ram"):
+            teacher = RamTeacher(_check_devices(create_model(
+                "ram_test", num_classes=4, image_size=32, window_size=4, embed_dim=8, head_hidden=32,
+                head_intermediate=64, label_dim=model.cfg.label_dim).to(meta)), model.cfg)
+        objective = Objective(model, cfg)
+        batch_loss = BatchLoss(model, cfg, teacher, encoder if name == "ram_plus" else None,
+                               ["red", "green", "blue", "yellow"])
+        assert batch_loss.distill == (teacher is not None) and batch_loss.align == (name == "ram_plus")
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        objective.train()
+        x, y, idx = next(iter(loader))
+        loss = batch_loss(objective, x, y, lambda: [ds.rows[int(i)] for i in idx], torch.Generator(), meta)
+        loss.backward()
+        optimizer_step(opt, sched, params, cfg)
+        assert loss.device == meta and all(p.grad.device == meta for p in params if p.grad is not None), name
+        with pytest.raises(NotImplementedError, match="meta tensor"):  # stops at the host copy, nowhere before
+            evaluate(model, loader)
+    stage = TrainStage(TrainStageConfig(), StageContext(str(tmp_path), "train"))
+    with pytest.raises(NotImplementedError, match="meta tensor"):
+        stage._calibrate(model, ds, 4)
+
+
+def test_gradient_accumulation_equals_one_larger_batch(tmp_path):
+    """Two batches of 8 accumulated into one step: the same update as one batch of 16, half the steps."""
+    files = _tiny_export(tmp_path, 32)
+    big, acc = _model(), _model()
+    ds = ExportDataset(files, 4, big.cfg)
+    kw = {"epochs": 1, "warmup_steps": 1, "lr": 3e-3}
+    r_big = train(big, ds, ds, TrainConfig(batch_size=16, **kw), tmp_path / "big", log=lambda m: None)
+    r_acc = train(acc, ds, ds, TrainConfig(batch_size=8, global_batch_size=16, **kw), tmp_path / "acc",
+                  log=lambda m: None)
+    assert r_big["steps"] == r_acc["steps"] == 2
+    for k, v in big.state_dict().items():
+        torch.testing.assert_close(acc.state_dict()[k], v, atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="multiple of batch_size"):
+        train(_model(), ds, ds, TrainConfig(batch_size=8, global_batch_size=12, **kw), tmp_path / "bad")
+
+
+def test_gradient_clipping_bounds_the_update():
+    from model.train import optimizer_step
+
+    w = torch.nn.Parameter(torch.zeros(4))
+    w.grad = torch.tensor([3.0, 4.0, 0.0, 0.0])  # norm 5
+    opt = torch.optim.SGD([w], lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    optimizer_step(opt, sched, [w], TrainConfig(grad_clip=0.5))
+    torch.testing.assert_close(w.detach(), torch.tensor([-0.3, -0.4, 0.0, 0.0]))
+
+
+def test_loader_workers_decode_the_same_batches(tmp_path):
+    """An epoch with num_workers > 0 (prefetching processes) trains the very same model as the in-process
+    loader: the same images, decoded the same way, in the same order. Later epochs shuffle differently (the
+    persistent workers' one iterator draws the shuffle generator once less per epoch), and with ``hflip``
+    the flips differ (the sampler, run ahead by the prefetch, draws from the generator the flips use)."""
+    files = _tiny_export(tmp_path, 24)
+    a, b = _model(), _model()
+    ds = ExportDataset(files, 4, a.cfg)
+    cfg = {"epochs": 1, "batch_size": 8, "warmup_steps": 1}
+    train(a, ds, ds, TrainConfig(**cfg), tmp_path / "a", log=lambda m: None)
+    train(b, ds, ds, TrainConfig(num_workers=2, prefetch_factor=2, **cfg), tmp_path / "b", log=lambda m: None)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+
+
+def test_held_out_evaluation_is_a_bounded_sample_by_hash():
+    from stages.train import eval_sample
+
+    ids = [f"img{i:04d}" for i in range(500)]
+    s = eval_sample(ids, 40)
+    assert len(s) == 40 and s == eval_sample(reversed(ids), 40) and s <= set(ids)
+    assert eval_sample(ids[:30], 40) == set(ids[:30])
+    assert eval_sample(ids, 40) & set(ids[:250]) != s  # not simply the first ids
+
+
+def test_train_stage_scores_at_most_eval_max_images(tmp_path):
+    from pipeline.stage import RowSource, StageContext
+    from stages.train import TrainStage, TrainStageConfig
+    from tagset.tagset import Tag, TagSet
+
+    files = _tiny_export(tmp_path, 40)
+    vocab = tmp_path / "vocab"
+    vocab.mkdir()
+    pq.write_table(TagSet([Tag(i, n) for i, n in enumerate(["red", "green", "blue", "yellow"])]).to_table(),
+                   vocab / "tagset.parquet")
+    cfg = TrainStageConfig(text_encoder="none", epochs=1, batch_size=8, warmup_steps=1, val_fraction=0.5,
+                           eval_max_images=5, model_args={"image_size": 64, "window_size": 4, "embed_dim": 8,
+                                                          "head_hidden": 32, "head_intermediate": 64})
+    res = TrainStage(cfg, StageContext(str(tmp_path), "train", artifacts={"tagset": str(vocab)})).run(RowSource(files))
+    assert res.stats["val_images"] == 5 < res.stats["held_out_images"]
+    assert res.stats["train_images"] + res.stats["held_out_images"] == 40
+
+
+GOLDEN_CKPTS = [("ram_test", "tiny_ram.pth", 1), ("ram_plus_test", "tiny_ram_plus.pth", 51)]
+# ids 0-3 are the colours the tiny export labels (new to the checkpoint); then tags its list knows, one
+# by a synonym only ("aeroplane" -> "plane") and one by another spelling ("Alarm  Clock")
+FINETUNE_TAGS = [("red", []), ("green", []), ("blue", []), ("yellow", []), ("abacus", []), ("airport", []),
+                 ("Alarm  Clock", []), ("aeroplane", ["plane"])]
+
+
+def _finetune_stage(tmp_path, shared, name, ckpt, **overrides):
+    from pipeline.stage import StageContext
+    from stages.train import TrainStage, TrainStageConfig
+    from tagset.tagset import Tag, TagSet
+
+    g = shared / "ref/ram/golden"
+    vocab = tmp_path / "vocab"
+    vocab.mkdir(exist_ok=True)
+    pq.write_table(TagSet([Tag(i, n, s) for i, (n, s) in enumerate(FINETUNE_TAGS)]).to_table(),
+                   vocab / "tagset.parquet")
+    cfg = TrainStageConfig(**{"model": name, "init_checkpoint": str(g / ckpt),
+                              "init_tag_list": str(g / "ram_tag_list.txt"), "text_encoder": "minilm",
+                              "new_tag_rows": "project", "epochs": 1, "batch_size": 8, "warmup_steps": 1,
+                              "val_fraction": 0.3, "cache_images": False, **overrides})
+    return TrainStage(cfg, StageContext(str(tmp_path), "train", artifacts={"tagset": str(vocab)}))
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("name, ckpt, per", GOLDEN_CKPTS)
+def test_fine_tuning_a_released_checkpoint_keeps_its_label_rows(shared, tmp_path, name, ckpt, per):
+    """Golden set A's official tiny RAM / RAM++ on a tagset that adds four tags: the tags the checkpoint
+    knows keep their official 512-d rows exactly, the new ones get MiniLM rows projected into that space,
+    the run trains and publishes a model the vision stages load."""
+    import json
+
+    from pipeline.stage import RowSource
+    from stages.vision import BaseTagger, TaggerConfig
+
+    g = shared / "ref/ram/golden"
+    official = torch.load(g / ckpt, weights_only=True)["model"]["label_embed"].view(50, per, 512)
+    ck_names = (g / "ram_tag_list.txt").read_text().splitlines()
+    files = _tiny_export(tmp_path, 16)
+    res = _finetune_stage(tmp_path, shared, name, ckpt).run(RowSource(files))
+    out = tmp_path / "train"
+    rows = torch.load(out / "model.pth", weights_only=True)["model"]["label_embed"]
+    assert rows.shape == (len(FINETUNE_TAGS) * per, 512)
+    rows = rows.view(len(FINETUNE_TAGS), per, 512)
+    for ours, theirs in [(4, "abacus"), (5, "airport"), (6, "alarm clock"), (7, "plane")]:
+        assert torch.equal(rows[ours], official[ck_names.index(theirs)]), theirs
+    new = rows[:4].reshape(-1, 512)
+    torch.testing.assert_close(new.norm(dim=-1), torch.ones(len(new)))
+    assert not any(torch.equal(r, o) for r in rows[:4] for o in official)
+    if per > 1:  # RAM++: 51 different rows per new tag (template texts), not 51 copies of one
+        assert torch.unique(rows[0], dim=0).shape[0] == per
+    assert res.stats["init_tags_known"] == 4 and res.stats["init_tags_new"] == 4
+    assert res.stats["init_new_rows"] == "project" and -1 <= res.stats["init_projection_cosine"] <= 1
+    assert res.stats["steps"] >= 1 and np.isfinite(res.stats["loss_last_epoch"])
+    for fname, data in res.files.items():
+        (out / fname).write_bytes(data)
+    assert json.loads((out / "model.json").read_text())["model_args"]["label_dim"] == 512
+    tagger = BaseTagger.load(TaggerConfig(device="cpu"), {"tagger": str(out)}, [n for n, _ in FINETUNE_TAGS])
+    assert tagger.model(torch.zeros(1, 3, 224, 224)).shape == (1, len(FINETUNE_TAGS))
+
+
+@pytest.mark.shared
+def test_fine_tuning_never_mixes_label_widths(shared, tmp_path):
+    from pipeline.stage import RowSource
+
+    files = _tiny_export(tmp_path, 8)
+    with pytest.raises(ValueError, match=r"'minilm' is 384-d but the checkpoint's label space is 512-d"):
+        _finetune_stage(tmp_path, shared, "ram_test", "tiny_ram.pth", new_tag_rows="encoder").run(RowSource(files))
+    with pytest.raises(ValueError, match="init_tag_list"):
+        _finetune_stage(tmp_path, shared, "ram_test", "tiny_ram.pth", init_tag_list=None).run(RowSource(files))
+    with pytest.raises(ValueError, match="no text encoder"):
+        _finetune_stage(tmp_path, shared, "ram_test", "tiny_ram.pth", text_encoder="none").run(RowSource(files))
+
+
+def test_label_transfer_with_an_encoder_of_the_checkpoints_width():
+    """Same width (CLIP's case): new rows are the encoder's own, known rows the checkpoint's."""
+    from model.finetune import transfer_labels
+
+    class Hashed:  # a deterministic 8-d text encoder: no CLIP weights on this machine
+        dim = 8
+
+        def encode(self, texts):
+            return torch.stack([torch.randn(8, generator=torch.Generator().manual_seed(sum(map(ord, t))))
+                                for t in texts])
+
+    ck = torch.nn.functional.normalize(torch.randn(3 * 2, 8), dim=-1)  # 3 classes x 2 rows (a RAM++-like layout)
+    tr = transfer_labels(ck, ["cat", "dog", "car"], [("Dog", []), ("bus", []), ("kitty", ["cat"])], 2,
+                         lambda names: [f"{n} {d}" for n in names for d in ("a", "b")], Hashed())
+    assert tr.known == {0: 1, 2: 0} and tr.new == [1]
+    rows = tr.label_embed.view(3, 2, 8)
+    assert torch.equal(rows[0], ck.view(3, 2, 8)[1]) and torch.equal(rows[2], ck.view(3, 2, 8)[0])
+    torch.testing.assert_close(rows[1], torch.nn.functional.normalize(Hashed().encode(["bus a", "bus b"]), dim=-1))
+    assert tr.stats["new_rows"] == "encoder"
+
+
+def test_ram_plus_rows_from_descriptions_and_templates(tmp_path):
+    """51 rows per tag: a tag's own descriptions where the JSON has them (official format), else 51
+    prompt templates; each row one normalised embedding of one text."""
+    import json
+
+    from model.text import DESCRIPTION_TEMPLATES, MiniLMEncoder, description_rows, load_descriptions
+
+    desc = [f"description {d} of an aerial photo" for d in range(51)]
+    path = tmp_path / "desc.json"
+    path.write_text(json.dumps([{"Aerial  Photography": desc}, {"unused": ["x"] * 51}]))
+    descriptions = load_descriptions(path)
+    enc = MiniLMEncoder()
+    rows = description_rows(enc, ["red", "aerial photography"], descriptions)
+    assert rows.shape == (102, 384) and torch.unique(rows[:51], dim=0).shape[0] == 51
+    torch.testing.assert_close(rows[:51], enc.encode([t.format("red") for t in DESCRIPTION_TEMPLATES]))
+    torch.testing.assert_close(rows[51:], enc.encode(desc))
+    with pytest.raises(ValueError, match="has 50 descriptions"):
+        description_rows(enc, ["a"], {"a": desc[:50]})
+
+
+@pytest.mark.shared
+def test_official_description_file_loads(shared):
+    from model.text import description_texts, load_descriptions
+
+    d = load_descriptions(shared / "ref/ram/openimages_rare_200_llm_tag_descriptions.json")
+    assert len(d) == 200 and {len(v) for v in d.values()} == {51}
+    texts = description_texts(["Aerial photography"], d)
+    assert len(texts) == 51 and texts[0] == "a photo of a aerial photography."
+
+
+def test_ram_plus_trains_with_description_rows_and_the_alignment_loss(tmp_path):
+    """RAM++ from the train step: its label rows are the descriptions' embeddings (frozen, so kept), and
+    align_weight switches the image-text alignment loss on (it adds to the objective)."""
+    import json
+
+    from model.text import MiniLMEncoder
+    from pipeline.stage import RowSource, StageContext
+    from stages.train import TrainStage, TrainStageConfig
+    from tagset.tagset import Tag, TagSet
+
+    files = _tiny_export(tmp_path, 16)
+    vocab = tmp_path / "vocab"
+    vocab.mkdir()
+    names = ["red", "green", "blue", "yellow"]
+    pq.write_table(TagSet([Tag(i, n) for i, n in enumerate(names)]).to_table(), vocab / "tagset.parquet")
+    desc = [f"something {d} that is coloured blue" for d in range(51)]
+    (tmp_path / "desc.json").write_text(json.dumps([{"blue": desc}]))
+    args = {"image_size": 64, "window_size": 4, "embed_dim": 8, "head_hidden": 32, "head_intermediate": 64}
+    losses = {}
+    for weight in (0.0, 1.0):
+        cfg = TrainStageConfig(model="ram_plus_test", model_args=args, descriptions=str(tmp_path / "desc.json"),
+                               align_weight=weight, epochs=1, batch_size=8, warmup_steps=1, val_fraction=0.3,
+                               seed=0)
+        res = TrainStage(cfg, StageContext(str(tmp_path), f"train{weight}", artifacts={"tagset": str(vocab)})).run(
+            RowSource(files))
+        losses[weight] = res.stats["loss_first_epoch"]
+    rows = torch.load(tmp_path / "train1.0" / "model.pth", weights_only=True)["model"]["label_embed"]
+    torch.testing.assert_close(rows.view(4, 51, 384)[2], MiniLMEncoder().encode(desc))
+    assert losses[1.0] > losses[0.0] + 0.1, losses
+    with pytest.raises(ValueError, match="alignment loss is RAM\\+\\+'s"):
+        TrainStage(TrainStageConfig(model="ram_test", model_args=args, align_weight=1.0),
+                   StageContext(str(tmp_path), "t", artifacts={"tagset": str(vocab)})).run(RowSource(files))
+
+
+def test_cli_train_runs_only_the_train_step(tmp_path, small_world_config, capsys):
+    from pipeline.cli import main
+
+    assert main(["train", str(small_world_config()), "--out", str(tmp_path / "a")]) == 2
+    assert "has no train step" in capsys.readouterr().err
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text("workflow: train\nray: {enabled: false}\ninput: {images: 8, size: 64}\n")
+    assert main(["train", str(cfg), "--out", str(tmp_path / "b"), "--set", "train.backend=ray_train"]) == 2
+    assert "--only leaves out step 'input'" in capsys.readouterr().err  # the data steps must be done first
+
+
+def test_gpu_recipe_is_the_official_schedule():
+    from pipeline.config import load_run_config
+    from pipeline.workflow import check_contract
+
+    recipe = Path(__file__).resolve().parent.parent / "stages" / "train_ram_gpu.yaml"
+    cfg = load_run_config(recipe)
+    check_contract(cfg)
+    t = cfg.step("train").config
+    assert (t.backend, t.device, t.model, t.model_args) == ("ray_train", "cuda", "ram_swin_l_384",
+                                                            {"image_size": 224, "window_size": 7})
+    assert (t.batch_size, t.lr, t.weight_decay, t.epochs, t.warmup_steps) == (52, 1e-4, 0.05, 5, 3000)
+    assert t.teacher == "clip" and t.text_encoder == "clip" and t.freeze_label_embed
+    ft = load_run_config(recipe, ["train.model_args={}", "train.batch_size=26",
+                                                       "train.lr=5e-6", "train.epochs=2"]).step("train").config
+    assert (ft.model_args, ft.batch_size, ft.lr, ft.epochs) == ({}, 26, 5e-6, 2)

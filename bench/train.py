@@ -1,0 +1,101 @@
+"""Benchmark: training samples/s with 1 and 2 Ray Train workers on CPU (DDP over gloo), same export,
+same run (the main job's CNN base tagger at 64 px, batch 32 per worker, images decoded every epoch).
+
+    python bench/train.py [--images 960] [--epochs 3] [--rounds 2]
+
+Each worker reserves one CPU, so Ray gives it one intra-op thread: the ratio measures data
+parallelism, not threads. Samples/s counts the epochs after the first (warm-up) from the workers' own
+epoch wall time (startup, evaluation and checkpoints excluded). Rounds alternate 1 and 2 workers so
+both see the same machine state. The last line is ``train_scaling_2_workers: X.XX``.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def write_export(root: Path, images: int) -> tuple[list[Path], int]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from stages.world.generate import NoiseRates
+    from stages.world.tables import to_tables, world_images
+
+    rows, truth = to_tables(world_images(0, 0, images, 64, NoiseRates(0, 0, 0)))
+    (root / "images").mkdir(parents=True)
+    classes = sorted({o["cls"] for t in truth.to_pylist() for o in t["objects"]})
+    recs = []
+    for r, t in zip(rows.to_pylist(), truth.to_pylist()):
+        (root / "images" / f"{r['image_id']}.png").write_bytes(r["image_bytes"])
+        labels = sorted({classes.index(o["cls"]) for o in t["objects"]})
+        recs.append({"image_id": r["image_id"], "image_path": f"images/{r['image_id']}.png",
+                     "caption": r["captions"], "union_label_id": labels, "parse_label_id": []})
+    pq.write_table(pa.Table.from_pylist(recs), root / "part-00000.parquet")
+    return [root / "part-00000.parquet"], len(classes)
+
+
+def fit(files, classes: int, workers: int, epochs: int, root: Path, name: str) -> dict:
+    import torch
+
+    from model.distributed import JobSpec, train_loop_per_worker
+    from model.ram import create_model
+    from model.train import TrainConfig
+    from pipeline.trainer import TrainJob, run_torch_job
+    from stages.train import held_out
+
+    torch.manual_seed(0)
+    args = {"num_classes": classes, "image_size": 64, "pool": "lse"}
+    init = root / "init.pth"
+    torch.save({"model": create_model("cnn_tagger_tiny", **args).state_dict()}, init)
+    cfg = TrainConfig(epochs=epochs, batch_size=32, lr=3e-3, warmup_steps=10, loss="bce", hflip=True,
+                      channels_last=True)
+    spec = JobSpec("cnn_tagger_tiny", args, str(init), True, files, classes, asdict(cfg),
+                   functools.partial(held_out, fraction=0.05), frozenset(), [], [str(i) for i in range(classes)])
+    res = run_torch_job(train_loop_per_worker, {"spec": spec},
+                        TrainJob(workers=workers, storage_path=str(root / "storage"), name=name))
+    hist = res.return_value["history"][2:]  # epochs after the first
+    return {"workers": workers, "samples_per_s": sum(h["images"] for h in hist) / sum(h["seconds"] for h in hist),
+            "loss_last_epoch": hist[-1]["loss"], "steps": res.return_value["steps"]}
+
+
+def main() -> int:
+    import ray
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=960)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--out", default=str(REPO / "bench/out/train.json"))
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        files, classes = write_export(root / "export", args.images)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+                 _temp_dir=str(root / "ray"))
+        runs = []
+        for r in range(args.rounds):
+            for w in (1, 2):
+                runs.append(fit(files, classes, w, args.epochs, root, f"r{r}w{w}"))
+                print(json.dumps(runs[-1]), flush=True)
+        ray.shutdown()
+    rate = {w: statistics.median(x["samples_per_s"] for x in runs if x["workers"] == w) for w in (1, 2)}
+    out = {"images": args.images, "epochs": args.epochs, "runs": runs, "samples_per_s_1": rate[1],
+           "samples_per_s_2": rate[2], "train_scaling_2_workers": rate[2] / rate[1]}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    print(f"samples/s: 1 worker {rate[1]:.1f}, 2 workers {rate[2]:.1f}")
+    print(f"train_scaling_2_workers: {rate[2] / rate[1]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,136 @@
+"""Training as a Ray Train job on CPU: two DDP workers (gloo) on a tiny RAM from a small export."""
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from test_train import _model, _tiny_export
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+ARGS = {"num_classes": 4, "image_size": 64, "window_size": 4, "embed_dim": 8, "head_hidden": 32,
+        "head_intermediate": 64}
+
+
+def _spec(tmp_path, files, **kw):
+    import functools
+    from dataclasses import asdict
+
+    from model.distributed import JobSpec
+    from model.train import TrainConfig
+    from stages.train import held_out
+
+    init = tmp_path / "init.pth"
+    if not init.exists():
+        torch.save({"model": _model().state_dict()}, init)
+    held = functools.partial(held_out, fraction=0.2)
+    ids = [r["image_id"] for r in pq.read_table(files[0]).to_pylist()]
+    cfg = TrainConfig(epochs=6, batch_size=8, warmup_steps=2, lr=3e-3, hflip=True, seed=0)
+    spec = JobSpec("ram_test", ARGS, str(init), True, files, 4, asdict(cfg), held, frozenset(),
+                   [i for i in ids if held(i)], ["red", "green", "blue", "yellow"], **kw)
+    return spec, {i for i in ids if not held(i)}
+
+
+def _fit(spec, storage, name, workers=2):
+    from model.distributed import train_loop_per_worker
+    from pipeline.trainer import TrainJob, run_torch_job
+
+    result = run_torch_job(train_loop_per_worker, {"spec": spec},
+                           TrainJob(workers=workers, storage_path=str(storage), name=name, max_failures=1))
+    with result.checkpoint.as_directory() as d:
+        final = torch.load(f"{d}/model.pth", weights_only=True)
+    return result, final
+
+
+def test_two_workers_train_on_disjoint_rows_and_resume_after_a_sigkill(ray_local, tmp_path):
+    """Loss goes down; the workers' rows are disjoint and together the training split, each seen whole
+    every epoch; a worker SIGKILLed mid-epoch (step 5 of 18, checkpoints every 2 steps and at epoch ends)
+    is restarted by Ray Train from the latest checkpoint and ends at the same step with bit-identical
+    weights and losses."""
+    files = _tiny_export(tmp_path, 48)
+    spec, train_ids = _spec(tmp_path, files, checkpoint_every=2, record_ids=str(tmp_path / "ids"))
+    result, final = _fit(spec, tmp_path / "storage", "plain")
+    losses = [h["loss"] for h in result.return_value["history"][1:]]
+    assert len(losses) == 6 and losses[-1] < 0.85 * losses[0], losses
+    a, b = (json.loads((tmp_path / "ids" / f"rank-{r}.json").read_text()) for r in (0, 1))
+    assert a["shard"] and b["shard"] and not set(a["shard"]) & set(b["shard"])
+    assert set(a["shard"]) | set(b["shard"]) == train_ids
+    assert a["seen"] == a["shard"] and b["seen"] == b["shard"]
+    assert a["weights_sha1"] == b["weights_sha1"]  # DDP kept the two replicas identical
+    assert set(final) == {"model"}  # the official layout
+
+    spec_kill, _ = _spec(tmp_path, files, checkpoint_every=2,
+                         fault={"kill_at_step": 5, "marker": str(tmp_path / "killed")})
+    killed, final_killed = _fit(spec_kill, tmp_path / "storage", "killed")
+    assert (tmp_path / "killed").read_text() == "5"  # it did die
+    assert killed.return_value["steps"] == result.return_value["steps"] == 18
+    # from the latest checkpoint Ray Train had registered: step 4's, or the epoch end's (step 3) when the
+    # kill came before the controller took step 4's report; never from scratch
+    assert killed.return_value["resumed_at"] in (3, 4) and result.return_value["resumed_at"] is None
+    for k, v in final["model"].items():
+        assert torch.equal(v, final_killed["model"][k]), k
+    assert [h["loss"] for h in killed.return_value["history"]] == [h["loss"] for h in result.return_value["history"]]
+
+
+def test_train_step_with_the_ray_train_backend(ray_local, tmp_path):
+    """The train step as a Ray Train job: it trains, calibrates and publishes like the local backend."""
+    from pipeline.stage import RowSource, StageContext
+    from stages.train import TrainStage, TrainStageConfig
+    from tagset.tagset import Tag, TagSet
+
+    files = _tiny_export(tmp_path, 24)
+    vocab = tmp_path / "vocab"
+    vocab.mkdir()
+    pq.write_table(TagSet([Tag(i, n) for i, n in enumerate(["red", "green", "blue", "yellow"])]).to_table(),
+                   vocab / "tagset.parquet")
+    cfg = TrainStageConfig(text_encoder="none", epochs=2, batch_size=4, warmup_steps=1, val_fraction=0.3,
+                           backend="ray_train", workers=2, global_batch_size=16,
+                           model_args={k: v for k, v in ARGS.items() if k != "num_classes"})
+    res = TrainStage(cfg, StageContext(str(tmp_path), "train", artifacts={"tagset": str(vocab)})).run(RowSource(files))
+    # 2 workers x batch 4, accumulated twice: 16 images per step
+    assert res.stats["steps"] >= 2 and res.stats["train_images"] + res.stats["held_out_images"] == 24
+    sd = torch.load(tmp_path / "train" / "model.pth", weights_only=True)["model"]
+    assert not torch.equal(sd["fc.weight"], _model().state_dict()["fc.weight"])  # trained
+    assert json.loads(res.files["thresholds.json"])
+
+
+DRIVER = """
+import pickle, sys
+import ray
+sys.path.insert(0, {tests!r})
+from test_train_ray import _fit
+ray.init(address={address!r}, log_to_driver=False)
+_fit(pickle.load(open({spec!r}, "rb")), {storage!r}, "driver")
+"""
+
+
+def test_a_killed_driver_resumes_from_the_latest_checkpoint(ray_local, tmp_path):
+    """The driver (a job launched as a subprocess) is SIGKILLed once Ray Train has registered a checkpoint
+    on the run's storage; the same job started again finds its run there and finishes from that
+    checkpoint, with the weights of an uninterrupted run."""
+    import pickle
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    files = _tiny_export(tmp_path, 48)
+    spec, _ = _spec(tmp_path, files, checkpoint_every=2)
+    spec.train["epochs"] = 2
+    (tmp_path / "spec.pkl").write_bytes(pickle.dumps(spec))
+    storage = tmp_path / "storage"
+    code = DRIVER.format(tests=str(Path(__file__).parent), address=ray_local.get_runtime_context().gcs_address,
+                         spec=str(tmp_path / "spec.pkl"), storage=str(storage))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    snapshot = storage / "driver" / "checkpoint_manager_snapshot.json"  # Ray Train registered a checkpoint
+    while not snapshot.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, f"the driver ended before a checkpoint: {proc.stderr.read()[-2000:]}"
+    proc.kill()
+    proc.wait()
+    resumed, final = _fit(spec, storage, "driver")
+    assert resumed.return_value["resumed_at"] is not None and resumed.return_value["steps"] == 6
+    plain, final_plain = _fit(spec, storage, "plain")
+    for k, v in final_plain["model"].items():
+        assert torch.equal(v, final["model"][k]), k
