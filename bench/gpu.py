@@ -99,31 +99,9 @@ def ram_section(model, rows: list[dict], precision: str, batch: int, stage_batch
 def grounding_dino(path: Path, names: list[str], smoke: bool) -> Path:
     """A Grounding DINO directory in Hugging Face format with random weights: the default config
     (Swin-T backbone, BERT-base-sized text encoder over a vocabulary of the prompt words)."""
-    import torch
-    from transformers import (BertConfig, BertTokenizerFast, GroundingDinoConfig, GroundingDinoForObjectDetection,
-                              GroundingDinoProcessor, SwinConfig)
-    from transformers.models.grounding_dino import GroundingDinoImageProcessorPil
+    from stages.detectors import write_random_grounding_dino
 
-    words = sorted({w for n in names for w in n.split()})
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "."] + words
-    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
-    if smoke:
-        size = {"shortest_edge": 64, "longest_edge": 96}
-        cfg = GroundingDinoConfig(
-            backbone_config=SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4,
-                                       image_size=64, out_features=["stage2", "stage3", "stage4"]),
-            text_config=BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                   intermediate_size=64, max_position_embeddings=64),
-            d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
-            encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=20, max_text_len=64, num_feature_levels=3,
-            encoder_n_points=2, decoder_n_points=2)
-    else:
-        size = {"shortest_edge": 800, "longest_edge": 1333}
-        cfg = GroundingDinoConfig(text_config=BertConfig(vocab_size=len(vocab)))
-    torch.manual_seed(0)
-    GroundingDinoForObjectDetection(cfg).save_pretrained(path)
-    GroundingDinoProcessor(image_processor=GroundingDinoImageProcessorPil(size=size), tokenizer=tok).save_pretrained(path)
-    return path
+    return write_random_grounding_dino(path, [w for n in names for w in n.split()], tiny=smoke, max_text_len=64)
 
 
 def gd_section(path: Path, images: list, names: list[str], precision: str, device: str) -> dict:

@@ -199,3 +199,34 @@ class OriginalGroundingDino:
                                                                  (cx + bw / 2) * w, (cy + bh / 2) * h]}
                         for (cx, cy, bw, bh), s, p in zip(boxes.tolist(), logits.tolist(), phrases)])
         return out
+
+
+def write_random_grounding_dino(path: Path, words: list[str], tiny: bool = True, max_text_len: int = 16) -> Path:
+    """A Grounding DINO directory in Hugging Face format with RANDOM weights and a BERT vocabulary of
+    ``words``: the default architecture (Swin-T backbone, BERT-base-sized text encoder, 800/1333 resize)
+    or, with ``tiny``, a few-layer one at 64/96 px for tests and CPU smoke checks. For plumbing and speed
+    (tests, bench/gpu.py), never for boxes."""
+    import torch
+    from transformers import (BertConfig, BertTokenizerFast, GroundingDinoConfig, GroundingDinoForObjectDetection,
+                              GroundingDinoProcessor, SwinConfig)
+    from transformers.models.grounding_dino import GroundingDinoImageProcessorPil
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "."] + sorted(set(words))
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+    if tiny:
+        size = {"shortest_edge": 64, "longest_edge": 96}
+        cfg = GroundingDinoConfig(
+            backbone_config=SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4,
+                                       image_size=64, out_features=["stage2", "stage3", "stage4"]),
+            text_config=BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=64, max_position_embeddings=64),
+            d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+            encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=20, max_text_len=max_text_len, num_feature_levels=3,
+            encoder_n_points=2, decoder_n_points=2)
+    else:
+        size = {"shortest_edge": 800, "longest_edge": 1333}
+        cfg = GroundingDinoConfig(text_config=BertConfig(vocab_size=len(vocab)))
+    torch.manual_seed(0)
+    GroundingDinoForObjectDetection(cfg).save_pretrained(path)
+    GroundingDinoProcessor(image_processor=GroundingDinoImageProcessorPil(size=size), tokenizer=tok).save_pretrained(path)
+    return Path(path)

@@ -17,26 +17,9 @@ RAM_ARGS = {"image_size": 64, "window_size": 4, "embed_dim": 8, "depths": [2, 2,
 
 
 def tiny_grounding_dino(path: Path, words: list[str]) -> Path:
-    from transformers import (BertConfig, BertTokenizerFast, GroundingDinoConfig, GroundingDinoForObjectDetection,
-                              GroundingDinoProcessor, SwinConfig)
-    from transformers.models.grounding_dino import GroundingDinoImageProcessorPil
+    from stages.detectors import write_random_grounding_dino
 
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "."] + sorted(set(words))
-    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
-    proc = GroundingDinoProcessor(image_processor=GroundingDinoImageProcessorPil(
-        size={"shortest_edge": 64, "longest_edge": 96}), tokenizer=tok)
-    cfg = GroundingDinoConfig(
-        backbone_config=SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4,
-                                   image_size=64, out_features=["stage2", "stage3", "stage4"]),
-        text_config=BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                               intermediate_size=64, max_position_embeddings=64),
-        d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
-        encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=20, max_text_len=16, num_feature_levels=3,
-        encoder_n_points=2, decoder_n_points=2)
-    torch.manual_seed(0)
-    GroundingDinoForObjectDetection(cfg).save_pretrained(path)
-    proc.save_pretrained(path)
-    return path
+    return write_random_grounding_dino(path, words, tiny=True, max_text_len=16)
 
 
 def coco_from_world(tmp: Path, n: int = 12) -> Path:

@@ -45,6 +45,17 @@ def _tiny_export(tmp_path, n=24):
     return [tmp_path / "part-00000.parquet"]
 
 
+def _colour_tagset(tmp_path):
+    """A four-tag vocabulary directory (red, green, blue, yellow), what the train step needs."""
+    from tagset.tagset import Tag, TagSet
+
+    vocab = tmp_path / "vocab"
+    vocab.mkdir()
+    pq.write_table(TagSet([Tag(i, n) for i, n in enumerate(["red", "green", "blue", "yellow"])]).to_table(),
+                   vocab / "tagset.parquet")
+    return vocab
+
+
 def _model():
     torch.manual_seed(0)
     return create_model("ram_test", num_classes=4, image_size=64, window_size=4, embed_dim=8, head_hidden=32,
@@ -123,15 +134,11 @@ def test_open_set_vocabulary_and_ram_plus_description_layout():
 def test_train_stage_rejects_undecodable_images_and_records_map(tmp_path):
     from pipeline.stage import RowSource, StageContext
     from stages.train import TrainStage, TrainStageConfig
-    from tagset.tagset import Tag, TagSet
 
     files = _tiny_export(tmp_path, 20)
     first = pq.read_table(files[0]).to_pylist()[0]
     (tmp_path / first["image_path"]).write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    vocab = tmp_path / "vocab"
-    vocab.mkdir()
-    pq.write_table(TagSet([Tag(i, n) for i, n in enumerate(["red", "green", "blue", "yellow"])]).to_table(),
-                   vocab / "tagset.parquet")
+    vocab = _colour_tagset(tmp_path)
     cfg = TrainStageConfig(text_encoder="none", epochs=1, batch_size=8, warmup_steps=1, val_fraction=0.3,
                            model_args={"image_size": 64, "window_size": 4, "embed_dim": 8, "head_hidden": 32,
                                        "head_intermediate": 64})
@@ -397,13 +404,9 @@ def test_held_out_evaluation_is_a_bounded_sample_by_hash():
 def test_train_stage_scores_at_most_eval_max_images(tmp_path):
     from pipeline.stage import RowSource, StageContext
     from stages.train import TrainStage, TrainStageConfig
-    from tagset.tagset import Tag, TagSet
 
     files = _tiny_export(tmp_path, 40)
-    vocab = tmp_path / "vocab"
-    vocab.mkdir()
-    pq.write_table(TagSet([Tag(i, n) for i, n in enumerate(["red", "green", "blue", "yellow"])]).to_table(),
-                   vocab / "tagset.parquet")
+    vocab = _colour_tagset(tmp_path)
     cfg = TrainStageConfig(text_encoder="none", epochs=1, batch_size=8, warmup_steps=1, val_fraction=0.5,
                            eval_max_images=5, model_args={"image_size": 64, "window_size": 4, "embed_dim": 8,
                                                           "head_hidden": 32, "head_intermediate": 64})

@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from test_train import _model, _tiny_export
+from test_train import _colour_tagset, _model, _tiny_export
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ARGS = {"num_classes": 4, "image_size": 64, "window_size": 4, "embed_dim": 8, "head_hidden": 32,
@@ -76,13 +76,9 @@ def test_train_step_with_the_ray_train_backend(ray_local, tmp_path):
     """The train step as a Ray Train job: it trains, calibrates and publishes like the local backend."""
     from pipeline.stage import RowSource, StageContext
     from stages.train import TrainStage, TrainStageConfig
-    from tagset.tagset import Tag, TagSet
 
     files = _tiny_export(tmp_path, 24)
-    vocab = tmp_path / "vocab"
-    vocab.mkdir()
-    pq.write_table(TagSet([Tag(i, n) for i, n in enumerate(["red", "green", "blue", "yellow"])]).to_table(),
-                   vocab / "tagset.parquet")
+    vocab = _colour_tagset(tmp_path)
     cfg = TrainStageConfig(text_encoder="none", epochs=2, batch_size=4, warmup_steps=1, val_fraction=0.3,
                            backend="ray_train", workers=2, global_batch_size=16,
                            model_args={k: v for k, v in ARGS.items() if k != "num_classes"})
