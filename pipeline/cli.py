@@ -46,6 +46,7 @@ def _cmd_stages(args: argparse.Namespace) -> int:
     for name in registry.names():
         cls = registry.get(name)
         print(f"{name}  [{cls.kind}]  reads {list(cls.inputs) or '-'}  writes {list(cls.outputs) or '-'}"
+              + (f"  reads if present {list(cls.optional_inputs)}" if cls.optional_inputs else "")
               + (f"  needs {list(cls.needs)}" if cls.needs else "")
               + (f"  provides {list(cls.provides)}" if cls.provides else ""))
         doc = (cls.__doc__ or "").strip().splitlines()
