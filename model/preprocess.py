@@ -16,9 +16,19 @@ from model.ram import RamConfig
 RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
 
 
+def upright(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation tag (rotate / mirror as the camera recorded it); others pass unchanged.
+    Training and every vision step decode through this, so a tagger sees photos the way it is scored on them."""
+    from PIL import ImageOps
+
+    orientation = img.getexif().get(0x0112, 1)
+    return ImageOps.exif_transpose(img) if orientation not in (None, 1) else img
+
+
 def load_rgb(data: bytes | str) -> Image.Image:
     img = Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data)
     img.load()
+    img = upright(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: scale down to 8 bits
         arr = np.asarray(img, dtype=np.float32)
         img = Image.fromarray((arr / max(1.0, arr.max()) * 255).astype(np.uint8))

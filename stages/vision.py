@@ -51,7 +51,7 @@ def open_image(row: dict, base: Path | None, limits: ImageLimits) -> tuple[Image
     """RGB image of a row (path or inline bytes), or a reject with a stable code.
 
     16-bit grey, CMYK, palette and alpha images are converted to RGB (alpha over white): they are
-    usable, so they are not rejected.
+    usable, so they are not rejected. An EXIF orientation is applied (boxes live in the upright image).
     """
     iid = row.get("image_id")
     data, path = row.get("image_bytes"), row.get("image") or row.get("image_path")
@@ -81,9 +81,18 @@ def open_image(row: dict, base: Path | None, limits: ImageLimits) -> tuple[Image
     except (ValueError, SyntaxError) as e:
         return None, Reject(iid, "image_decode_failed", f"{type(e).__name__}: {e}"[:300],
                             payload=str(path) if path else None)
+    img = upright(img)
     if min(img.size) < limits.min_side:
         return None, Reject(iid, "image_too_small", f"{img.size[0]}x{img.size[1]} < min_side {limits.min_side}")
     return to_rgb(img), None
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """The image as it is meant to be seen: phone and web photos store an EXIF orientation instead of
+    rotating their pixels, and every box and crop must be in the upright image."""
+    from model.preprocess import upright as _upright
+
+    return _upright(img)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

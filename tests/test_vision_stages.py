@@ -95,6 +95,19 @@ def test_open_image_handles_every_kind_of_bad_and_odd_image():
     assert codes == {"decode": "image_decode_failed", "truncated": "image_truncated", "tiny": "image_too_small",
                      "huge": "image_too_large", "none": "row_no_image", "web": "row_image_url_only"}
     assert "img2dataset" in open_image(cases["web"], None, limits)[1].reason
+    # a photo whose EXIF says "rotate 90 CW" (orientation 6) is decoded upright: 30x40 stored -> 40x30 seen
+    ex = Image.Exif()
+    ex[0x0112] = 6
+    stored = Image.new("RGB", (30, 40), (200, 10, 10))
+    stored.paste((10, 10, 200), (0, 0, 30, 5))  # blue band along the stored top edge
+    buf = io.BytesIO()
+    stored.save(buf, "JPEG", exif=ex.tobytes(), quality=95)
+    seen, rej = open_image({"image_id": "p", "image_bytes": buf.getvalue()}, None, limits)
+    assert rej is None and seen.size == (40, 30)
+    assert seen.getpixel((38, 15))[2] > 150 and seen.getpixel((2, 15))[0] > 150  # the band is now on the right
+    from model.preprocess import load_rgb
+
+    assert load_rgb(buf.getvalue()).size == (40, 30)  # training decodes the same way
     # usable odd formats become RGB, not rejects
     grey16 = Image.fromarray(np.full((20, 20), 40000, dtype=np.uint16))
     cmyk = Image.new("CMYK", (20, 20), (0, 255, 255, 0))
