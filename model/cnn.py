@@ -69,16 +69,18 @@ class CnnTagger(ThresholdedTagger, nn.Module):
         self.classifier = nn.Conv2d(c, cfg.num_classes, 1)
         self.register_buffer("class_threshold", torch.full((cfg.num_classes,), 0.65), persistent=False)
 
-    def _maps(self, pixels: torch.Tensor, classes: torch.Tensor | None):
-        f = self.features(pixels)
+    def features_of(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The feature map ``[B, C, h, w]`` every output is computed from (one pass serves scores, class
+        maps and the pooled feature: ``stages/evidence.py``)."""
+        return self.features(pixels)
+
+    def logits_from(self, f: torch.Tensor, classes: torch.Tensor | None = None, return_attn: bool = False):
+        """:meth:`forward` from a feature map: each class's 1x1 convolution is its own, so scoring a
+        subset of classes gives exactly their full-head values."""
         w, b = self.classifier.weight, self.classifier.bias
         if classes is not None:
             w, b = w[classes], b[classes]
-        return f, F.conv2d(f, w, b)  # [B, C, h, w], [B, N, h, w]
-
-    def forward(self, pixels: torch.Tensor, classes: torch.Tensor | None = None, return_attn: bool = False):
-        _, maps = self._maps(pixels, classes)
-        flat = maps.flatten(2)  # [B, N, L]
+        flat = F.conv2d(f, w, b).flatten(2)  # [B, N, L]
         if self.cfg.pool == "lse":
             r = self.cfg.lse_r
             logits = (torch.logsumexp(r * flat, dim=-1) - math.log(flat.shape[-1])) / r
@@ -89,8 +91,16 @@ class CnnTagger(ThresholdedTagger, nn.Module):
         attn = torch.cat([torch.zeros_like(flat[..., :1]), flat.softmax(dim=-1)], dim=-1).unsqueeze(1)
         return logits, attn
 
+    @staticmethod
+    def pooled_from(f: torch.Tensor) -> torch.Tensor:
+        """The pooled feature ``image_embeds(pixels)[:, 0]`` from a feature map."""
+        return f.flatten(2).amax(dim=-1)
+
+    def forward(self, pixels: torch.Tensor, classes: torch.Tensor | None = None, return_attn: bool = False):
+        return self.logits_from(self.features_of(pixels), classes, return_attn)
+
     def image_embeds(self, pixels: torch.Tensor) -> torch.Tensor:
-        f = self.features(pixels).flatten(2).transpose(1, 2)  # [B, L, C]
+        f = self.features_of(pixels).flatten(2).transpose(1, 2)  # [B, L, C]
         return torch.cat([f.amax(dim=1, keepdim=True), f], dim=1)
 
     def for_inference(self) -> "CnnTagger":

@@ -109,22 +109,32 @@ class Inference(Placement):
         self.query_head = hasattr(model, "tagging_head") and hasattr(model, "fc")
         self.head_chunk = head_chunk or (None if accelerated else 2)
         self._queries = None
+        self._norm: tuple[torch.Tensor, torch.Tensor] | None = None
         self._class_index: dict[bytes, torch.Tensor] = {}
         if self.query_head and model.cfg.variant == "ram":  # fp32, once: indexed per call
             with torch.inference_mode():
                 self._queries = torch.relu(model.wordvec_proj(model.label_embed))
-        self._embed: Callable = model.image_embeds
+        # the backbone pass every output is computed from: RAM's image tokens, a CNN's feature map
+        self._encode: Callable | None = model.image_embeds if self.query_head else getattr(model, "features_of", None)
         self._forward: Callable = model
         if compile:
             backend = compile if isinstance(compile, str) else "inductor"
-            self._embed = torch.compile(model.image_embeds, backend=backend, dynamic=False)
-            if not self.query_head:  # RAM: the backbone only, the head's shape follows the classes asked for
+            if self._encode is not None:  # the backbone only: the head's shape follows the classes asked for
+                self._encode = torch.compile(self._encode, backend=backend, dynamic=False)
+            else:
                 self._forward = torch.compile(model, backend=backend, dynamic=False)
 
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
         """A pixel batch on the device, channels-last where the model wants it (on a CPU: the CNN's
-        inference form, converted on the host as before)."""
+        inference form, converted on the host as before). A uint8 batch (decode workers' output:
+        ``model/preprocess.to_uint8``) is normalised there, the same arithmetic as ``to_tensor``."""
         x = self.upload(x)
+        if x.dtype == torch.uint8:
+            if self._norm is None:  # once, on the device: a per-batch host copy would wait for its queue
+                cfg = self.model.cfg
+                self._norm = tuple(self.upload(torch.tensor(v, dtype=torch.float32).view(3, 1, 1))
+                                   for v in (cfg.mean, cfg.std))
+            x = (x.to(torch.float32).div(255) - self._norm[0]) / self._norm[1]
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def classes(self, classes) -> torch.Tensor | None:
@@ -142,21 +152,39 @@ class Inference(Placement):
 
     # -- forwards (device tensors in, device tensors out) ---------------------------------------------
 
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's output for a pixel batch, on the device: computed once, it serves every score,
+        attention map and pooled feature of that batch (:meth:`scores_from`, :meth:`pooled_from`)."""
+        if self._encode is None:
+            raise TypeError(f"{type(self.model).__name__} has no separable backbone (image_embeds / features_of)")
+        with torch.inference_mode(), self.autocast():
+            return self._encode(x)
+
     def scores(self, x: torch.Tensor, classes=None, attention: bool = False):
         """Sigmoid scores ``[B, N]`` (float32) for ``classes`` (all when None); with ``attention`` also
         each class's last-layer attention over the image tokens, heads averaged, ``[B, N, L]``."""
+        if self._encode is not None:
+            return self.scores_from(self.encode(x), classes, attention)
+        cls = self.classes(classes)
+        with torch.inference_mode(), self.autocast():
+            logits, attn = self._forward(x, cls, return_attn=True) if attention else (self._forward(x, cls), None)
+            return _scored(logits, attn, attention)
+
+    def scores_from(self, enc: torch.Tensor, classes=None, attention: bool = False):
+        """:meth:`scores` from :meth:`encode`'s output: the head alone, restricted to ``classes``."""
         cls = self.classes(classes)
         with torch.inference_mode(), self.autocast():
             if self.query_head:
-                logits, attn = self._head(self._embed(x), cls, attention)
-            elif attention:
-                logits, attn = self._forward(x, cls, return_attn=True)
+                logits, attn = self._head(enc, cls, attention)
             else:
-                logits, attn = self._forward(x, cls), None
-            out = torch.sigmoid(logits.float())
-            if not attention:
-                return out
-            return out, attn.float().mean(dim=1)[:, :, 1:]  # pooled token dropped
+                logits, attn = self.model.logits_from(enc, cls, True) if attention \
+                    else (self.model.logits_from(enc, cls), None)
+            return _scored(logits, attn, attention)
+
+    def pooled_from(self, enc: torch.Tensor) -> torch.Tensor:
+        """The pooled image feature (what embed stores) from :meth:`encode`'s output, float32."""
+        with torch.inference_mode(), self.autocast():
+            return (enc[:, 0] if self.query_head else self.model.pooled_from(enc)).float()
 
     def _head(self, img: torch.Tensor, cls: torch.Tensor | None, attention: bool):
         m, step = self.model, self.head_chunk or img.shape[0]
@@ -174,8 +202,17 @@ class Inference(Placement):
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         """The pooled image feature ``image_embeds[:, 0]`` (what embed stores), float32."""
+        if self._encode is not None:
+            return self.pooled_from(self.encode(x))
         with torch.inference_mode(), self.autocast():
-            return self._embed(x)[:, 0].float()
+            return self.model.image_embeds(x)[:, 0].float()
+
+
+def _scored(logits: torch.Tensor, attn: torch.Tensor | None, attention: bool):
+    out = torch.sigmoid(logits.float())
+    if not attention:
+        return out
+    return out, attn.float().mean(dim=1)[:, :, 1:]  # pooled token dropped
 
 
 def to_host(out):

@@ -35,11 +35,22 @@ def load_rgb(data: bytes | str) -> Image.Image:
     return img.convert("RGB")
 
 
-def to_tensor(img: Image.Image, cfg: RamConfig, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """``[3, H, W]`` normalised pixels, resized to the model's square input (or to ``size``, (w, h))."""
+def to_uint8(img: Image.Image, cfg: RamConfig, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """``[3, H, W]`` uint8 pixels at the model's square input (or ``size``, (w, h)): what a decode worker
+    hands the model (a quarter of float32's bytes to copy; :func:`normalize` finishes on the device)."""
     s = size or (cfg.image_size, cfg.image_size)
     arr = np.asarray(img.convert("RGB").resize(s, RESAMPLE[cfg.interpolation]))
-    x = torch.from_numpy(arr.copy()).permute(2, 0, 1).to(torch.float32).div(255)
-    mean = torch.tensor(cfg.mean, dtype=torch.float32)[:, None, None]
-    std = torch.tensor(cfg.std, dtype=torch.float32)[:, None, None]
-    return (x - mean) / std
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def normalize(x: torch.Tensor, cfg: RamConfig) -> torch.Tensor:
+    """uint8 pixels (``[3, H, W]`` or a batch) -> /255, ImageNet-normalised float32, on their own device."""
+    shape = (3, 1, 1)
+    mean = torch.tensor(cfg.mean, dtype=torch.float32).view(shape).to(x.device)
+    std = torch.tensor(cfg.std, dtype=torch.float32).view(shape).to(x.device)
+    return (x.to(torch.float32).div(255) - mean) / std
+
+
+def to_tensor(img: Image.Image, cfg: RamConfig, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """``[3, H, W]`` normalised pixels, resized to the model's square input (or to ``size``, (w, h))."""
+    return normalize(to_uint8(img, cfg, size), cfg)

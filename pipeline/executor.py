@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from pipeline import registry
 from pipeline.config import RayConfig, Step
-from pipeline.stage import StageContext, StageResult
+from pipeline.stage import Resources, StageContext, StageResult
 from pipeline.store import StepDir, rejects_table, write_bytes_atomic, write_json_atomic
 
 FAULT_ENV = "PIPELINE_FAULT"  # test hook: "kill_after:<step>:<n>" SIGKILLs the driver after n shards
@@ -42,10 +42,12 @@ class ShardWorker:
     """
 
     def __init__(self, use: str, config_json: str, context_json: str, step_dir: str, fingerprint: str,
-                 batch_size: int, setup: bool = True):
+                 batch_size: int, setup: bool = True, resources_json: str | None = None):
         cls = registry.get(use)
         self.context = StageContext.from_json(context_json)
         self.stage = cls(cls.Config.model_validate_json(config_json), self.context)
+        if resources_json:
+            self.stage.resources = Resources.model_validate_json(resources_json)
         if setup:
             self.stage.setup()
         self.kind = cls.kind
@@ -175,7 +177,8 @@ def _fault_hook(step: str) -> int | None:
 
 def _worker_kwargs(step: Step, context: StageContext, step_dir: StepDir, fingerprint: str) -> dict:
     return dict(use=step.use, config_json=step.config.model_dump_json(), context_json=context.to_json(),
-                step_dir=str(step_dir.path), fingerprint=fingerprint, batch_size=step.resources.batch_size)
+                step_dir=str(step_dir.path), fingerprint=fingerprint, batch_size=step.resources.batch_size,
+                resources_json=step.resources.model_dump_json())
 
 
 def run_shards(step: Step, context: StageContext, tasks: list[tuple[int, dict]], step_dir: StepDir,

@@ -21,6 +21,7 @@ STAGE_MODULES = (
     "stages.train",
     "stages.pseudolabel",
     "stages.regions",
+    "stages.evidence",
     "stages.cluster",
     "stages.synthetic",
     "stages.decide",

@@ -43,6 +43,8 @@ class Resources(BaseModel):
     num_gpus: float = Field(0.0, ge=0)
     pool_size: int = Field(1, ge=1, description="actors (or concurrent tasks) for this step")
     batch_size: int = Field(256, ge=1, description="rows per call inside a shard")
+    decode_workers: int = Field(1, ge=1, description="vision steps: threads per worker (per GPU) decoding and "
+                                "resizing images ahead of the model (1: in the worker's own thread)")
 
 
 @dataclass
@@ -107,6 +109,7 @@ class Stage:
     needs: ClassVar[tuple[str, ...]] = ()  # artifacts read (written by an earlier reduce/source step)
     provides: ClassVar[tuple[str, ...]] = ()  # artifacts this step's directory holds for later steps
     replaces_columns: ClassVar[bool] = False  # output rows hold only image_id + outputs
+    resources: Resources = Resources()  # how this step runs (set by the worker before setup; not its output)
 
     def __init__(self, config: StageConfig, context: StageContext):
         self.config = config

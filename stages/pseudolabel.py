@@ -14,8 +14,8 @@ import pyarrow as pa
 from pydantic import Field
 
 from pipeline.registry import register
-from pipeline.stage import Stage, StageResult
-from stages.vision import (IMAGE_COLUMNS, BaseTagger, ImageLimits, TaggerConfig, attention_box, clip_box, open_image,
+from pipeline.stage import Stage, StageConfig, StageResult
+from stages.vision import (IMAGE_COLUMNS, BaseTagger, Decoder, ImageLimits, TaggerConfig, attention_box, clip_box,
                            pseudo_type, region_types, resolve_device)
 
 
@@ -27,23 +27,37 @@ def image_base(context) -> Path:
     return Path(context.run_dir)
 
 
-def load_images(stage: Stage, batch: pa.Table) -> tuple[list[int], list, list]:
-    """Decoded images of a batch: (row indices that decoded, images, rejects)."""
+def decoder(stage: Stage) -> Decoder:
+    """The stage's decode pool (``resources.decode_workers`` threads), made on first use."""
+    if getattr(stage, "_decoder", None) is None:
+        stage._decoder = Decoder(stage.resources.decode_workers, image_base(stage.context), stage.config)
+    return stage._decoder
+
+
+def load_images(stage: Stage, batch: pa.Table, prepare=None) -> tuple[list[int], list, list, list]:
+    """Decoded images of a batch: (row indices that decoded, images, rejects, ``prepare(image)`` of each
+    kept image or None), decoded on the stage's decode workers in row order."""
     cols = [c for c in ("image_id", "image", "image_bytes", "image_path") if c in batch.column_names]
-    keep, images, rejects = [], [], []
-    for i, r in enumerate(batch.select(cols).to_pylist()):
-        img, rej = open_image(r, image_base(stage.context), stage.config)
+    keep, images, rejects, prepared = [], [], [], []
+    for i, img, rej, extra in decoder(stage).decode(batch.select(cols).to_pylist(), prepare):
         if rej is not None:
             rejects.append(rej)
         else:
             keep.append(i)
             images.append(img)
-    return keep, images, rejects
+            prepared.append(extra)
+    return keep, images, rejects, prepared
 
 
-class PseudoLabelConfig(VisionConfig):
+class PseudoLabelFields(StageConfig):
+    """pseudolabel's own options (``PseudoLabelConfig`` adds the tagger; ``evidence.v1`` nests these)."""
+
     floor: float = Field(0.05, ge=0, le=1, description="keep every tag scoring at least this")
     top_k: int = Field(10, ge=0, description="and the k best tags of each image")
+
+
+class PseudoLabelConfig(VisionConfig, PseudoLabelFields):
+    pass
 
 
 @register("pseudolabel.v1")
@@ -67,22 +81,22 @@ class PseudoLabelStage(Stage):
         return _checkpoint_fingerprint(self.config)
 
     def __call__(self, batch: pa.Table) -> StageResult:
-        score_t = pseudo_type()
-        th = self.tagger.threshold_of_tag
-        keep, images, rejects = load_images(self, batch)
-        scores = self.tagger.scores(images) if images else np.zeros((0, 0), np.float32)
+        keep, _, rejects, pixels = load_images(self, batch, self.tagger.prepare)
+        scores = self.tagger.scores(pixels) if pixels else np.zeros((0, 0), np.float32)
         parse = batch.column("union_label_id").to_pylist()
-        out = []
-        for j, i in enumerate(keep):
-            s = scores[j]
-            chosen = set(np.nonzero(np.nan_to_num(s, nan=-1) >= self.config.floor)[0].tolist())
-            if self.config.top_k:
-                order = np.argsort(-np.nan_to_num(s, nan=-1), kind="stable")[: self.config.top_k]
-                chosen |= {int(t) for t in order if not np.isnan(s[t])}
-            chosen |= {t for t in (parse[i] or []) if t < len(s) and not np.isnan(s[t])}
-            out.append([{"tag_id": int(t), "score": float(s[t]), "threshold": float(th[t])} for t in sorted(chosen)])
-        table = batch.take(pa.array(keep, pa.int64())).append_column("tag_scores", pa.array(out, pa.list_(score_t)))
+        out = [self.pick(scores[j], parse[i]) for j, i in enumerate(keep)]
+        table = batch.take(pa.array(keep, pa.int64())).append_column("tag_scores", pa.array(out, pa.list_(pseudo_type())))
         return StageResult(table, rejects)
+
+    def pick(self, s: np.ndarray, parse: list[int] | None) -> list[dict]:
+        """An image's ``tag_scores``: every tag at or above ``floor``, the ``top_k`` best, its parse tags."""
+        th = self.tagger.threshold_of_tag
+        chosen = set(np.nonzero(np.nan_to_num(s, nan=-1) >= self.config.floor)[0].tolist())
+        if self.config.top_k:
+            order = np.argsort(-np.nan_to_num(s, nan=-1), kind="stable")[: self.config.top_k]
+            chosen |= {int(t) for t in order if not np.isnan(s[t])}
+        chosen |= {t for t in (parse or []) if t < len(s) and not np.isnan(s[t])}
+        return [{"tag_id": int(t), "score": float(s[t]), "threshold": float(th[t])} for t in sorted(chosen)]
 
 
 def _checkpoint_fingerprint(cfg: TaggerConfig) -> str:
@@ -95,7 +109,9 @@ def _checkpoint_fingerprint(cfg: TaggerConfig) -> str:
     return ";".join(parts)
 
 
-class GroundConfig(VisionConfig):
+class GroundFields(StageConfig):
+    """ground's own options (``GroundConfig`` adds the tagger; ``evidence.v1`` nests these)."""
+
     backend: Literal["attention", "transformers", "groundingdino"] = Field(
         "attention", description="attention: the tagger's own cross-attention; transformers: HF Grounding DINO")
     candidate_score: float = Field(0.5, ge=0, le=1, description="pseudo tags at or above this are grounded too")
@@ -106,6 +122,10 @@ class GroundConfig(VisionConfig):
     box_threshold: float = Field(0.25, ge=0, le=1)
     text_threshold: float = Field(0.25, ge=0, le=1)
     max_text_tokens: int = Field(256, ge=8, description="prompts are chunked to the detector's text limit")
+
+
+class GroundConfig(VisionConfig, GroundFields):
+    pass
 
 
 def candidate_tags(parse: list[int] | None, tag_scores: list[dict] | None, min_score: float,
@@ -133,10 +153,14 @@ class GroundStage(Stage):
         from tagset.tagset import TagSet
 
         self.tagset = TagSet.load(self.context.artifact("tagset"))
+        if self.config.backend == "attention":
+            self.tagger = BaseTagger.load(self.config, self.context.artifacts, self.tagset.names)
+        else:
+            self.load_detector()
+
+    def load_detector(self) -> None:
         c = self.config
-        if c.backend == "attention":
-            self.tagger = BaseTagger.load(c, self.context.artifacts, self.tagset.names)
-        elif c.backend == "transformers":
+        if c.backend == "transformers":
             from stages.detectors import HFGroundingDino
 
             if not c.detector:
@@ -153,41 +177,46 @@ class GroundStage(Stage):
 
     def __call__(self, batch: pa.Table) -> StageResult:
         _, region_t, _ = region_types()
-        keep, images, rejects = load_images(self, batch)
+        attention = self.config.backend == "attention"
+        keep, images, rejects, pixels = load_images(self, batch, self.tagger.prepare if attention else None)
         parse = batch.column("union_label_id").to_pylist()
         scores = batch.column("tag_scores").to_pylist()
-        cands = [candidate_tags(parse[i], scores[i], self.config.candidate_score, self.config.max_candidates)
-                 for i in keep]
-        if self.config.backend == "attention":
-            regions = self._attention(images, cands)
+        cands = [self.candidates(parse[i], scores[i]) for i in keep]
+        if attention:
+            got = self.tagger.scores_for(pixels, cands, attention=True)
+            regions = [self.boxes(img, c, maps) for img, c, (_, maps) in zip(images, cands, got)]
         else:
-            names = [[self.tagset.names[t] for t in c] for c in cands]
-            found = self.detector.detect(images, names, self.config.box_threshold, self.config.text_threshold,
-                                         self.config.batch_size)
-            regions = []
-            for img, c, dets in zip(images, cands, found):
-                rs = []
-                for t, name in zip(c, [self.tagset.names[t] for t in c]):
-                    best = max((d for d in dets if d["label"] == name), key=lambda d: d["score"], default=None)
-                    box = clip_box(best["box"], *img.size) if best else None
-                    if box is not None:
-                        rs.append({"tag_id": t, "box": box, "score": float(best["score"]),
-                                   "backend": self.config.backend})
-                regions.append(rs)
+            regions = self.detect(images, cands)
         table = batch.take(pa.array(keep, pa.int64())).append_column("regions", pa.array(regions, pa.list_(region_t)))
         return StageResult(table, rejects)
 
-    def _attention(self, images, cands) -> list[list[dict]]:
-        """Each candidate's box from its own attention map (a RAM head computes only the candidates)."""
-        out = []
-        for img, c, (_, maps) in zip(images, cands, self.tagger.scores_for(images, cands, attention=True)):
+    def candidates(self, parse: list[int] | None, tag_scores: list[dict] | None) -> list[int]:
+        return candidate_tags(parse, tag_scores, self.config.candidate_score, self.config.max_candidates)
+
+    def detect(self, images: list, cands: list[list[int]]) -> list[list[dict]]:
+        """Each candidate's best detector box (by its name's prompt); a tag not found gets no region."""
+        names = [[self.tagset.names[t] for t in c] for c in cands]
+        found = self.detector.detect(images, names, self.config.box_threshold, self.config.text_threshold,
+                                     self.config.batch_size)
+        regions = []
+        for img, c, dets in zip(images, cands, found):
             rs = []
-            for t, m in zip(c, maps):
-                if self.tagger.class_of_tag[t] < 0 or not np.any(m > 0):
-                    continue  # the model lacks the tag: no region (decide records no_region)
-                box, mass = attention_box(m, *img.size, rel=self.config.attention_rel)
-                box = clip_box(box, *img.size)
+            for t, name in zip(c, [self.tagset.names[t] for t in c]):
+                best = max((d for d in dets if d["label"] == name), key=lambda d: d["score"], default=None)
+                box = clip_box(best["box"], *img.size) if best else None
                 if box is not None:
-                    rs.append({"tag_id": t, "box": box, "score": mass, "backend": "attention"})
-            out.append(rs)
-        return out
+                    rs.append({"tag_id": t, "box": box, "score": float(best["score"]), "backend": self.config.backend})
+            regions.append(rs)
+        return regions
+
+    def boxes(self, img, cands: list[int], maps: np.ndarray) -> list[dict]:
+        """Each candidate's box from its own attention map (``maps[k]`` for ``cands[k]``)."""
+        rs = []
+        for t, m in zip(cands, maps):
+            if self.tagger.class_of_tag[t] < 0 or not np.any(m > 0):
+                continue  # the model lacks the tag: no region (decide records no_region)
+            box, mass = attention_box(m, *img.size, rel=self.config.attention_rel)
+            box = clip_box(box, *img.size)
+            if box is not None:
+                rs.append({"tag_id": t, "box": box, "score": mass, "backend": "attention"})
+        return rs

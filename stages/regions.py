@@ -17,16 +17,22 @@ from pydantic import Field
 
 from pipeline.registry import register
 from pipeline.stage import Stage, StageConfig, StageResult
-from stages.pseudolabel import VisionConfig, _checkpoint_fingerprint, load_images
+from stages.pseudolabel import VisionConfig, _checkpoint_fingerprint, decoder, load_images
 from stages.vision import IMAGE_COLUMNS, BaseTagger, crop, native_crop, region_types
 
 
-class CropConfig(VisionConfig):
+class CropFields(StageConfig):
+    """How regions are cropped (embed's and verify's: ``evidence.v1`` shares one crop pass between them)."""
+
     crop_pad: float = Field(0.1, ge=0, le=1, description="context added around each box, share of its size")
     crop_size: Literal["auto", "model", "native"] = Field(
         "auto", description="model: each crop resized to the model's input (RAM's way); native: the crop at the "
         "scale the whole image is seen at (fully convolutional taggers only: the CNN), rounded up to a multiple "
         "of 8 px; auto: native when the tagger allows it")
+
+
+class CropConfig(VisionConfig, CropFields):
+    pass
 
 
 class _CropStage(Stage):
@@ -38,7 +44,11 @@ class _CropStage(Stage):
         from tagset.tagset import TagSet
 
         self.tagset = TagSet.load(self.context.artifact("tagset"))
-        self.tagger = BaseTagger.load(self.config, self.context.artifacts, self.tagset.names)
+        self.bind(BaseTagger.load(self.config, self.context.artifacts, self.tagset.names))
+
+    def bind(self, tagger: BaseTagger) -> None:
+        """Use ``tagger`` (this stage's own, or one an ``evidence.v1`` step shares between its parts)."""
+        self.tagger = tagger
         fc = self.tagger.fully_convolutional
         if self.config.crop_size == "native" and not fc:
             raise ValueError(f"{self.context.step}.crop_size: 'native' needs a fully convolutional tagger; "
@@ -50,19 +60,32 @@ class _CropStage(Stage):
         return _checkpoint_fingerprint(self.config)
 
     def crops(self, batch: pa.Table):
-        """(kept row indices, rejects, [(row position, tag_id, crop image)], the kept rows' images)."""
-        keep, images, rejects = load_images(self, batch)
+        """(kept row indices, rejects, [(row position, tag_id, crop pixels)], the kept rows' images)."""
+        keep, images, rejects, _ = load_images(self, batch)
         regions = batch.column("regions").to_pylist()
-        items = []
+        return keep, rejects, self.crop_items(images, [regions[i] for i in keep]), images
+
+    def crop_items(self, images: list, regions: list[list[dict] | None]) -> list[tuple[int, int, object]]:
+        """``(image position, tag_id, crop)`` for each region of each image, the crop as uint8 pixels at its
+        model input; cut on the decode workers (an image's crops in one task), in order."""
         size, interp = self.tagger.image_size, self.tagger.model.cfg.interpolation
         min_side = getattr(self.tagger.model, "min_input_size", 16)
-        for j, (i, img) in enumerate(zip(keep, images)):
-            for r in regions[i] or []:
-                c = native_crop(img, r["box"], self.config.crop_pad, size, min_side=min_side,
-                                interpolation=interp) if self.native \
-                    else crop(img, r["box"], self.config.crop_pad)
-                items.append((j, r["tag_id"], c))
-        return keep, rejects, items, images
+
+        def cut(job):
+            img, rs = job
+            out = []
+            for r in rs or []:
+                if self.native:
+                    c = native_crop(img, r["box"], self.config.crop_pad, size, min_side=min_side, interpolation=interp)
+                    out.append((r["tag_id"], self.tagger.prepare(c, native=True)))
+                else:
+                    out.append((r["tag_id"], self.tagger.prepare(crop(img, r["box"], self.config.crop_pad))))
+            return out
+
+        items = []
+        for j, got in enumerate(decoder(self).map(cut, list(zip(images, regions)))):
+            items.extend((j, t, c) for t, c in got)
+        return items
 
     @staticmethod
     def emit(batch: pa.Table, keep: list[int], name: str, column: pa.Array, rejects) -> StageResult:
@@ -130,12 +153,18 @@ class RegionView(StageConfig):
     mirror: bool = Field(False, description="mirrored left-right")
 
 
-class VerifyConfig(CropConfig):
+class ViewFields(StageConfig):
+    """verify's own options beside the crops (``evidence.v1`` nests these)."""
+
     views: list[RegionView] = Field(
         default_factory=list, description="views of each pseudo candidate's region in context, each resized to "
         "the model's input; view_scores holds the tag's mean score over them (empty: none)")
     view_kinds: list[str] = Field(["object", "scene"], description="tag kinds (the tagset's) whose pseudo "
                                   "candidates get views")
+
+
+class VerifyConfig(CropConfig, ViewFields):
+    pass
 
 
 @register("verify.v1")
@@ -163,35 +192,40 @@ class VerifyStage(_CropStage):
                 if not np.isnan(s[k]):
                     out[j].append({"tag_id": t, "score": float(s[k])})
         table = self.emit(batch, keep, "crop_scores", pa.array(out, pa.list_(score_t)), rejects).table
-        views = self.view_scores(batch, keep, images)
-        return StageResult(table.append_column("view_scores", pa.array(views, pa.list_(score_t))), rejects)
-
-    def view_scores(self, batch: pa.Table, keep: list[int], images: list) -> list[list[dict]]:
-        out: list[list[dict]] = [[] for _ in keep]
-        if not self.config.views:
-            return out
         regions = batch.column("regions").to_pylist()
         labels = batch.column("union_label_id").to_pylist()
+        views = self.view_scores([regions[i] for i in keep], [labels[i] for i in keep], images)
+        return StageResult(table.append_column("view_scores", pa.array(views, pa.list_(score_t))), rejects)
+
+    def view_scores(self, regions: list, labels: list, images: list) -> list[list[dict]]:
+        """Per image (``regions[j]``, ``labels[j]``, ``images[j]``), each pseudo candidate's mean score over
+        the configured views of its region."""
+        out: list[list[dict]] = [[] for _ in images]
+        if not self.config.views:
+            return out
         size, interp = self.tagger.image_size, self.tagger.model.cfg.interpolation
         # a view depends on the image, its window and the mirror, not on the tag: candidates whose boxes
         # give the same window (always so for window 1.0) share one forward pass
         unique: dict[tuple, int] = {}
-        crops, items = [], []  # items: (kept row position, tag_id, [index into crops per view])
-        for j, (i, img) in enumerate(zip(keep, images)):
-            have = set(labels[i] or [])
-            for r in regions[i] or []:
+        jobs, items = [], []  # jobs: (image position, box, view); items: (image position, tag_id, [job per view])
+        for j, img in enumerate(images):
+            have = set(labels[j] or [])
+            for r in regions[j] or []:
                 if r["tag_id"] in have or r["tag_id"] not in self.view_tags:
                     continue
                 idx = []
                 for v in self.config.views:
                     key = (j, v.mirror, *(round(x, 3) for x in view_window(r["box"], *img.size, v.window)))
                     if key not in unique:
-                        unique[key] = len(crops)
-                        crops.append(view_crop(img, r["box"], v.window, v.mirror, size, interp))
+                        unique[key] = len(jobs)
+                        jobs.append((j, r["box"], v))
                     idx.append(unique[key])
                 items.append((j, r["tag_id"], idx))
         if not items:
             return out
+        crops = list(decoder(self).map(
+            lambda job: self.tagger.prepare(view_crop(images[job[0]], job[1], job[2].window, job[2].mirror, size,
+                                                      interp), native=True), jobs))
         # each view scored for the tags that look at it only (the views are already the model's input size)
         want: list[list[int]] = [[] for _ in crops]
         for _, t, idx in items:

@@ -77,14 +77,21 @@ def open_image(row: dict, base: Path | None, limits: ImageLimits) -> tuple[Image
         return None, Reject(iid, "image_too_large", str(e)[:300], payload=str(path) if path else None)
     except OSError as e:
         code = "image_truncated" if "truncated" in str(e).lower() else "image_decode_failed"
-        return None, Reject(iid, code, f"{type(e).__name__}: {e}"[:300], payload=str(path) if path else None)
+        return None, Reject(iid, code, _reason(e), payload=str(path) if path else None)
     except (ValueError, SyntaxError) as e:
-        return None, Reject(iid, "image_decode_failed", f"{type(e).__name__}: {e}"[:300],
-                            payload=str(path) if path else None)
+        return None, Reject(iid, "image_decode_failed", _reason(e), payload=str(path) if path else None)
     img = upright(img)
     if min(img.size) < limits.min_side:
         return None, Reject(iid, "image_too_small", f"{img.size[0]}x{img.size[1]} < min_side {limits.min_side}")
     return to_rgb(img), None
+
+
+def _reason(e: Exception) -> str:
+    """The error as a reject reason, the same in every run: Pillow names inline bytes by their object's
+    address (``<_io.BytesIO object at 0x7f..>``), which would make two runs' rejects tables differ."""
+    import re
+
+    return re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "<inline image bytes>", f"{type(e).__name__}: {e}")[:300]
 
 
 def upright(img: Image.Image) -> Image.Image:
@@ -106,6 +113,57 @@ def to_rgb(img: Image.Image) -> Image.Image:
         bg.paste(img.convert("RGBA"), mask=img.convert("RGBA").getchannel("A"))
         return bg
     return img.convert("RGB")
+
+
+class Decoder:
+    """Decodes rows' images on ``workers`` threads, ahead of the model, in row order.
+
+    Pillow releases the GIL while it decodes and resizes, so threads decode in parallel beside a
+    forward pass (which releases it too): each vision actor keeps ``resources.decode_workers`` images
+    in flight while its model computes. ``prepare`` (e.g. the resize to the model's input, as uint8)
+    runs in the same thread. Rejects are exactly :func:`open_image`'s: same codes, same order.
+    ``workers`` 1 decodes in the calling thread, as before there was a pool.
+    """
+
+    def __init__(self, workers: int = 1, base: Path | None = None, limits: ImageLimits | None = None,
+                 ahead: int | None = None):
+        self.workers, self.base, self.limits = max(1, int(workers)), base, limits or ImageLimits()
+        self.ahead = ahead or 4 * self.workers  # tasks queued beyond the one being read
+        self._pool = None
+
+    def map(self, fn, items):
+        """``fn(item)`` for each item, in order, at most ``ahead`` computed before they are read."""
+        if self.workers == 1:
+            yield from map(fn, items)
+            return
+        import collections
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="decode")
+        queue: collections.deque = collections.deque()
+        for item in items:
+            queue.append(self._pool.submit(fn, item))
+            if len(queue) > self.ahead:
+                yield queue.popleft().result()
+        while queue:
+            yield queue.popleft().result()
+
+    def decode(self, rows: list[dict], prepare=None):
+        """``(row index, image or None, reject or None, prepare(image) or None)`` per row, in order."""
+        import stages.vision as this  # looked up per call, so a benchmark can count decodes
+
+        def one(item):
+            i, row = item
+            img, rej = this.open_image(row, self.base, self.limits)
+            return i, img, rej, (prepare(img) if prepare is not None and img is not None else None)
+
+        yield from self.map(one, list(enumerate(rows)))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
 
 
 class TaggerConfig(StageConfig):
@@ -188,12 +246,21 @@ class BaseTagger:
         """True when the model takes inputs of any size (a crop can keep the whole image's scale)."""
         return bool(getattr(self.model, "fully_convolutional", False))
 
-    def _pixels(self, images: list[Image.Image], native: bool = False):
-        """A batch on the model's device; ``native``: the images already have their input size (all equal)."""
-        from model.preprocess import to_tensor
+    def _pixels(self, images: list, native: bool = False):
+        """A batch on the model's device; ``images``: PIL images, or uint8 ``[3, H, W]`` tensors already at
+        their input size (:meth:`prepare`); ``native``: PIL images already at their input size (all equal)."""
+        from model.preprocess import to_uint8
 
-        x = self.engine.stack([to_tensor(im, self.model.cfg, im.size if native else None) for im in images])
+        x = self.engine.stack([im if isinstance(im, torch_tensor_type()) else
+                               to_uint8(im, self.model.cfg, im.size if native else None) for im in images])
         return self.engine.to_device(x)
+
+    def prepare(self, img: Image.Image, native: bool = False):
+        """What a decode worker hands the model: uint8 pixels at the model's input (``native``: at the
+        image's own size, already the input size)."""
+        from model.preprocess import to_uint8
+
+        return to_uint8(img, self.model.cfg, img.size if native else None)
 
     def _slices(self, n: int):
         return (list(range(i, min(n, i + self.batch_size))) for i in range(0, n, self.batch_size))
@@ -202,7 +269,7 @@ class BaseTagger:
         """Indices of ``images`` grouped by size, at most ``batch_size`` each (inputs of one size stack)."""
         groups: dict[tuple[int, int], list[int]] = {}
         for i, im in enumerate(images):
-            groups.setdefault(im.size, []).append(i)
+            groups.setdefault(_size(im), []).append(i)
         for size in sorted(groups):
             idx = groups[size]
             for s in range(0, len(idx), self.batch_size):
@@ -282,6 +349,64 @@ class BaseTagger:
             return [(s, m if m is not None else np.zeros((len(s), 0, 0), np.float32)) for s, m in zip(scores, maps)]
         return scores
 
+    def scores_then_maps(self, images: list, choose) -> list[tuple[np.ndarray, list[int], np.ndarray]]:
+        """pseudolabel and attention grounding from one backbone pass per batch. For each batch: every
+        tag's score (as :meth:`scores`), then ``choose(i, scores_i) -> tag ids`` per image, then those
+        tags' attention maps from the same image tokens (as :meth:`scores_for` with ``attention``; a query
+        head or a CNN scores only the chosen classes, exactly their full-head values). Returns per image
+        ``(scores [tags], chosen, maps [len(chosen), g, g])``; the host waits for each batch's scores."""
+        from model.infer import to_host
+
+        known = self.class_of_tag >= 0
+        classes = self.class_of_tag[known]
+        out: list = []
+        for idx in self._slices(len(images)):
+            enc = self.engine.encode(self._pixels([images[i] for i in idx]))
+            part = np.full((len(idx), len(self.class_of_tag)), np.nan, dtype=np.float32)
+            part[:, known] = to_host(self.engine.scores_from(enc, classes)).numpy()
+            chosen = [list(choose(i, part[k])) for k, i in enumerate(idx)]
+            need = sorted({int(self.class_of_tag[t]) for c in chosen for t in c if self.class_of_tag[t] >= 0})
+            amaps = to_host(self.engine.scores_from(enc, need, attention=True)[1]).numpy() if need else None
+            for k, c in enumerate(chosen):
+                cls = self.class_of_tag[c] if c else np.zeros(0, np.int64)
+                hit = np.nonzero(cls >= 0)[0]
+                if amaps is None:
+                    maps = np.zeros((len(c), 0, 0), np.float32)
+                else:
+                    g = int(round(amaps.shape[-1] ** 0.5))
+                    maps = np.zeros((len(c), g, g), np.float32)
+                    maps[hit] = amaps[k, np.searchsorted(need, cls[hit])].reshape(-1, g, g)
+                out.append((part[k], c, maps))
+        return out
+
+    def embed_and_score(self, crops: list, tags: list[int], native: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """embed and verify from one pass over each crop batch: the pooled feature (as :meth:`embed`) and
+        the crop's score for its own tag (as :meth:`crop_scores`; NaN where the model lacks the tag), both
+        from the same backbone output. Returns ``(features [n, label_dim], scores [n])``."""
+        feats = np.zeros((len(crops), self.model.cfg.label_dim), np.float32)
+        scores = np.full(len(crops), np.nan, dtype=np.float32)
+        cls = self.class_of_tag[np.asarray(tags, dtype=np.int64)] if len(tags) else np.zeros(0, np.int64)
+
+        def jobs():
+            for idx in (self.native_batches(crops) if native else self._slices(len(crops))):
+                need = sorted({int(cls[i]) for i in idx if cls[i] >= 0})
+                yield (idx, need), lambda idx=idx, need=need: self._pool_and_score(
+                    self._pixels([crops[i] for i in idx], native=native), need)
+
+        for (idx, need), (f, s) in self.engine.run(jobs()):
+            feats[idx] = f.numpy()
+            if need:
+                s = s.numpy()
+                for k, i in enumerate(idx):
+                    if cls[i] >= 0:
+                        scores[i] = s[k, int(np.searchsorted(need, cls[i]))]
+        return feats, scores
+
+    def _pool_and_score(self, x, need: list[int]):
+        enc = self.engine.encode(x)
+        pooled = self.engine.pooled_from(enc)
+        return pooled, (self.engine.scores_from(enc, need) if need else pooled[:, :0])
+
     def embed(self, images: list[Image.Image], native: bool = False) -> np.ndarray:
         """The pooled image feature (``image_embeds[:, 0]``), ``[B, label_dim]`` float32; ``native`` as in
         :meth:`crop_scores`."""
@@ -292,6 +417,17 @@ class BaseTagger:
         for idx, f in self.engine.run(jobs):
             out[idx] = f.numpy()
         return out
+
+
+def torch_tensor_type():
+    import torch
+
+    return torch.Tensor
+
+
+def _size(im) -> tuple[int, int]:
+    """(w, h) of a PIL image or a ``[3, H, W]`` tensor."""
+    return im.size if isinstance(im, Image.Image) else (int(im.shape[-1]), int(im.shape[-2]))
 
 
 def _load_model(cfg: TaggerConfig, artifacts: dict[str, str], tag_names: list[str]):

@@ -51,20 +51,19 @@ def test_clean_coco_with_tiny_released_style_models(tmp_path, capsys):
     torch.save({"model": create_model("ram_test", **RAM_ARGS).state_dict()}, tmp_path / "ram.pth")
     gd = tiny_grounding_dino(tmp_path / "gdino", [w for t in TAGS for w in t.split()])
     sets = [f"input.path={captions}", "ray.enabled=false", f"vocab.tag_list={tmp_path / 'tags.txt'}",
-            "vocab.threshold_file=null", "vocab.chinese_file=null", f"ground.detector={gd}",
-            "ground.box_threshold=0.0", "ground.text_threshold=0.0", "cluster.min_regions=2",
-            "cluster.regions_per_cluster=3"]
-    for step in ("pseudolabel", "ground", "embed", "verify"):
-        sets += [f"{step}.model=ram_test", f"{step}.checkpoint={tmp_path / 'ram.pth'}",
-                 f"{step}.tag_list={tmp_path / 'tags.txt'}", f"{step}.device=cpu",
-                 f"{step}.model_args={json.dumps(RAM_ARGS)}", f"{step}.resources.num_gpus=0"]
+            "vocab.threshold_file=null", "vocab.chinese_file=null", f"evidence.ground.detector={gd}",
+            "evidence.ground.box_threshold=0.0", "evidence.ground.text_threshold=0.0", "cluster.min_regions=2",
+            "cluster.regions_per_cluster=3", "evidence.model=ram_test", f"evidence.checkpoint={tmp_path / 'ram.pth'}",
+            f"evidence.tag_list={tmp_path / 'tags.txt'}", "evidence.device=cpu",
+            f"evidence.model_args={json.dumps(RAM_ARGS)}", "evidence.resources.num_gpus=0",
+            "evidence.resources.decode_workers=2"]
     out = tmp_path / "run"
     argv = ["run", str(REPO / "stages" / "clean_coco.yaml"), "--out", str(out)]
     for s in sets:
         argv += ["--set", s]
     assert main(argv) == 0, capsys.readouterr()
-    # the broken image leaves at pseudolabel with a stable code; everything else goes through
-    rej = pq.read_table(out / "pseudolabel" / "rejects").to_pylist()
+    # the broken image leaves at the evidence step with a stable code; everything else goes through
+    rej = pq.read_table(out / "evidence" / "rejects").to_pylist()
     assert [r["code"] for r in rej] == ["image_truncated"]
     decide = read_step(out / "decide", ["image_id", "regions", "union_label_id"]).to_pylist()
     assert len(decide) == 12

@@ -20,13 +20,12 @@ train:
                head_hidden: 32, head_intermediate: 64}
   epochs: 1
   warmup_steps: 2
-ground: {candidate_score: 0.0}
+evidence: {ground: {candidate_score: 0.0}, verify: {views: [{window: 1.0, mirror: true}, {window: 0.75}]},
+           resources: {decode_workers: 2}}
 cluster: {regions_per_cluster: 5, min_regions: 3}
-verify: {views: [{window: 1.0, mirror: true}, {window: 0.75}]}
 decide: {add_unclaimed: 0.3}
 """
-STEPS = ["input", "parse", "vocab", "label", "train", "pseudolabel", "ground", "embed", "cluster", "verify",
-         "decide", "report", "export"]
+STEPS = ["input", "parse", "vocab", "label", "train", "evidence", "cluster", "decide", "report", "export"]
 
 
 def _statuses(out_text: str) -> dict[str, str]:
@@ -62,9 +61,9 @@ def test_clean_loop_end_to_end_then_decide_only_then_explain(tmp_path, capsys):
     for s in STEPS[1:]:
         for f in (out / s).glob("part-*.parquet"):
             assert "image_bytes" not in pq.ParquetFile(f).schema_arrow.names, f
-    assert pq.ParquetFile(out / "verify" / "part-00000.parquet").schema_arrow.names == [
-        "image_id", "crop_scores", "view_scores"]
-    verified = step_view(out / "verify").read_shard(0).to_pylist()
+    assert pq.ParquetFile(out / "evidence" / "part-00000.parquet").schema_arrow.names == [
+        "image_id", "tag_scores", "regions", "region_embeds", "crop_scores", "view_scores"]
+    verified = step_view(out / "evidence").read_shard(0).to_pylist()
     assert any(r["view_scores"] for r in verified)
     for r in verified:
         assert {d["tag_id"] for d in r["view_scores"]} <= {x["tag_id"] for x in r["regions"]} - set(r["union_label_id"])

@@ -112,7 +112,7 @@ def test_compiled_backbone_gives_the_same_scores():
     images = _images(2)
     want = _tagger(_model("ram_test")).scores(images)
     compiled = _tagger(_model("ram_test"), compile="eager")
-    assert compiled.engine._embed is not compiled.model.image_embeds
+    assert compiled.engine._encode is not compiled.model.image_embeds
     np.testing.assert_allclose(compiled.scores(images), want, atol=1e-5)
 
 
@@ -179,7 +179,13 @@ def test_every_stage_call_keeps_tensors_on_the_models_device(name):
         feats = tagger.embed(images)
         if tagger.fully_convolutional:
             tagger.crop_scores([im.resize((24, 16)) for im in images], [0, 1, 2], native=True)
+        # evidence.v1's shared forwards, from decode workers' uint8 pixels
+        pixels = [tagger.prepare(im) for im in images]
+        fused = tagger.scores_then_maps(pixels, lambda i, s: [0, 3] if i else [5])
+        f2, own = tagger.embed_and_score(pixels, [0, 3, 5])
     assert s.shape == (3, 14) and maps.shape[:2] == (3, 14) and feats.shape == (3, tagger.model.cfg.label_dim)
+    assert [c for _, c, _ in fused] == [[5], [0, 3], [0, 3]] and [m.shape[0] for _, _, m in fused] == [1, 2, 2]
+    assert f2.shape == feats.shape and own.shape == (3,)
     assert guard.copies and all(c == (True, True) for c in guard.copies)  # pinned, non-blocking, every batch
 
 

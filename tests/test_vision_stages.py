@@ -421,7 +421,8 @@ def test_cnn_inference_form_computes_the_same_function():
         torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got_attn, want_attn, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(fast.image_embeds(x), model.image_embeds(x), rtol=1e-5, atol=1e-5)
-        maps = model._maps(x, None)[1].flatten(2)
+        maps = torch.nn.functional.conv2d(model.features_of(x), model.classifier.weight,
+                                          model.classifier.bias).flatten(2)
     assert torch.all(want_logits <= maps.amax(-1) + 1e-6) and torch.all(want_logits >= maps.mean(-1) - 1e-6)
     with pytest.raises(ValueError, match="pool"):
         create_model("cnn_tagger_tiny", num_classes=2, pool="mean")
