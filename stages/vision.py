@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -65,15 +64,18 @@ def open_image(row: dict, base: Path | None, limits: ImageLimits) -> tuple[Image
     else:  # a relative path is as the source wrote it (relative to the working directory), else to ``base``
         src = Path(path) if Path(path).is_absolute() or base is None or Path(path).exists() else base / path
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(src)
-            w, h = img.size
-            if w * h > limits.max_pixels:
-                return None, Reject(iid, "image_too_large", f"{w}x{h} > max_pixels {limits.max_pixels}",
-                                    payload=str(path) if path else None)
-            img.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        # the size checks come before any pixel is decoded; Pillow's bomb check is made explicit (not a
+        # warnings filter: filters are process-wide, and images decode on several threads at once)
+        img = Image.open(src)
+        w, h = img.size
+        if w * h > limits.max_pixels:
+            return None, Reject(iid, "image_too_large", f"{w}x{h} > max_pixels {limits.max_pixels}",
+                                payload=str(path) if path else None)
+        if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
+            return None, Reject(iid, "image_too_large", f"{w}x{h} exceeds Pillow's decompression-bomb limit of "
+                                f"{Image.MAX_IMAGE_PIXELS} pixels", payload=str(path) if path else None)
+        img.load()
+    except Image.DecompressionBombError as e:
         return None, Reject(iid, "image_too_large", str(e)[:300], payload=str(path) if path else None)
     except OSError as e:
         code = "image_truncated" if "truncated" in str(e).lower() else "image_decode_failed"

@@ -1,7 +1,6 @@
 """evidence.v1 (the four vision steps in one: one decode per image, shared forwards) against the four
 separate steps, and the decode workers: same rows, same order, same reject codes. Real parts: tiny real
 RAM and CNN taggers, Arrow tables, real threads."""
-import io
 
 import numpy as np
 import pyarrow as pa

@@ -1,0 +1,268 @@
+"""Benchmark: the four vision steps (pseudolabel, ground with attention, embed, verify with views) on
+real photos, before and after ``evidence.v1`` (one decode per image, shared forwards, decode workers).
+
+    python bench/vision.py [--rows 400] [--baseline 8d1bc67] [--workers 2]
+
+* Photos: ../shared/data/coco20 (20 COCO JPEGs, ~640x480, ~150 KB) replicated to ``--rows`` rows with
+  unique ids, inline bytes; each row's parse tags are its COCO categories that RAM's tag list names.
+* Model: RAM at 384 px with RAM's 4,585 classes, reduced width so a CPU runs it in minutes
+  (``BENCH_RAM``: Swin embed 16, depths 2-2-2-2, tagging head 64 wide; random init, seed 0: speed does
+  not depend on the weights). The same weights and config before and after.
+* Configs: clean.yaml's (floor, top_k, the two region views); ground takes each image's parse tags and
+  its best pseudo tags up to ``max_candidates`` 6 (random weights give no meaningful threshold).
+
+Reported (JSON lines, then the last line ``vision_steps_speedup: X.XX``):
+- ``decodes_per_image``: open_image calls per row, counted, for the four steps (before) and evidence.v1;
+- ``decode_img_per_s``: decode + resize to 384 px (uint8) alone, 1 and ``--workers`` threads, and the ratio;
+- ``model_img_per_s``: the whole-image forward alone (all classes), pixels already decoded;
+- ``end_to_end``: seconds and images/s of the four steps through each path, setup (model load) excluded;
+- ``gpu_standin`` (SIMULATION): a stand-in for a GPU that takes a fixed time per batch of 32 and
+  releases the CPU while it waits (``time.sleep``), fed by the real decode path with 1 and ``--workers``
+  threads; the share of wall time it is busy. Its per-batch time is set so it computes 1.5x faster
+  than one decode thread decodes, i.e. a GPU that one thread cannot feed;
+- ``vision_steps_speedup``: end-to-end seconds of the four steps in the baseline commit's code (run from
+  a git worktree, same data, same weights) / evidence.v1's, both measured in this run. Also the ratio
+  against today's four separate steps (same code as evidence.v1's parts) to separate the fusion's share.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("RAM_SHARED_DIR", REPO.parent / "shared"))
+BENCH_RAM = {"image_size": 384, "window_size": 12, "embed_dim": 16, "depths": [2, 2, 2, 2],
+             "num_heads": [1, 2, 4, 8], "head_hidden": 64, "head_heads": 4, "head_intermediate": 256}
+VIEWS = [{"window": 1.0, "mirror": True}, {"window": 0.75}]
+PSEUDO = {"floor": 1.0, "top_k": 10}
+GROUND = {"candidate_score": 0.0, "max_candidates": 6}
+STAGE_BATCH, MODEL_BATCH = 64, 16
+
+
+# -- data (this tree's code only) ----------------------------------------------------------------------
+
+def make_data(root: Path, rows: int) -> None:
+    """batch.parquet (rows), vocab/tagset.parquet (RAM's 4,585 names), tagger/ (model.json + model.pth)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from model.ram import create_model
+    from tagset.tagset import Tag, TagSet
+
+    coco = SHARED / "data" / "coco20"
+    names = [n.strip() for n in (SHARED / "ref" / "ram" / "ram_tag_list.txt").read_text().splitlines() if n.strip()]
+    index = {n: i for i, n in enumerate(names)}
+    inst = json.loads((coco / "instances_train2017.json").read_text())
+    cat = {c["id"]: c["name"] for c in inst["categories"]}
+    tags: dict[int, set[int]] = {}
+    for a in inst["annotations"]:
+        if cat[a["category_id"]] in index:
+            tags.setdefault(a["image_id"], set()).add(index[cat[a["category_id"]]])
+    photos = [(im["id"], (coco / "images" / im["file_name"]).read_bytes()) for im in inst["images"]]
+    recs = [{"image_id": f"r{i:05d}", "image": None, "image_bytes": photos[i % len(photos)][1],
+             "union_label_id": sorted(tags.get(photos[i % len(photos)][0], set()))} for i in range(rows)]
+    pq.write_table(pa.Table.from_pylist(recs), root / "batch.parquet")
+    (root / "vocab").mkdir()
+    pq.write_table(TagSet([Tag(i, n) for i, n in enumerate(names)]).to_table(), root / "vocab" / "tagset.parquet")
+    torch.manual_seed(0)
+    model = create_model("ram_swin_l_384", num_classes=len(names), **BENCH_RAM)
+    (root / "tagger").mkdir()
+    torch.save({"model": model.state_dict()}, root / "tagger" / "model.pth")
+    (root / "tagger" / "model.json").write_text(json.dumps(
+        {"entrypoint": "ram_swin_l_384", "model_args": {"num_classes": len(names), **BENCH_RAM},
+         "checkpoint": "model.pth"}))
+
+
+# -- one path over the data (runs in this tree or, for the baseline, in a worktree of another commit) ----
+
+def run_path(mode: str, root: Path, workers: int) -> dict:
+    """The four steps (``separate``) or evidence.v1 (``fused``) over batch.parquet; seconds exclude setup."""
+    import pyarrow.parquet as pq
+    import torch
+
+    import stages.pseudolabel as pl_mod
+    import stages.vision as vision
+    from pipeline.stage import StageContext
+
+    torch.set_num_threads(2)
+    counts = {"n": 0}
+    for mod in (vision, pl_mod):  # older code calls the copy its module imported
+        if hasattr(mod, "open_image"):
+            real = mod.open_image
+
+            def counted(row, *a, _real=real):
+                counts["n"] += 1
+                return _real(row, *a)
+
+            mod.open_image = counted
+    batch = pq.read_table(root / "batch.parquet")
+    ctx = StageContext(str(root), "bench", 0, {"tagset": str(root / "vocab"), "tagger": str(root / "tagger")})
+    tagger = {"batch_size": MODEL_BATCH}
+    slices = [batch.slice(o, STAGE_BATCH) for o in range(0, batch.num_rows, STAGE_BATCH)]
+    if mode == "fused":
+        from pipeline.stage import Resources
+        from stages.evidence import EvidenceConfig, EvidenceStage
+
+        st = EvidenceStage(EvidenceConfig(**tagger, pseudolabel=PSEUDO, ground=GROUND, verify={"views": VIEWS}), ctx)
+        st.resources = Resources(decode_workers=workers)
+        st.setup()
+        t0 = time.perf_counter()
+        regions = sum(sum(len(r) for r in st(b).table.column("regions").to_pylist()) for b in slices)
+    else:
+        from stages.regions import CropConfig, EmbedStage, VerifyConfig, VerifyStage
+
+        steps = [pl_mod.PseudoLabelStage(pl_mod.PseudoLabelConfig(**tagger, **PSEUDO), ctx),
+                 pl_mod.GroundStage(pl_mod.GroundConfig(**tagger, **GROUND), ctx),
+                 EmbedStage(CropConfig(**tagger), ctx), VerifyStage(VerifyConfig(**tagger, views=VIEWS), ctx)]
+        for s in steps:
+            s.setup()
+        t0 = time.perf_counter()
+        regions = 0
+        for b in slices:  # step by step over every row, as the engine runs them
+            g = steps[1](steps[0](b).table).table
+            steps[2](g)
+            steps[3](g)
+            regions += sum(len(r) for r in g.column("regions").to_pylist())
+    secs = time.perf_counter() - t0
+    return {"mode": mode, "rows": batch.num_rows, "seconds": round(secs, 2), "img_per_s": round(batch.num_rows / secs, 2),
+            "regions": regions, "decodes_per_image": round(counts["n"] / batch.num_rows, 3)}
+
+
+def _run_in(code: Path, mode: str, root: Path, workers: int) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    out = subprocess.run([sys.executable, __file__, "--path", mode, "--data", str(root), "--code", str(code),
+                          "--workers", str(workers)], env=env, capture_output=True, text=True, cwd=str(code))
+    if out.returncode:
+        raise SystemExit(f"bench/vision.py: the {mode} path in {code} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# -- decode, model, stand-in (this tree) --------------------------------------------------------------
+
+def decode_rate(rows: list[dict], workers: int, prepare) -> float:
+    from stages.vision import Decoder, ImageLimits
+
+    dec = Decoder(workers, None, ImageLimits())
+    t0 = time.perf_counter()
+    n = sum(1 for _, img, _, _ in dec.decode(rows, prepare) if img is not None)
+    dec.close()
+    return n / (time.perf_counter() - t0)
+
+
+def standin_busy(rows: list[dict], workers: int, prepare, per_batch: float) -> float:
+    """SIMULATION: the share of wall time a stand-in GPU (sleep ``per_batch`` s per batch) is busy when
+    the real decode path feeds it; batches go to it as soon as they are decoded, in order."""
+    from stages.vision import Decoder, ImageLimits
+
+    dec = Decoder(workers, None, ImageLimits(), ahead=2 * MODEL_BATCH)
+    busy, pending = 0.0, 0
+    t0 = time.perf_counter()
+    for _, img, _, x in dec.decode(rows, prepare):
+        pending += 1
+        if pending == MODEL_BATCH:
+            s = time.perf_counter()
+            time.sleep(per_batch)  # the "GPU" computes; the CPU is free for the decode threads
+            busy += time.perf_counter() - s
+            pending = 0
+    dec.close()
+    return busy / (time.perf_counter() - t0)
+
+
+def model_rate(root: Path, rows: list[dict]) -> float:
+    import torch
+
+    from stages.vision import BaseTagger, Decoder, ImageLimits, TaggerConfig
+    from tagset.tagset import TagSet
+
+    torch.set_num_threads(2)
+    names = TagSet.load(root / "vocab").names
+    tagger = BaseTagger.load(TaggerConfig(batch_size=MODEL_BATCH), {"tagger": str(root / "tagger")}, names)
+    pixels = [x for _, _, _, x in Decoder(1, None, ImageLimits()).decode(rows[:2 * MODEL_BATCH], tagger.prepare)]
+    tagger.scores(pixels[:MODEL_BATCH])  # warm-up
+    t0 = time.perf_counter()
+    tagger.scores(pixels)
+    return len(pixels) / (time.perf_counter() - t0)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", type=int, default=400)
+    ap.add_argument("--baseline", default="8d1bc67", help="the commit whose four steps are 'before' (default: the "
+                    "code the GPU-path issue was filed against)")
+    ap.add_argument("--baseline-rows", type=int, default=None, help="rows the baseline runs on (default --rows; "
+                    "fewer when it is slow: the speedup is then per image, and says so)")
+    ap.add_argument("--workers", type=int, default=2, help="decode workers")
+    ap.add_argument("--path", choices=["separate", "fused"], help=argparse.SUPPRESS)  # one path, in a subprocess
+    ap.add_argument("--data", help=argparse.SUPPRESS)
+    ap.add_argument("--code", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.path:
+        sys.path.insert(0, args.code)
+        print(json.dumps(run_path(args.path, Path(args.data), args.workers)))
+        return 0
+    sys.path.insert(0, str(REPO))
+    if not (SHARED / "data" / "coco20").exists():
+        print(f"bench/vision.py needs ../shared/data/coco20 (set RAM_SHARED_DIR); not found at {SHARED}")
+        return 2
+    with tempfile.TemporaryDirectory() as tmp:
+        root, wt, broot = Path(tmp) / "data", Path(tmp) / "baseline", Path(tmp) / "baseline_data"
+        root.mkdir()
+        make_data(root, args.rows)
+        broot.mkdir()
+        if args.baseline_rows and args.baseline_rows < args.rows:  # the same photos, weights and tagset, fewer rows
+            import pyarrow.parquet as pq
+
+            for d in ("vocab", "tagger"):
+                (broot / d).symlink_to(root / d)
+            pq.write_table(pq.read_table(root / "batch.parquet").slice(0, args.baseline_rows), broot / "batch.parquet")
+        else:
+            broot = root
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(wt), args.baseline],
+                       check=True, capture_output=True)
+        try:
+            import pyarrow.parquet as pq
+
+            from model.preprocess import to_uint8
+            from model.ram import RamConfig
+
+            rows = pq.read_table(root / "batch.parquet").to_pylist()[:160]
+            cfg = RamConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in BENCH_RAM.items()})
+            prepare = lambda im: to_uint8(im, cfg)  # noqa: E731
+            d1 = decode_rate(rows, 1, prepare)
+            dn = decode_rate(rows, args.workers, prepare)
+            print(json.dumps({"decode_img_per_s": {"1": round(d1, 1), str(args.workers): round(dn, 1)},
+                              "decode_scaling": round(dn / d1, 2), "image": "coco20 JPEG -> 384 px uint8"}), flush=True)
+            per_batch = MODEL_BATCH / (1.5 * d1)
+            busy = {str(w): round(standin_busy(rows, w, prepare, per_batch), 3) for w in sorted({1, args.workers})}
+            print(json.dumps({"gpu_standin": "SIMULATION: sleep per batch, no GPU", "per_batch_s": round(per_batch, 4),
+                              "standin_img_per_s": round(MODEL_BATCH / per_batch, 1), "busy_share": busy}), flush=True)
+            print(json.dumps({"model_img_per_s": round(model_rate(root, rows), 2), "model": "RAM 384 px, 4,585 "
+                              "classes, reduced width (BENCH_RAM), fp32, 2 threads", "batch": MODEL_BATCH}), flush=True)
+            before = _run_in(wt, "separate", broot, args.workers)
+            print(json.dumps({"end_to_end": before, "code": f"baseline {args.baseline}"}), flush=True)
+            separate = _run_in(REPO, "separate", root, args.workers)
+            print(json.dumps({"end_to_end": separate, "code": "this tree, four steps"}), flush=True)
+            fused = _run_in(REPO, "fused", root, args.workers)
+            print(json.dumps({"end_to_end": fused, "code": "this tree, evidence.v1"}), flush=True)
+        finally:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(wt)], capture_output=True)
+    print(json.dumps({"decodes_per_image": {"before": before["decodes_per_image"], "after": fused["decodes_per_image"]},
+                      "fused_vs_four_steps_same_code": round(separate["seconds"] / fused["seconds"], 2)}))
+    per_image = before["rows"] != fused["rows"]
+    speedup = (before["seconds"] / before["rows"]) / (fused["seconds"] / fused["rows"])
+    if per_image:
+        print(json.dumps({"note": f"the baseline ran {before['rows']} rows, evidence.v1 {fused['rows']}: the speedup "
+                          f"compares seconds per image"}))
+    print(f"vision_steps_speedup: {speedup:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
