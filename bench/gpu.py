@@ -1,17 +1,18 @@
 """GPU check, for a person with one CUDA GPU (under 5 minutes): the vision steps' real code on real photos.
 
-    python bench/gpu.py [--images 512] [--batch 32] [--gd-images 64]
+    python bench/gpu.py [--images 512] [--batch 32] [--gd-images 64] [--decode-workers 1,2,4,8]
 
 * RAM at its real size (Swin-L 384, 4,585 classes; random init: speed does not depend on the weights)
   through the stages' own tagger (``stages/vision.BaseTagger`` on ``model/infer.Inference``), in bf16
   autocast and in fp32 (TF32 matmuls):
   - ``model_img_per_s``: pixel batches already on the GPU, the forward only (all classes);
   - ``decode_img_per_s``: one thread decoding the JPEG bytes and resizing to 384 px (``open_image`` +
-    the model's preprocessing), no model;
-  - ``with_decode_img_per_s``: what a pseudolabel actor does today: a stage batch of JPEG bytes decoded
-    (one thread), then scored, batch after batch;
-  - ``gpu_busy_share``: the GPU's time inside the forwards (CUDA events around each) over the wall time
-    of the with-decode run (an upper bound where kernel launches starve the GPU);
+    the model's preprocessing, uint8), no model;
+  - ``decode_workers_N.with_decode_img_per_s``: what an evidence.v1 actor does with N decode threads
+    (``resources.decode_workers``): each batch scored as soon as its images are decoded, while the
+    threads decode the next;
+  - ``decode_workers_N.gpu_busy_share``: the GPU's time inside the forwards (CUDA events around each)
+    over the wall time of that run (an upper bound where kernel launches starve the GPU);
   - ``peak_gpu_mem_gib``: ``torch.cuda.max_memory_allocated`` during that precision's runs.
 * Grounding DINO through the transformers backend (``stages/detectors.HFGroundingDino``) with the default
   Swin-T config (random init), 16 COCO class names per image: ``pairs_per_s``, (image, prompt) pairs.
@@ -44,11 +45,11 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def ram_section(model, rows: list[dict], precision: str, batch: int, stage_batch: int, device: str) -> dict:
+def ram_section(model, rows: list[dict], precision: str, batch: int, stage_batch: int, device: str,
+                decode_workers: list[int]) -> dict:
     import torch
 
-    from model.preprocess import to_tensor
-    from stages.vision import BaseTagger, ImageLimits, open_image
+    from stages.vision import BaseTagger, Decoder, ImageLimits
 
     limits = ImageLimits()
     names = [str(i) for i in range(model.cfg.num_classes)]
@@ -57,11 +58,9 @@ def ram_section(model, rows: list[dict], precision: str, batch: int, stage_batch
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    images = [open_image(r, None, limits)[0] for r in rows]
-    for im in images:
-        to_tensor(im, model.cfg)
+    pixels = [x for _, _, _, x in Decoder(1, None, limits).decode(rows, tagger.prepare)]  # one thread, no model
     decode_s = time.perf_counter() - t0
-    pixels = [tagger._pixels(images[i:i + batch]) for i in range(0, len(images), batch)]
+    pixels = [tagger._pixels(pixels[i:i + batch]) for i in range(0, len(pixels), batch)]
     tagger.engine.scores(pixels[0], classes)  # warm-up (kernels, allocator)
     _sync(device)
     t0 = time.perf_counter()
@@ -70,30 +69,37 @@ def ram_section(model, rows: list[dict], precision: str, batch: int, stage_batch
     _sync(device)
     model_s = time.perf_counter() - t0
     del pixels, out
-    spans = []
-    forward = tagger.engine.scores
-
-    def timed(*a, **kw):  # CUDA events around each forward: the GPU's time inside it
-        if device != "cuda":
-            return forward(*a, **kw)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        out = forward(*a, **kw)
-        end.record()
-        spans.append((start, end))
-        return out
-
-    tagger.engine.scores = timed
-    t0 = time.perf_counter()
-    for s in range(0, len(rows), stage_batch):  # a pseudolabel actor's loop: decode a stage batch, score it
-        tagger.scores([open_image(r, None, limits)[0] for r in rows[s:s + stage_batch]])
-    _sync(device)
-    wall = time.perf_counter() - t0
-    busy = sum(a.elapsed_time(b) for a, b in spans) / 1000 / wall if spans else None
     n = len(rows)
-    return {"model_img_per_s": round(n / model_s, 1), "decode_img_per_s": round(n / decode_s, 1),
-            "with_decode_img_per_s": round(n / wall, 1), "gpu_busy_share": None if busy is None else round(busy, 3),
-            "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if device == "cuda" else None}
+    res = {"model_img_per_s": round(n / model_s, 1), "decode_img_per_s": round(n / decode_s, 1)}
+    forward = tagger.engine.scores
+    for workers in decode_workers:
+        spans = []
+
+        def timed(*a, **kw):  # CUDA events around each forward: the GPU's time inside it
+            if device != "cuda":
+                return forward(*a, **kw)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = forward(*a, **kw)
+            end.record()
+            spans.append((start, end))
+            return out
+
+        tagger.engine.scores = timed
+        dec = Decoder(workers, None, limits)
+        t0 = time.perf_counter()
+        for s in range(0, len(rows), stage_batch):  # evidence.v1's loop: each batch scored as soon as it is decoded
+            for _, _, px, _ in dec.batches(rows[s:s + stage_batch], batch, tagger.prepare):
+                tagger.scores(px)
+        _sync(device)
+        wall = time.perf_counter() - t0
+        dec.close()
+        busy = sum(a.elapsed_time(b) for a, b in spans) / 1000 / wall if spans else None
+        res[f"decode_workers_{workers}"] = {"with_decode_img_per_s": round(n / wall, 1),
+                                            "gpu_busy_share": None if busy is None else round(busy, 3)}
+    tagger.engine.scores = forward
+    res["peak_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if device == "cuda" else None
+    return res
 
 
 def grounding_dino(path: Path, names: list[str], smoke: bool) -> Path:
@@ -132,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--stage-batch", type=int, default=256, help="rows a vision actor gets per call (resources)")
     ap.add_argument("--gd-images", type=int, default=64)
+    ap.add_argument("--decode-workers", default="1,2,4,8", help="decode threads per GPU to try (comma-separated)")
     ap.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks the script, measures nothing")
     ap.add_argument("--out", default=str(REPO / "bench/out/gpu.json"))
     args = ap.parse_args(argv)
@@ -159,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     for precision in ("bf16", "fp32"):
         try:
-            res[f"ram_{precision}"] = ram_section(model, rows, precision, args.batch, args.stage_batch, device)
+            res[f"ram_{precision}"] = ram_section(model, rows, precision, args.batch, args.stage_batch, device,
+                                                  [int(w) for w in args.decode_workers.split(",")])
         except Exception as e:  # noqa: BLE001 - a check reports what broke and goes on
             res[f"ram_{precision}"], failed = {"error": f"{type(e).__name__}: {e}"[:500]}, True
     del model

@@ -31,7 +31,7 @@ from pydantic import Field
 from pipeline.registry import register
 from pipeline.stage import Stage, StageResult
 from stages.pseudolabel import (GroundConfig, GroundFields, GroundStage, PseudoLabelConfig, PseudoLabelFields,
-                                PseudoLabelStage, VisionConfig, _checkpoint_fingerprint, decoder, load_images)
+                                PseudoLabelStage, VisionConfig, _checkpoint_fingerprint, decoder)
 from stages.regions import (CropConfig, CropFields, EmbedStage, VerifyConfig, VerifyStage, ViewFields,
                             _embed_array)
 from stages.vision import IMAGE_COLUMNS, BaseTagger, pseudo_type, region_types
@@ -92,24 +92,39 @@ class EvidenceStage(Stage):
 
     def __call__(self, batch: pa.Table) -> StageResult:
         score_t, region_t, embed_t = region_types()
-        keep, images, rejects, pixels = load_images(self, batch, self.tagger.prepare)
         parse_all = batch.column("union_label_id").to_pylist()
-        parse = [parse_all[i] for i in keep]
-        tag_scores: list[list[dict]] = [[] for _ in keep]
-        cands: list[list[int]] = [[] for _ in keep]
+        keep, images, rejects, parse = [], [], [], []
+        tag_scores: list[list[dict]] = []
+        cands: list[list[int]] = []
+        regions: list[list[dict]] = []
 
         def choose(j: int, s: np.ndarray) -> list[int]:
             tag_scores[j] = self.pl.pick(s, parse[j])
             cands[j] = self.gr.candidates(parse[j], tag_scores[j])
             return cands[j]
 
-        if self.gr.config.backend == "attention":
-            got = self.tagger.scores_then_maps(pixels, choose)
-            regions = [self.gr.boxes(img, c, maps) for img, (_, c, maps) in zip(images, got)]
-        else:
-            scores = self.tagger.scores(pixels) if pixels else np.zeros((0, 0), np.float32)
-            for j in range(len(keep)):
-                choose(j, scores[j])
+        attention = self.gr.config.backend == "attention"
+        cols = [c for c in ("image_id", *IMAGE_COLUMNS) if c in batch.column_names]
+        # the whole-image pass batch by batch as the decode threads deliver: the model computes on one
+        # batch while they decode the next (the same batches as the separate steps make)
+        for idx, imgs, pixels, rej in decoder(self).batches(batch.select(cols).to_pylist(), self.tagger.batch_size,
+                                                              self.tagger.prepare):
+            rejects += rej
+            first = len(keep)
+            keep += idx
+            images += imgs
+            parse += [parse_all[i] for i in idx]
+            tag_scores += [[] for _ in idx]
+            cands += [[] for _ in idx]
+            if not idx:
+                continue
+            if attention:
+                got = self.tagger.scores_then_maps(pixels, lambda k, s: choose(first + k, s))
+                regions += [self.gr.boxes(img, c, maps) for img, (_, c, maps) in zip(imgs, got)]
+            else:
+                for k, s in enumerate(self.tagger.scores(pixels)):
+                    choose(first + k, s)
+        if not attention:
             regions = self.gr.detect(images, cands)
         items = self.em.crop_items(images, regions)
         feats, own = self.tagger.embed_and_score([c for _, _, c in items], [t for _, t, _ in items],

@@ -162,6 +162,22 @@ class Decoder:
 
         yield from self.map(one, list(enumerate(rows)))
 
+    def batches(self, rows: list[dict], size: int, prepare=None):
+        """The decoded rows in groups of ``size`` kept images, each yielded as soon as its last image is
+        decoded (the threads go on decoding the next group meanwhile): ``(row indices, images,
+        prepared, rejects since the last group)``; a last, shorter group and the trailing rejects end it."""
+        idx, imgs, prep, rej = [], [], [], []
+        for i, img, r, extra in self.decode(rows, prepare):
+            if r is not None:
+                rej.append(r)
+                continue
+            idx.append(i), imgs.append(img), prep.append(extra)
+            if len(idx) == size:
+                yield idx, imgs, prep, rej
+                idx, imgs, prep, rej = [], [], [], []
+        if idx or rej:
+            yield idx, imgs, prep, rej
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
