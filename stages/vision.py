@@ -133,8 +133,9 @@ class Decoder:
         self.ahead = ahead or 4 * self.workers  # tasks queued beyond the one being read
         self._pool = None
 
-    def map(self, fn, items):
+    def map(self, fn, items, ahead: int | None = None):
         """``fn(item)`` for each item, in order, at most ``ahead`` computed before they are read."""
+        ahead = ahead or self.ahead
         if self.workers == 1:
             yield from map(fn, items)
             return
@@ -146,12 +147,12 @@ class Decoder:
         queue: collections.deque = collections.deque()
         for item in items:
             queue.append(self._pool.submit(fn, item))
-            if len(queue) > self.ahead:
+            if len(queue) > ahead:
                 yield queue.popleft().result()
         while queue:
             yield queue.popleft().result()
 
-    def decode(self, rows: list[dict], prepare=None):
+    def decode(self, rows: list[dict], prepare=None, ahead: int | None = None):
         """``(row index, image or None, reject or None, prepare(image) or None)`` per row, in order."""
         import stages.vision as this  # looked up per call, so a benchmark can count decodes
 
@@ -160,14 +161,15 @@ class Decoder:
             img, rej = this.open_image(row, self.base, self.limits)
             return i, img, rej, (prepare(img) if prepare is not None and img is not None else None)
 
-        yield from self.map(one, list(enumerate(rows)))
+        yield from self.map(one, list(enumerate(rows)), ahead)
 
     def batches(self, rows: list[dict], size: int, prepare=None):
         """The decoded rows in groups of ``size`` kept images, each yielded as soon as its last image is
         decoded (the threads go on decoding the next group meanwhile): ``(row indices, images,
         prepared, rejects since the last group)``; a last, shorter group and the trailing rejects end it."""
         idx, imgs, prep, rej = [], [], [], []
-        for i, img, r, extra in self.decode(rows, prepare):
+        # two groups in flight: the threads fill the next group while the model computes on this one
+        for i, img, r, extra in self.decode(rows, prepare, ahead=max(self.ahead, 2 * size)):
             if r is not None:
                 rej.append(r)
                 continue
