@@ -20,6 +20,8 @@ Reported (JSON lines, then the last line ``vision_steps_speedup: X.XX``):
   releases the CPU while it waits (``time.sleep``), fed by the real decode path with 1 and ``--workers``
   threads; the share of wall time it is busy. Its per-batch time is set so it computes 1.5x faster
   than one decode thread decodes, i.e. a GPU that one thread cannot feed;
+- ``bf16_vs_fp32_cpu_autocast``: thresholded tags of golden set A's official tiny RAM and RAM++ on the 20
+  coco20 photos, bf16 CPU autocast against fp32: the share of (photo, tag) pairs that agree;
 - ``vision_steps_speedup``: end-to-end seconds of the four steps in the baseline commit's code (run from
   a git worktree, same data, same weights) / evidence.v1's, both measured in this run. Also the ratio
   against today's four separate steps (same code as evidence.v1's parts) to separate the fusion's share.
@@ -188,6 +190,36 @@ def model_rate(root: Path, rows: list[dict]) -> float:
     return len(pixels) / (time.perf_counter() - t0)
 
 
+def precision_agreement() -> dict:
+    """bf16 autocast vs fp32 on the CPU with golden set A's official tiny RAM and RAM++ (224 px, 50 classes,
+    its threshold file): the share of (photo, tag) pairs of the 20 coco20 photos whose thresholded tag
+    (score >= the tag's threshold) is the same, and the largest score difference."""
+    import numpy as np
+
+    from model.ram import create_model
+    from stages.vision import BaseTagger, Decoder, ImageLimits
+
+    g = SHARED / "ref" / "ram" / "golden"
+    thresholds = [float(x) for x in (g / "ram_tag_list_threshold.txt").read_text().split()]
+    photos = [{"image_id": p.stem, "image_bytes": p.read_bytes()}
+              for p in sorted((SHARED / "data" / "coco20" / "images").glob("*.jpg"))]
+    out = {}
+    for name, ckpt in (("ram_test", "tiny_ram.pth"), ("ram_plus_test", "tiny_ram_plus.pth")):
+        model = create_model(name, pretrained=str(g / ckpt)).eval()
+        names = [str(i) for i in range(model.cfg.num_classes)]
+        got = {}
+        for precision in ("fp32", "bf16"):
+            tagger = BaseTagger.from_model(model, names, None, thresholds, precision=precision)
+            pixels = [x for _, _, _, x in Decoder(1, None, ImageLimits()).decode(photos, tagger.prepare)]
+            got[precision] = tagger.scores(pixels)
+        th = np.asarray(thresholds, np.float32)
+        same = (got["fp32"] >= th) == (got["bf16"] >= th)
+        out[name] = {"pairs": int(same.size), "agree": round(float(same.mean()), 4),
+                     "tags_fp32": int((got["fp32"] >= th).sum()),
+                     "max_abs_score_diff": round(float(np.abs(got["fp32"] - got["bf16"]).max()), 4)}
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=400)
@@ -229,6 +261,9 @@ def main(argv=None) -> int:
             from model.preprocess import to_uint8
             from model.ram import RamConfig
 
+            print(json.dumps({"bf16_vs_fp32_cpu_autocast": precision_agreement(),
+                              "how": "golden set A tiny RAM / RAM++, 20 coco20 photos, tags thresholded by the "
+                                     "golden threshold file"}), flush=True)
             rows = pq.read_table(root / "batch.parquet").to_pylist()[:160]
             cfg = RamConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in BENCH_RAM.items()})
             prepare = lambda im: to_uint8(im, cfg)  # noqa: E731
