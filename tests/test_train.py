@@ -634,3 +634,20 @@ def test_gpu_recipe_is_the_official_schedule():
     ft = load_run_config(recipe, ["train.model_args={}", "train.batch_size=26",
                                                        "train.lr=5e-6", "train.epochs=2"]).step("train").config
     assert (ft.model_args, ft.batch_size, ft.lr, ft.epochs) == ({}, 26, 5e-6, 2)
+
+
+def test_gpu_bench_train_part_runs_on_the_cpu_with_a_tiny_ram(tmp_path):
+    """bench/gpu.py's --train part (what --smoke runs of it): optimizer steps of the train step's own
+    objective on the photos, here a tiny RAM on the CPU; the numbers mean nothing, the code runs."""
+    import importlib.util
+    import math
+
+    spec = importlib.util.spec_from_file_location("bench_gpu", Path(__file__).resolve().parent.parent / "bench/gpu.py")
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+    files = _tiny_export(tmp_path, 4)
+    rows = [{"image_id": r["image_id"], "image_path": str(tmp_path / r["image_path"])}
+            for r in pq.read_table(files[0]).to_pylist()]
+    out = gpu.train_part(rows, 26, 10, smoke=True, device="cpu")
+    assert "error" not in out, out
+    assert (out["batch"], out["steps"], out["image_size"]) == (4, 2, 64) and math.isfinite(out["loss_last"])
