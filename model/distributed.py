@@ -31,6 +31,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import signal
 import tempfile
 import time
@@ -60,6 +61,49 @@ def epoch_batches(n_local: int, n_max: int, batch_size: int, seed: int, epoch: i
     total = math.ceil(n_max / batch_size) * batch_size
     order = [int(perm[i % n_local]) for i in range(total)]
     return [order[i:i + batch_size] for i in range(0, total, batch_size)]
+
+
+class LocalSchedule:
+    """A one-worker job's schedule: exactly model/train.train's, so one Ray Train worker trains the weights
+    the local backend trains (tests/test_train_ray.py checks it against the real loop, bit for bit).
+
+    The local loop's DataLoader shuffles with one generator seeded by the seed, drops the last partial
+    batch, and the same generator then draws each batch's flips. Draw for draw, per epoch: a 64-bit draw
+    (the DataLoader iterator's base seed), the epoch's permutation (RandomSampler), each batch's flips,
+    and one more permutation that RandomSampler draws when the batch after the last is asked for (before
+    the only batch when the rows are fewer than a batch). This mirrors PyTorch's DataLoader, which the
+    test pins. The generator's state at the epoch's start and now go into each checkpoint, so a resumed
+    job draws what an uninterrupted one draws."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.bs = n, batch_size
+        self.g = torch.Generator().manual_seed(seed)
+        self.drop_last = n > batch_size
+        self.batches_per_epoch = n // batch_size if self.drop_last else 1
+        self.epoch_start = self.g.get_state()
+
+    def epoch(self, restore: tuple | None = None) -> list[list[int]]:
+        """The epoch's batches; ``restore``: (state at the epoch's start, state now or None at its start)
+        from a checkpoint."""
+        if restore is not None:
+            self.g.set_state(restore[0])
+        self.epoch_start = self.g.get_state()
+        torch.empty((), dtype=torch.int64).random_(generator=self.g)
+        perm = torch.randperm(self.n, generator=self.g).tolist()
+        if self.n < self.bs:
+            torch.randperm(self.n, generator=self.g)
+        if restore is not None and restore[1] is not None:  # mid-epoch: the flips drawn so far
+            self.g.set_state(restore[1])
+        if not self.drop_last:
+            return [perm]
+        return [perm[i * self.bs:(i + 1) * self.bs] for i in range(self.batches_per_epoch)]
+
+    def end_epoch(self) -> None:
+        if self.n >= self.bs:
+            torch.randperm(self.n, generator=self.g)
+
+    def state(self) -> tuple:
+        return self.epoch_start, self.g.get_state()
 
 
 @dataclass
@@ -173,6 +217,7 @@ class Position:
     history: list = field(default_factory=list)
     loss_sum: float = 0.0  # the epoch's loss so far, over all workers (rank 0 carries it)
     loss_n: int = 0
+    rng: tuple | None = None  # one worker: LocalSchedule.state() (the generator at the epoch's start, now)
 
 
 def _restore(model, opt, sched) -> Position:
@@ -216,6 +261,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     cfg = TrainConfig(**spec.train)
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)  # as model/train.train
     model = _build(spec, device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -232,7 +278,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     accum = accumulation_steps(cfg, world)
-    nb = math.ceil(n_max / cfg.batch_size)
+    local = LocalSchedule(len(ds), cfg.batch_size, cfg.seed) if world == 1 else None
+    nb = local.batches_per_epoch if local else math.ceil(n_max / cfg.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, cfg.epochs * math.ceil(nb / accum)))
     teacher, captions = _extras(spec, model, device)
     batch_loss = BatchLoss(model, cfg, teacher, captions, spec.tag_names)
@@ -250,7 +297,10 @@ def train_loop_per_worker(config: dict) -> dict | None:
     for epoch in range(pos.epoch, cfg.epochs):
         first = pos.batch if epoch == pos.epoch else 0
         carried = [pos.loss_sum, pos.loss_n] if rank == 0 and epoch == pos.epoch else [0.0, 0]
-        order = epoch_batches(len(ds), n_max, cfg.batch_size, cfg.seed, epoch, rank)
+        if local is not None:
+            order = local.epoch(pos.rng if epoch == pos.epoch and pos.rng is not None else None)
+        else:
+            order = epoch_batches(len(ds), n_max, cfg.batch_size, cfg.seed, epoch, rank)
         loader = make_loader(ds, 1, device, cfg.num_workers, cfg.prefetch_factor, batch_sampler=order[first:])
         wrapped.train()
         loss_sum, n, t0 = torch.zeros((), dtype=torch.float64, device=device), 0, time.perf_counter()
@@ -259,7 +309,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
                 opt.zero_grad(set_to_none=True)
                 group = min(accum, nb - b)
             last = (b + 1) % accum == 0 or b + 1 == nb
-            g = torch.Generator().manual_seed(seed_of(cfg.seed, "batch", rank, epoch, b))
+            g = local.g if local is not None else torch.Generator().manual_seed(seed_of(cfg.seed, "batch", rank, epoch, b))
             with contextlib.nullcontext() if last or not hasattr(wrapped, "no_sync") else wrapped.no_sync():
                 loss = batch_loss(wrapped, x, y, lambda: [ds.row(int(i)) for i in idx], g, device)
                 (loss / group if group > 1 else loss).backward()
@@ -279,6 +329,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
                 loss_sum, n = torch.zeros_like(loss_sum), 0
                 carried = [total, int(count)] if rank == 0 else [0.0, 0]
                 pos.epoch, pos.batch, pos.loss_sum, pos.loss_n = epoch, b + 1, carried[0], carried[1]
+                pos.rng = local.state() if local is not None else None
                 _report(rank, {"step": pos.step, "epoch": epoch}, model, opt, sched, pos, final=False)
         total, count = _all_reduce([float(loss_sum) + carried[0], n + carried[1]], device)
         # wall time of this attempt's batches (bench/train.py's samples/s), and the images they held
@@ -289,6 +340,9 @@ def train_loop_per_worker(config: dict) -> dict | None:
             log.add(val_set.rejects.values())
             pos.history.append(metrics)
         pos.epoch, pos.batch, pos.loss_sum, pos.loss_n = epoch + 1, 0, 0.0, 0
+        if local is not None:  # the next epoch starts from the generator as it is now
+            local.end_epoch()
+            pos.rng = (local.g.get_state(), None)
         _report(rank, {"step": pos.step, **metrics}, model, opt, sched, pos, final=epoch == cfg.epochs - 1)
     if spec.record_ids:
         Path(spec.record_ids).mkdir(parents=True, exist_ok=True)

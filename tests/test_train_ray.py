@@ -72,6 +72,39 @@ def test_two_workers_train_on_disjoint_rows_and_resume_after_a_sigkill(ray_local
     assert [h["loss"] for h in killed.return_value["history"]] == [h["loss"] for h in result.return_value["history"]]
 
 
+def test_one_worker_trains_the_local_loops_weights_even_after_a_sigkill(ray_local, tmp_path):
+    """A one-worker Ray Train job follows model/train.train's schedule (order, flips, steps), so it ends
+    with the local backend's weights, bit for bit at the same thread count (2 threads against 1 differ by
+    float rounding: 1e-6 after an epoch); killed mid-epoch and resumed from a checkpoint, it still does."""
+    import dataclasses
+
+    from model.train import ExportDataset, TrainConfig, train
+
+    files = _tiny_export(tmp_path, 48)
+    spec, train_ids = _spec(tmp_path, files, checkpoint_every=2)
+    spec.train = dataclasses.asdict(TrainConfig(**{**spec.train, "epochs": 3}))
+    local_model = _model()
+    held = spec.is_held_out
+    train_set = ExportDataset(files, 4, local_model.cfg, keep=lambda i: not held(i))
+    val_set = ExportDataset(files, 4, local_model.cfg, set(spec.eval_ids))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the worker (one CPU): float sums then add up in the same order
+    try:
+        res = train(local_model, train_set, val_set, TrainConfig(**spec.train), tmp_path / "local", log=lambda m: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(train_set) == len(train_ids) and res["steps"] == 3 * (len(train_ids) // 8)
+    result, final = _fit(spec, tmp_path / "storage", "one", workers=1)
+    assert result.return_value["steps"] == res["steps"]
+    for k, v in local_model.state_dict().items():
+        assert torch.equal(final["model"][k], v), k
+    kill = dataclasses.replace(spec, fault={"kill_at_step": res["steps"] // 2 + 1, "marker": str(tmp_path / "k")})
+    killed, final_killed = _fit(kill, tmp_path / "storage", "one-killed", workers=1)
+    assert (tmp_path / "k").exists() and killed.return_value["resumed_at"] is not None
+    for k, v in final["model"].items():
+        assert torch.equal(v, final_killed["model"][k]), k
+
+
 def test_train_step_with_the_ray_train_backend(ray_local, tmp_path):
     """The train step as a Ray Train job: it trains, calibrates and publishes like the local backend."""
     from pipeline.stage import RowSource, StageContext
