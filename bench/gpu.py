@@ -16,6 +16,11 @@
   - ``peak_gpu_mem_gib``: ``torch.cuda.max_memory_allocated`` during that precision's runs.
 * Grounding DINO through the transformers backend (``stages/detectors.HFGroundingDino``) with the default
   Swin-T config (random init), 16 COCO class names per image: ``pairs_per_s``, (image, prompt) pairs.
+* ``--train`` (also run by ``--smoke``): RAM training at the official fine-tuning shape, Swin-L at 384 px
+  (``ram_swin_l_384``, random init), batch 26, bf16 autocast, AdamW, label rows frozen, through the train
+  step's own objective (``model/train.Objective`` + ``BatchLoss``): ``train_bf16`` with
+  ``img_per_s`` over ``--train-steps`` optimizer steps after one warm-up step, and
+  ``peak_gpu_mem_gib`` (one process, one GPU: the per-GPU figure of a DDP run, less NCCL's buffers).
 
 Photos: ../shared/data/coco20 (20 COCO JPEGs), replicated. One JSON line on stdout (also written to
 ``--out``). Without CUDA it prints one line saying it needs a GPU and exits with status 2; ``--smoke``
@@ -130,6 +135,71 @@ def gd_prompts(gd, names: list[str]):
     return build_prompts(names, gd._count, gd.limit)
 
 
+# ---- --train: the training part (separate from the inference parts above) ----
+
+def train_section(model, rows: list[dict], batch: int, steps: int, device: str) -> dict:
+    """``steps`` optimizer steps on batches of the photos (decoded and resized once, outside the timing):
+    what a training worker's GPU does per step, without its loader."""
+    import torch
+
+    from model.preprocess import to_tensor
+    from model.train import BatchLoss, Objective, TrainConfig, optimizer_step
+    from stages.vision import ImageLimits, open_image
+
+    cfg = TrainConfig(batch_size=batch, bf16=True, grad_clip=5.0)
+    pixels = [to_tensor(open_image(r, None, ImageLimits())[0], model.cfg) for r in rows[:batch]]
+    g = torch.Generator().manual_seed(0)
+    dev = torch.device(device)
+    x = torch.stack([pixels[i % len(pixels)] for i in range(batch)]).to(dev)  # on the GPU already: no loader
+    y = (torch.rand(batch, model.cfg.num_classes, generator=g) < 0.01).float().to(dev)
+    model.label_embed.requires_grad_(False)  # the recipes' freeze_label_embed
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=5e-6, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    objective, batch_loss = Objective(model, cfg), BatchLoss(model, cfg)
+    objective.train()
+
+    def step() -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss = batch_loss(objective, x, y, lambda: [], g, dev)
+        loss.backward()
+        optimizer_step(opt, sched, params, cfg)
+        return loss.detach()
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    step()  # warm-up (kernels, allocator, AdamW state)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    _sync(device)
+    wall = time.perf_counter() - t0
+    return {"batch": batch, "image_size": model.cfg.image_size, "steps": steps,
+            "img_per_s": round(batch * steps / wall, 2), "loss_last": round(float(loss), 3),
+            "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if device == "cuda" else None}
+
+
+def train_part(rows: list[dict], batch: int, steps: int, smoke: bool, device: str) -> dict:
+    import torch
+
+    from model.ram import create_model
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = create_model("ram_swin_l_384") if not smoke else create_model("ram_test", **TINY_RAM)
+    try:
+        return train_section(model, rows, batch if not smoke else 4, steps if not smoke else 2, device)
+    except Exception as e:  # noqa: BLE001 - a check reports what broke and goes on
+        return {"error": f"{type(e).__name__}: {e}"[:500]}
+    finally:
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+# ---- end of --train ----
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
@@ -140,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gd-images", type=int, default=64)
     ap.add_argument("--decode-workers", default="1,2,4,8", help="decode threads per GPU to try (comma-separated)")
     ap.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks the script, measures nothing")
+    ap.add_argument("--train", action="store_true", help="also RAM training: Swin-L 384, bf16, --train-batch")
+    ap.add_argument("--train-batch", type=int, default=26, help="images per GPU per step (official fine-tuning: 26)")
+    ap.add_argument("--train-steps", type=int, default=10)
     ap.add_argument("--out", default=str(REPO / "bench/out/gpu.json"))
     args = ap.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
@@ -181,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
                 res[f"grounding_dino_{precision}"] = gd_section(path, images, names, precision, device)
             except Exception as e:  # noqa: BLE001
                 res[f"grounding_dino_{precision}"], failed = {"error": f"{type(e).__name__}: {e}"[:500]}, True
+    if args.train or args.smoke:
+        res["train_bf16"] = train_part(rows, args.train_batch, args.train_steps, args.smoke, device)
+        failed = failed or "error" in res["train_bf16"]
     line = json.dumps(res, sort_keys=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(line + "\n")

@@ -1,12 +1,19 @@
 """Benchmark: training samples/s with 1 and 2 Ray Train workers on CPU (DDP over gloo), same export,
-same run (the main job's CNN base tagger at 64 px, batch 32 per worker, images decoded every epoch).
+same run (the main job's CNN base tagger at 64 px, batch 32 per worker, images decoded every epoch);
+and the train step's driver peak memory at N and 4N export rows.
 
-    python bench/train.py [--images 960] [--epochs 3] [--rounds 2]
+    python bench/train.py [--images 960] [--epochs 3] [--rounds 2] [--rss-images 600]
 
 Each worker reserves one CPU, so Ray gives it one intra-op thread: the ratio measures data
 parallelism, not threads. Samples/s counts the epochs after the first (warm-up) from the workers' own
 epoch wall time (startup, evaluation and checkpoints excluded). Rounds alternate 1 and 2 workers so
 both see the same machine state. The last line is ``train_scaling_2_workers: X.XX``.
+
+Driver memory: the whole train step (``stages/train.TrainStage.run``, ``backend: ray_train``, one
+worker, one epoch) on exports of N and 4N rows in shards of 200, each in a fresh process whose peak
+RSS (``getrusage``: the driver alone; Ray's own processes and the worker are others) is the figure.
+Flat (~1.0x) is the target: the driver streams the image_id column and holds the bounded evaluation
+sample (64 rows here), never a row list.
 """
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def write_export(root: Path, images: int) -> tuple[list[Path], int]:
+def write_export(root: Path, images: int, shard_rows: int | None = None) -> tuple[list[Path], int]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -39,8 +46,11 @@ def write_export(root: Path, images: int) -> tuple[list[Path], int]:
         labels = sorted({classes.index(o["cls"]) for o in t["objects"]})
         recs.append({"image_id": r["image_id"], "image_path": f"images/{r['image_id']}.png",
                      "caption": r["captions"], "union_label_id": labels, "parse_label_id": []})
-    pq.write_table(pa.Table.from_pylist(recs), root / "part-00000.parquet")
-    return [root / "part-00000.parquet"], len(classes)
+    step = shard_rows or len(recs)
+    files = [root / f"part-{i // step:05d}.parquet" for i in range(0, len(recs), step)]
+    for f, i in zip(files, range(0, len(recs), step)):
+        pq.write_table(pa.Table.from_pylist(recs[i:i + step]), f)
+    return files, len(classes)
 
 
 def fit(files, classes: int, workers: int, epochs: int, root: Path, name: str) -> dict:
@@ -67,6 +77,51 @@ def fit(files, classes: int, workers: int, epochs: int, root: Path, name: str) -
             "loss_last_epoch": hist[-1]["loss"], "steps": res.return_value["steps"]}
 
 
+def driver_child(export: Path, classes: int) -> int:
+    """In a fresh process: the train step's driver side on ``export``; prints its peak RSS."""
+    import resource
+
+    import pyarrow.parquet as pq
+    import ray
+
+    from pipeline.stage import RowSource, StageContext
+    from stages.train import TrainStage, TrainStageConfig
+    from tagset.tagset import Tag, TagSet
+
+    root = export.parent
+    vocab = root / f"vocab-{export.name}"
+    vocab.mkdir(exist_ok=True)
+    pq.write_table(TagSet([Tag(i, f"class{i}") for i in range(classes)]).to_table(), vocab / "tagset.parquet")
+    files = sorted(export.glob("part-*.parquet"))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+             _temp_dir=str(root / f"ray-{export.name}"))
+    cfg = TrainStageConfig(model="cnn_tagger_tiny", model_args={"image_size": 64, "pool": "lse"}, text_encoder="none",
+                           loss="bce", epochs=1, batch_size=32, lr=3e-3, warmup_steps=10, val_fraction=0.05,
+                           eval_max_images=64, backend="ray_train", workers=1, cpus_per_worker=1)
+    res = TrainStage(cfg, StageContext(str(root / f"run-{export.name}"), "train", seed=0,
+                                       artifacts={"tagset": str(vocab)})).run(RowSource(files))
+    ray.shutdown()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(json.dumps({"rows": res.stats["rows_in"], "shards": len(files), "train_images": res.stats["train_images"],
+                      "steps": res.stats["steps"], "driver_peak_rss_mib": round(peak, 1)}))
+    return 0
+
+
+def driver_memory(root: Path, n: int) -> list[dict]:
+    """The driver's peak RSS at ``n`` and ``4n`` export rows, each in its own process."""
+    import subprocess
+
+    out = []
+    for rows in (n, 4 * n):
+        export = root / f"export-{rows}"
+        _, classes = write_export(export, rows, shard_rows=200)
+        p = subprocess.run([sys.executable, __file__, "--driver-child", str(export), "--classes", str(classes)],
+                           capture_output=True, text=True, check=True)
+        out.append(json.loads(p.stdout.strip().splitlines()[-1]))
+        print(json.dumps(out[-1]), flush=True)
+    return out
+
+
 def main() -> int:
     import ray
 
@@ -74,10 +129,16 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=960)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rss-images", type=int, default=600, help="N of the driver memory runs (N and 4N rows)")
     ap.add_argument("--out", default=str(REPO / "bench/out/train.json"))
+    ap.add_argument("--driver-child", help=argparse.SUPPRESS)
+    ap.add_argument("--classes", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.driver_child:
+        return driver_child(Path(args.driver_child), args.classes)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        memory = driver_memory(root, args.rss_images)
         files, classes = write_export(root / "export", args.images)
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
                  _temp_dir=str(root / "ray"))
@@ -88,10 +149,15 @@ def main() -> int:
                 print(json.dumps(runs[-1]), flush=True)
         ray.shutdown()
     rate = {w: statistics.median(x["samples_per_s"] for x in runs if x["workers"] == w) for w in (1, 2)}
+    rss_ratio = memory[1]["driver_peak_rss_mib"] / memory[0]["driver_peak_rss_mib"]
     out = {"images": args.images, "epochs": args.epochs, "runs": runs, "samples_per_s_1": rate[1],
-           "samples_per_s_2": rate[2], "train_scaling_2_workers": rate[2] / rate[1]}
+           "samples_per_s_2": rate[2], "driver_memory": memory, "driver_peak_rss_4x_rows": rss_ratio,
+           "train_scaling_2_workers": rate[2] / rate[1]}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    print(f"driver peak RSS: {memory[0]['rows']} rows {memory[0]['driver_peak_rss_mib']:.0f} MiB, "
+          f"{memory[1]['rows']} rows {memory[1]['driver_peak_rss_mib']:.0f} MiB")
+    print(f"driver_peak_rss_4x_rows: {rss_ratio:.2f}")
     print(f"samples/s: 1 worker {rate[1]:.1f}, 2 workers {rate[2]:.1f}")
     print(f"train_scaling_2_workers: {rate[2] / rate[1]:.2f}")
     return 0

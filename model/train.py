@@ -12,20 +12,25 @@ caption's own parse tags, as the official data loader does, with the prompt mask
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import math
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from model.preprocess import load_rgb, to_tensor
+from model.preprocess import to_tensor
 from model.ram import RAM
+from pipeline.errors import Reject
 
 
 def asl_loss(logits: torch.Tensor, targets: torch.Tensor, gamma_neg: float = 7.0, gamma_pos: float = 0.0,
@@ -53,6 +58,12 @@ def average_precision(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return aps
 
 
+IMAGE_COLUMNS = ("image_id", "image_path", "image", "image_bytes")  # where a row's image is (stages/vision.py)
+ROW_COLUMNS = IMAGE_COLUMNS + ("caption", "captions", "union_label_id", "parse_label_id")
+# what the caption terms read of a batch that was rejected whole (model/train.BatchLoss)
+EMPTY_ROW = {"image_id": "", "caption": [""], "union_label_id": [], "parse_label_id": []}
+
+
 def row_tables(source, columns):
     """(table, folder relative image paths resolve against) per shard, with those of ``columns`` that exist:
     from Parquet files of whole rows, or from anything with ``iter_tables_with_base`` (the engine's rows)."""
@@ -64,48 +75,136 @@ def row_tables(source, columns):
         yield pq.read_table(f, columns=[c for c in columns if c in names]), Path(f).parent
 
 
+class Batch(NamedTuple):
+    """What the loader gives: the images that decoded, their targets and dataset indices, and a reject
+    (with the vision steps' stable code) for each row of the batch whose image did not."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    idx: torch.Tensor
+    rejects: list
+
+
 class ExportDataset(torch.utils.data.Dataset):
     """Rows of the export Parquet (``image_path``, relative paths resolve against the shard's folder) or
     of any earlier step (``image`` path or inline ``image_bytes``) + ``union_label_id``.
 
-    ``cache``: keep decoded, resized tensors in memory after the first epoch (small corpora on CPU).
-    ``keep``: a predicate on image_id (a Ray Train worker's own rows), besides ``ids``.
+    The rows are read shard by shard and only the kept ones stay, as Arrow tables (paths or inline
+    bytes, labels, captions), never as Python objects per row: at most one input shard plus the kept
+    rows are in memory. Images decode lazily, per item, through ``stages.vision.open_image``: a row
+    whose image does not decode is left out of its batch and comes back in ``Batch.rejects`` with the
+    vision steps' code; :func:`batches` records it in ``rejects`` (by image_id, once).
+
+    ``ids``: keep these image_ids; ``keep``: a predicate on image_id (a Ray Train worker's own rows).
+    ``cache``: keep decoded, resized tensors in memory after the first epoch (tiny corpora only: a
+    64 px image is 48 KiB as a tensor; with loader processes each keeps its own copy).
     """
 
     def __init__(self, files, num_classes: int, cfg, ids: set[str] | None = None, cache: bool = False, keep=None):
-        self.rows = []
-        for table, base in row_tables(files, ("image_id", "image_path", "image", "image_bytes", "caption", "captions",
-                                              "union_label_id", "parse_label_id")):
-            for r in table.to_pylist():
-                if (ids is None or r["image_id"] in ids) and (keep is None or keep(r["image_id"])):
-                    src = r.get("image_path") or r.get("image")
-                    if r.get("image_bytes") is not None:
-                        r["data"] = r["image_bytes"]
-                    else:
-                        p = Path(src)
-                        r["data"] = str(p if p.is_absolute() or "://" in src else base / p)
-                    r["caption"] = r.get("caption") or r.get("captions") or []
-                    r.pop("image_bytes", None)
-                    self.rows.append(r)
+        self.tables: list[pa.Table] = []
+        self.bases: list[Path] = []
+        starts = [0]
+        wanted = pa.array(sorted(ids), pa.string()) if ids is not None else None
+        for table, base in row_tables(files, ROW_COLUMNS):
+            iid = table.column("image_id")
+            mask = pc.is_in(iid, value_set=wanted.cast(iid.type)) if wanted is not None else None
+            if keep is not None:
+                mine = pa.array([keep(i) for i in iid.to_pylist()], pa.bool_())
+                mask = mine if mask is None else pc.and_(mask, mine)
+            t = (table.filter(mask) if mask is not None else table).combine_chunks()
+            del table, iid  # the whole shard goes; only the kept rows stay
+            if t.num_rows:
+                self.tables.append(t)
+                self.bases.append(base)
+                starts.append(starts[-1] + t.num_rows)
+        self._starts = starts
         self.num_classes, self.cfg = num_classes, cfg
         self.cache: dict[int, torch.Tensor] | None = {} if cache else None
+        self.rejects: dict[str, Reject] = {}
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return self._starts[-1]
 
-    def image(self, i: int) -> torch.Tensor:
+    @property
+    def nbytes(self) -> int:
+        """Bytes the kept rows hold (the Arrow buffers)."""
+        return sum(t.nbytes for t in self.tables)
+
+    def _locate(self, i: int) -> tuple[pa.Table, int, Path]:
+        s = bisect.bisect_right(self._starts, i) - 1
+        return self.tables[s], i - self._starts[s], self.bases[s]
+
+    def row(self, i: int, columns=ROW_COLUMNS) -> dict:
+        """Row ``i`` as a dict (``caption``: the list of captions, from ``caption`` or ``captions``)."""
+        t, j, _ = self._locate(i)
+        r = {c: t.column(c)[j].as_py() for c in columns if c in t.column_names}
+        if "caption" in columns or "captions" in columns:
+            r["caption"] = r.get("caption") or r.pop("captions", None) or []
+        return r
+
+    def image_id(self, i: int) -> str:
+        t, j, _ = self._locate(i)
+        return t.column("image_id")[j].as_py()
+
+    def decode(self, i: int) -> tuple[torch.Tensor | None, Reject | None]:
+        """Row ``i``'s image as the model's input tensor, or the reject of why it has none."""
+        from stages.vision import ImageLimits, open_image
+
         if self.cache is not None and i in self.cache:
-            return self.cache[i]
-        x = to_tensor(load_rgb(self.rows[i]["data"]), self.cfg)
+            return self.cache[i], None
+        t, j, base = self._locate(i)
+        r = {c: t.column(c)[j].as_py() for c in IMAGE_COLUMNS if c in t.column_names}
+        img, rej = open_image(r, base, ImageLimits(min_side=1))
+        if rej is not None:
+            return None, rej
+        x = to_tensor(img, self.cfg)
         if self.cache is not None:
             self.cache[i] = x
-        return x
+        return x, None
 
     def __getitem__(self, i: int):
-        r = self.rows[i]
+        x, rej = self.decode(i)
+        t, j, _ = self._locate(i)
         y = torch.zeros(self.num_classes)
-        y[[t for t in r["union_label_id"] if t < self.num_classes]] = 1
-        return self.image(i), y, i
+        y[[k for k in t.column("union_label_id")[j].as_py() if k < self.num_classes]] = 1
+        return x, y, i, rej
+
+    def collate(self, items: list) -> Batch:
+        good = [it for it in items if it[0] is not None]
+        s = self.cfg.image_size
+        return Batch(torch.stack([it[0] for it in good]) if good else torch.zeros((0, 3, s, s)),
+                     torch.stack([it[1] for it in good]) if good else torch.zeros((0, self.num_classes)),
+                     torch.tensor([it[2] for it in good], dtype=torch.long),
+                     [it[3] for it in items if it[0] is None])
+
+    def check(self, indices) -> list[Reject]:
+        """Decode rows ``indices`` (those an epoch's ``drop_last`` never gave to the loop) for their
+        rejects, so that every row is either trained on or rejected."""
+        new = []
+        for i in indices:
+            if self.image_id(int(i)) in self.rejects:
+                continue
+            _, rej = self.decode(int(i))
+            if rej is not None:
+                self.rejects[rej.image_id] = rej
+                new.append(rej)
+        return new
+
+
+def batches(loader, on_reject=None):
+    """``(x, y, idx)`` of each of ``loader``'s batches; the batch's rejects go to its dataset's
+    ``rejects`` (once per image_id) and, the new ones, to ``on_reject``."""
+    seen = getattr(loader.dataset, "rejects", {})
+    for b in loader:
+        if not isinstance(b, Batch):  # a dataset of plain (x, y, idx) items
+            yield b
+            continue
+        new = [r for r in b.rejects if r.image_id not in seen]
+        for r in new:
+            seen[r.image_id] = r
+        if new and on_reject is not None:
+            on_reject(new)
+        yield b.x, b.y, b.idx
 
 
 @dataclass
@@ -170,37 +269,55 @@ def make_loader(dataset, batch_size: int, device: torch.device, num_workers: int
                 **kw) -> torch.utils.data.DataLoader:
     """A DataLoader that decodes in ``num_workers`` processes, ``prefetch_factor`` batches ahead each, into
     pinned memory when the model is on CUDA (so the copy to the device overlaps compute). With 0 workers
-    it is the plain in-process loader."""
+    it is the plain in-process loader. An :class:`ExportDataset` collates into a :class:`Batch` (read it
+    through :func:`batches`)."""
     extra = {"prefetch_factor": prefetch_factor, "persistent_workers": True} if num_workers > 0 else {}
+    if hasattr(dataset, "collate"):
+        kw.setdefault("collate_fn", dataset.collate)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                                        pin_memory=device.type == "cuda", **extra, **kw)
 
 
 def predict(model, loader, cfg: TrainConfig | None = None):
     """``(sigmoid scores, targets, indices)`` per batch, every tensor on the model's device: the batch
-    goes to the model, never the model's output to the host (callers copy what they keep)."""
+    goes to the model, never the model's output to the host (callers copy what they keep). Rows whose
+    image was rejected are not among them (the dataset's ``rejects`` has them)."""
     device = model_device(model)
     model.eval()
-    for x, y, idx in loader:
+    for x, y, idx in batches(loader):
+        if len(x) == 0:
+            continue
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.no_grad(), autocast(device, cfg):  # per batch: grad mode is not held across a yield
             scores = torch.sigmoid(model(x)).float()
         yield scores, y, idx
 
 
-def predict_arrays(model, loader, cfg: TrainConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Scores and targets of a whole (bounded) held-out loader, on the host."""
-    scores, targets = [], []
-    for s, y, _ in predict(model, loader, cfg):
+def predict_all(model, loader, cfg: TrainConfig | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scores, targets and dataset indices of a whole (bounded) held-out loader, on the host."""
+    scores, targets, index = [], [], []
+    for s, y, idx in predict(model, loader, cfg):
         scores.append(s.cpu().numpy())
         targets.append(y.cpu().numpy())
-    return np.concatenate(scores), np.concatenate(targets)
+        index.append(np.asarray(idx))
+    if not scores:  # nothing held out, or every held-out image rejected
+        c = loader.dataset.num_classes
+        return np.zeros((0, c), np.float32), np.zeros((0, c), np.float32), np.zeros(0, np.int64)
+    return np.concatenate(scores), np.concatenate(targets), np.concatenate(index)
+
+
+def predict_arrays(model, loader, cfg: TrainConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and targets of a whole (bounded) held-out loader, on the host."""
+    s, t, _ = predict_all(model, loader, cfg)
+    return s, t
 
 
 def evaluate(model: RAM, loader, cfg: TrainConfig | None = None) -> dict:
     if len(loader.dataset) == 0:  # nothing held out (a benchmark, a tiny corpus)
         return {"mAP": float("nan"), "chance_mAP": float("nan"), "classes_with_positives": 0}
     s, t = predict_arrays(model, loader, cfg)
+    if len(s) == 0:  # every held-out image was rejected
+        return {"mAP": float("nan"), "chance_mAP": float("nan"), "classes_with_positives": 0}
     aps = average_precision(s, t)
     rng = np.random.default_rng(0)
     chance = average_precision(rng.random(s.shape), t)
@@ -279,8 +396,14 @@ class BatchLoss:
         self.tag_names, self.tokenizer = tag_names, caption_tokenizer
 
     def __call__(self, objective, x, y, rows, g: torch.Generator, device: torch.device) -> torch.Tensor:
-        """``rows``: a callable giving the batch's row dicts (only the caption terms read them)."""
+        """``rows``: a callable giving the batch's row dicts (only the caption terms read them).
+
+        A batch whose every image was rejected still runs the model, on one blank image at weight 0:
+        under DDP each worker's backward joins the same gradient all-reduce, so no worker waits alone."""
         cfg = self.cfg
+        if x.shape[0] == 0:
+            blank_x, blank_y = torch.zeros((1, *x.shape[1:])), torch.zeros((1, y.shape[1]))
+            return 0.0 * self(objective, blank_x, blank_y, lambda: [EMPTY_ROW], g, device)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if cfg.hflip:
             flip = torch.rand(x.shape[0], generator=g) < 0.5
@@ -327,6 +450,8 @@ def train(model: RAM, train_set, val_set, cfg: TrainConfig, out_dir: Path, teach
     encoder whose width is the model's label_dim (RAM++ alignment); ``tag_names`` and
     ``caption_tokenizer`` (default: :class:`model.caption.CaptionTokenizer`) for RAM's caption branch.
     Every tensor of a step is on the model's device; the loss is summed there (no host sync per step).
+    A row whose image does not decode is left out of its batch and ends in ``train_set.rejects`` (or
+    ``val_set.rejects``), each training row found by the end: trained on or rejected, none unknown.
     """
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -346,6 +471,7 @@ def train(model: RAM, train_set, val_set, cfg: TrainConfig, out_dir: Path, teach
     objective = Objective(model, cfg)
     batch_loss = BatchLoss(model, cfg, teacher, caption_encoder, tag_names, caption_tokenizer)
     start_epoch, step, history = 0, 0, []
+    seen = np.zeros(len(train_set), bool)  # rows this process gave to the model (a rejected one is in ``rejects``)
     last = out_dir / "last.pth"
     if last.exists():
         ck = torch.load(last, map_location="cpu", weights_only=False)  # load_state_dict moves to the device
@@ -360,14 +486,15 @@ def train(model: RAM, train_set, val_set, cfg: TrainConfig, out_dir: Path, teach
         history.append({"epoch": -1, "loss": None, **evaluate(model, val_loader, cfg)})
     for epoch in range(start_epoch, cfg.epochs):
         objective.train()
-        total_loss, n, batches = torch.zeros((), dtype=torch.float64, device=device), 0, len(loader)
-        for b, (x, y, idx) in enumerate(loader):
+        total_loss, n, n_batches = torch.zeros((), dtype=torch.float64, device=device), 0, len(loader)
+        for b, (x, y, idx) in enumerate(batches(loader)):
             if b % accum == 0:
                 opt.zero_grad(set_to_none=True)
-                group = min(accum, batches - b)  # batches in this optimizer step (fewer at an epoch's end)
-            loss = batch_loss(objective, x, y, lambda: [train_set.rows[int(i)] for i in idx], g, device)
+                group = min(accum, n_batches - b)  # batches in this optimizer step (fewer at an epoch's end)
+            loss = batch_loss(objective, x, y, lambda: [train_set.row(int(i)) for i in idx], g, device)
+            seen[idx.numpy()] = True
             (loss / group if group > 1 else loss).backward()
-            if (b + 1) % accum == 0 or b + 1 == batches:
+            if (b + 1) % accum == 0 or b + 1 == n_batches:
                 optimizer_step(opt, sched, params, cfg)
                 step += 1
             total_loss += loss.detach().double() * x.shape[0]  # float64, as a Python float would sum it
@@ -380,4 +507,6 @@ def train(model: RAM, train_set, val_set, cfg: TrainConfig, out_dir: Path, teach
                                                                     "train_config": asdict(cfg)})
         log(json.dumps(metrics))
     torch.save({"model": model.state_dict()}, out_dir / "model.pth")  # the official layout alone
+    if hasattr(train_set, "check"):  # rows drop_last never gave to the loop: rejected or not, never unknown
+        train_set.check(np.flatnonzero(~seen))
     return {"history": history, "steps": step}

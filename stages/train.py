@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -48,8 +49,9 @@ class TrainStageConfig(StageConfig):
                                   "the model has the caption branch (model_args: {caption_branch: true})")
     channels_last: bool = Field(False, description="train with channels-last weights and batches (convolutional "
                                 "models: ~1.2x faster on CPU; numerically a different run)")
-    cache_images: bool = Field(True, description="keep decoded, resized images in memory (small corpora; with "
-                               "num_workers > 0 each loader process keeps its own copy)")
+    cache_images: bool = Field(False, description="opt-in for tiny corpora: keep decoded, resized images in "
+                               "memory after the first epoch (a 64 px image is 48 KiB as a tensor; with "
+                               "num_workers > 0 each loader process keeps its own copy). Off: every epoch decodes")
     num_workers: int = Field(0, ge=0, description="DataLoader processes decoding ahead of the model (0: in process)")
     prefetch_factor: int = Field(2, ge=1, description="batches each loader process decodes ahead")
     bf16: bool = Field(True, description="bf16 autocast on CUDA (a CPU always trains in fp32)")
@@ -96,20 +98,34 @@ def truth_map(scores, image_ids: list[str], truth_by_id: dict, id_names: dict[in
     return float(np.nanmean(average_precision(s, y))), float(np.nanmean(chance))
 
 
-def decode_errors(files) -> tuple[list[str], list[Reject]]:
-    """Ids of rows whose image decodes, and rejects (with stable codes) for the others."""
-    from model.train import row_tables
-    from stages.vision import ImageLimits, open_image
+@dataclass
+class Split:
+    """What the driver knows of the rows before training: counts and the bounded evaluation sample."""
 
-    ids, rejects = [], []
-    for table, base in row_tables(files, ("image_id", "image_path", "image", "image_bytes")):
-        for r in table.to_pylist():
-            _, rej = open_image(r, base, ImageLimits(min_side=1))
-            if rej is not None:
-                rejects.append(rej)
-            else:
-                ids.append(r["image_id"])
-    return ids, rejects
+    rows: int
+    held_out: int
+    eval_ids: set[str]
+
+
+def split_rows(source, fraction: float, k: int) -> Split:
+    """One pass over the ``image_id`` column, shard by shard: how many rows, how many held out (by hash),
+    and the ``k`` held-out ids of the evaluation sample (an O(k) heap). Nothing else is read and no image
+    is decoded: a bad image is found where it is decoded, in training or evaluation."""
+    from model.train import row_tables
+
+    count = {"rows": 0, "held": 0}
+
+    def held_ids():
+        for table, _ in row_tables(source, ("image_id",)):
+            ids = table.column("image_id").to_pylist()
+            count["rows"] += len(ids)
+            for i in ids:
+                if held_out(i, fraction):
+                    count["held"] += 1
+                    yield i
+
+    sample = eval_sample(held_ids(), k)
+    return Split(count["rows"], count["held"], sample)
 
 
 def calibrate(scores, labels, precision: float, min_hits: int) -> list[float]:
@@ -154,14 +170,14 @@ class TrainStage(Stage):
 
     def _truth_map(self, model, val_set, tagset) -> dict:
         """On a scene world, the held-out mAP against the truth (parse labels are noisy by design)."""
-        from model.train import make_loader, model_device, predict_arrays
+        from model.train import make_loader, model_device, predict_all
         from pipeline.store import StepDir
         from stages.world.score import names_for_ids, truth_by_image
 
         truth = truth_by_image(StepDir(self.context.artifact("truth")).read(name="truth"))
-        scores, _ = predict_arrays(model, make_loader(val_set, 64, model_device(model), self.config.num_workers,
-                                                           self.config.prefetch_factor))
-        ids = [r["image_id"] for r in val_set.rows]
+        scores, _, index = predict_all(model, make_loader(val_set, 64, model_device(model), self.config.num_workers,
+                                                          self.config.prefetch_factor))
+        ids = [val_set.image_id(int(i)) for i in index]
         m, chance = truth_map(scores, ids, truth, names_for_ids(tagset))
         return {"val_truth_mAP_after": round(m, 4), "val_truth_chance_mAP": round(chance, 4)}
 
@@ -240,15 +256,16 @@ class TrainStage(Stage):
             captions = encoder
         return model, args, stats, captions
 
-    def _train_ray(self, model, args, source, rejects, val_ids, tc, out: Path, tagset, caption_encoder) -> dict:
+    def _train_ray(self, model, args, source, val_ids, tc, out: Path, tagset, caption_encoder) -> tuple[dict, list]:
         """Train as a Ray Train job (``pipeline/trainer.py``, ``model/distributed.py``); the trained weights
-        are loaded back into ``model``. A job re-run with the same config resumes from its latest checkpoint."""
+        are loaded back into ``model``. A job re-run with the same config resumes from its latest checkpoint.
+        Returns rank 0's result and the rejects the workers found (their images did not decode)."""
         import dataclasses
         import functools
 
         import torch
 
-        from model.distributed import JobSpec, train_loop_per_worker
+        from model.distributed import JobSpec, read_rejects, train_loop_per_worker
         from pipeline.trainer import TrainJob, run_torch_job
 
         c = self.config
@@ -259,23 +276,41 @@ class TrainStage(Stage):
                    "model_args": c.teacher_model_args} if c.teacher != "none" else None
         captions = {"kind": c.text_encoder, "weights": c.text_weights,
                     "projection": getattr(caption_encoder, "projection", None)} if caption_encoder else None
+        name = "run-" + hashlib.sha1(f"{c.model_dump_json()}:{tc.seed}".encode()).hexdigest()[:12]
+        rejects_dir = storage / "rejects" / name
         spec = JobSpec(c.model, args, str(storage / "init.pth"), not c.freeze_label_embed, source, len(tagset),
                        dataclasses.asdict(tc), functools.partial(held_out, fraction=c.val_fraction),
-                       frozenset(r.image_id for r in rejects), val_ids, list(tagset.names), c.checkpoint_every_steps,
-                       c.cache_images, teacher, captions)
-        name = "run-" + hashlib.sha1(f"{c.model_dump_json()}:{tc.seed}".encode()).hexdigest()[:12]
+                       frozenset(), val_ids, list(tagset.names), c.checkpoint_every_steps,
+                       c.cache_images, teacher, captions, rejects_dir=str(rejects_dir))
         result = run_torch_job(train_loop_per_worker, {"spec": spec},
                                TrainJob(c.workers, c.device == "cuda", c.cpus_per_worker, str(storage), name,
                                         c.max_failures))
         with result.checkpoint.as_directory() as d:
             state = torch.load(Path(d) / "model.pth", map_location="cpu", weights_only=True)["model"]
         model.load_state_dict(state)
-        return result.return_value
+        return result.return_value, read_rejects(rejects_dir)
+
+    def _train_config(self, seed: int):
+        from model.train import TrainConfig
+
+        c = self.config
+        return TrainConfig(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, weight_decay=c.weight_decay,
+                           warmup_steps=c.warmup_steps, min_lr_ratio=c.min_lr_ratio, seed=seed, loss=c.loss,
+                           hflip=c.hflip, caption_weight=c.caption_weight, distill_weight=c.distill_weight,
+                           channels_last=c.channels_last, num_workers=c.num_workers,
+                           prefetch_factor=c.prefetch_factor, bf16=c.bf16, grad_clip=c.grad_clip,
+                           global_batch_size=c.global_batch_size, align_weight=c.align_weight)
 
     def run(self, rows: RowSource) -> ReduceResult:
+        """The driver holds the evaluation sample (``eval_max_images`` rows) and counts, never a set or a
+        list of all rows; with ``ray_train`` the workers read their own rows (``model/distributed.py``).
+
+        Counting: every input row is trained on, held out, or rejected (its image did not decode, when
+        training or evaluation came to it): ``rows_in = train_images + held_out_images + rejected_images``.
+        Held-out rows outside the evaluation sample are never decoded, so they count as held out."""
         import torch
 
-        from model.train import ExportDataset, TrainConfig, train
+        from model.train import ExportDataset, train
         from tagset.tagset import TagSet
 
         c = self.config
@@ -286,18 +321,10 @@ class TrainStage(Stage):
         ray_train = c.backend == "ray_train"
         model.to(self._device())
         source = rows if rows.view is not None else rows.files
-        ids, rejects = decode_errors(source)
-        held = {i for i in ids if held_out(i, c.val_fraction)}
-        val_ids = eval_sample(held, c.eval_max_images)  # the rest of the held-out split is not trained on either
-        train_ids = set(ids) - held
-        val_set = ExportDataset(source, len(tagset), model.cfg, val_ids, cache=c.cache_images)
+        split = split_rows(source, c.val_fraction, c.eval_max_images)  # the rest of the held-out split is unused
+        val_set = ExportDataset(source, len(tagset), model.cfg, split.eval_ids, cache=c.cache_images)
         out = Path(self.context.run_dir) / self.context.step
-        tc = TrainConfig(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, weight_decay=c.weight_decay,
-                         warmup_steps=c.warmup_steps, min_lr_ratio=c.min_lr_ratio, seed=seed, loss=c.loss,
-                         hflip=c.hflip, caption_weight=c.caption_weight, distill_weight=c.distill_weight,
-                         channels_last=c.channels_last, num_workers=c.num_workers,
-                         prefetch_factor=c.prefetch_factor, bf16=c.bf16, grad_clip=c.grad_clip,
-                         global_batch_size=c.global_batch_size, align_weight=c.align_weight)
+        tc = self._train_config(seed)
         teacher = None
         if c.teacher != "none":
             from model.teacher import make_teacher
@@ -311,13 +338,15 @@ class TrainStage(Stage):
         has_truth = "truth" in self.context.artifacts
         truth_before = self._truth_map(model, val_set, tagset) if has_truth and len(val_set) else {}
         if ray_train:
-            res = self._train_ray(model, args, source, rejects, sorted(val_ids), tc, out, tagset, caption_encoder)
+            res, found = self._train_ray(model, args, source, sorted(split.eval_ids), tc, out, tagset,
+                                         caption_encoder)
         else:
-            train_set = ExportDataset(source, len(tagset), model.cfg, train_ids, cache=c.cache_images)
+            train_set = ExportDataset(source, len(tagset), model.cfg, cache=c.cache_images,
+                                      keep=lambda i: not held_out(i, c.val_fraction))
             res = train(model, train_set, val_set, tc, out / "checkpoints", tag_names=list(tagset.names),
                         teacher=teacher, caption_encoder=caption_encoder,
                         log=lambda m: print(f"  [{self.context.step}] {m}", flush=True))
-        hist = res["history"]
+            found = list(train_set.rejects.values())
         truth_q = self._truth_map(model, val_set, tagset) if truth_before else {}
         if truth_q:
             truth_q["val_truth_mAP_before"] = truth_before["val_truth_mAP_after"]
@@ -325,13 +354,10 @@ class TrainStage(Stage):
                 "variant": model.cfg.variant, "label_dim": model.cfg.label_dim, "num_classes": len(tagset)}
         torch.save({"model": model.state_dict()}, out / "model.pth")
         thresholds = self._calibrate(model, val_set, len(tagset)) if len(val_set) else tagset.thresholds()
-        stats = {"train_images": len(train_ids), "val_images": len(val_set), "held_out_images": len(held),
-                 "steps": res["steps"],
-                 "loss_first_epoch": hist[1]["loss"], "loss_last_epoch": hist[-1]["loss"],
-                 "val_mAP_before": round(hist[0]["mAP"], 4), "val_mAP_after": round(hist[-1]["mAP"], 4),
-                 "val_chance_mAP": round(hist[-1]["chance_mAP"], 4),
-                 "summary": f"val mAP {hist[0]['mAP']:.3f} -> {hist[-1]['mAP']:.3f} (chance "
-                            f"{hist[-1]['chance_mAP']:.3f}), loss {hist[1]['loss']:.2f} -> {hist[-1]['loss']:.2f}"}
+        merged = {r.image_id: r for r in found}
+        merged.update(val_set.rejects)  # evaluation images that did not decode (here or on rank 0: the same)
+        rejects = [merged[k] for k in sorted(merged)]
+        stats = self._stats(res, split, len(val_set), rejects, c.val_fraction)
         stats.update(truth_q)
         stats.update(label_stats)
         if truth_q:
@@ -341,7 +367,31 @@ class TrainStage(Stage):
         stats["classes_calibrated"] = sum(1 for t in thresholds if t < 1.0)
         stats["summary"] += f"; {stats['classes_calibrated']} of {len(tagset)} tags reach precision " \
                             f"{c.calibrate_precision} on held-out images (the others never pseudo-label)"
+        hist = res["history"]
         return ReduceResult(rejects=rejects, files={"model.json": (json.dumps(spec, indent=1) + "\n").encode(),
                                    "thresholds.json": (json.dumps(thresholds) + "\n").encode(),
                                    "tag_list.txt": "\n".join(tagset.names).encode(),
                                    "history.json": (json.dumps(hist, indent=1) + "\n").encode()}, stats=stats)
+
+    @staticmethod
+    def _stats(res: dict, split: Split, eval_rows: int, rejects: list[Reject], fraction: float) -> dict:
+        """``rows_in = train_images + held_out_images + rejected_images``; ``val_images``: the evaluation
+        sample's images that decoded (a part of held_out_images)."""
+        hist = res["history"]
+        held_rejected = sum(1 for r in rejects if held_out(r.image_id, fraction))
+        train_rejected = len(rejects) - held_rejected
+        by_code: dict[str, int] = {}
+        for r in rejects:
+            by_code[r.code] = by_code.get(r.code, 0) + 1
+        stats = {"rows_in": split.rows, "train_images": split.rows - split.held_out - train_rejected,
+                 "held_out_images": split.held_out - held_rejected, "val_images": eval_rows - held_rejected,
+                 "rejected_images": len(rejects), "rejected_by_code": dict(sorted(by_code.items())),
+                 "steps": res["steps"],
+                 "loss_first_epoch": hist[1]["loss"], "loss_last_epoch": hist[-1]["loss"],
+                 "val_mAP_before": round(hist[0]["mAP"], 4), "val_mAP_after": round(hist[-1]["mAP"], 4),
+                 "val_chance_mAP": round(hist[-1]["chance_mAP"], 4),
+                 "summary": f"val mAP {hist[0]['mAP']:.3f} -> {hist[-1]['mAP']:.3f} (chance "
+                            f"{hist[-1]['chance_mAP']:.3f}), loss {hist[1]['loss']:.2f} -> {hist[-1]['loss']:.2f}"}
+        if rejects:
+            stats["summary"] += f"; {len(rejects)} rows rejected ({', '.join(f'{k} {v}' for k, v in by_code.items())})"
+        return stats

@@ -308,7 +308,7 @@ def test_the_loop_keeps_every_tensor_on_the_model_device(tmp_path):
     to it fails the submodules' device checks, and the host copy of a score is the one place it may stop."""
     from model.teacher import RamTeacher
     from model.text import MiniLMEncoder
-    from model.train import BatchLoss, Objective, evaluate, make_loader, optimizer_step, predict
+    from model.train import BatchLoss, Objective, batches, evaluate, make_loader, optimizer_step, predict
     from pipeline.stage import StageContext
     from stages.train import TrainStage, TrainStageConfig
 
@@ -337,8 +337,8 @@ def test_the_loop_keeps_every_tensor_on_the_model_device(tmp_path):
         opt = torch.optim.AdamW(params)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
         objective.train()
-        x, y, idx = next(iter(loader))
-        loss = batch_loss(objective, x, y, lambda: [ds.rows[int(i)] for i in idx], torch.Generator(), meta)
+        x, y, idx = next(batches(loader))
+        loss = batch_loss(objective, x, y, lambda: [ds.row(int(i)) for i in idx], torch.Generator(), meta)
         loss.backward()
         optimizer_step(opt, sched, params, cfg)
         assert loss.device == meta and all(p.grad.device == meta for p in params if p.grad is not None), name
@@ -399,6 +399,40 @@ def test_held_out_evaluation_is_a_bounded_sample_by_hash():
     assert len(s) == 40 and s == eval_sample(reversed(ids), 40) and s <= set(ids)
     assert eval_sample(ids[:30], 40) == set(ids[:30])
     assert eval_sample(ids, 40) & set(ids[:250]) != s  # not simply the first ids
+
+
+def test_the_driver_reads_ids_only_and_a_dataset_keeps_only_its_rows_undecoded(tmp_path):
+    """The train step's driver pass (``split_rows``) needs only the image_id column: it gives the counts
+    and the evaluation sample of the whole split with every image file gone. A dataset of a worker's rows
+    holds those rows' Arrow columns (inline bytes included) and nothing of the other rows; it decodes
+    nothing until an item is read, and caches nothing unless asked."""
+    import shutil
+
+    from model.distributed import shard_of
+    from pipeline.stage import RowSource
+    from stages.train import TrainStageConfig, eval_sample, held_out, split_rows
+    from stages.world.generate import NoiseRates
+    from stages.world.tables import to_tables, world_images
+
+    files = _tiny_export(tmp_path, 40)
+    ids = pq.read_table(files[0], columns=["image_id"]).column("image_id").to_pylist()
+    shutil.rmtree(tmp_path / "images")
+    split = split_rows(RowSource(files), 0.5, 6)
+    held = [i for i in ids if held_out(i, 0.5)]
+    assert (split.rows, split.held_out) == (40, len(held)) and split.eval_ids == eval_sample(held, 6)
+
+    rows, _ = to_tables(world_images(4, 0, 40, 64, NoiseRates(0, 0, 0)))  # inline image bytes
+    full = rows.select(["image_id", "image_bytes"]).append_column("union_label_id", pa.array([[0]] * 40))
+    pq.write_table(full, tmp_path / "inline.parquet")
+    mine = [shard_of(i, 2) == 0 for i in full.column("image_id").to_pylist()]
+    ds = ExportDataset([tmp_path / "inline.parquet"], 4, _model().cfg, keep=lambda i: shard_of(i, 2) == 0)
+    own = full.filter(pa.array(mine))
+    assert len(ds) == own.num_rows == sum(mine) < 40 and ds.cache is None
+    assert ds.nbytes == own.nbytes < 0.75 * full.nbytes  # its own rows' columns, no copy of the others
+    assert sorted(ds.image_id(i) for i in range(len(ds))) == sorted(own.column("image_id").to_pylist())
+    gone = ExportDataset(files, 4, _model().cfg)  # built over missing files: it has decoded nothing yet
+    x, _, _, rej = gone[0]
+    assert x is None and rej.code == "image_decode_failed" and not TrainStageConfig().cache_images
 
 
 def test_train_stage_scores_at_most_eval_max_images(tmp_path):
@@ -600,3 +634,20 @@ def test_gpu_recipe_is_the_official_schedule():
     ft = load_run_config(recipe, ["train.model_args={}", "train.batch_size=26",
                                                        "train.lr=5e-6", "train.epochs=2"]).step("train").config
     assert (ft.model_args, ft.batch_size, ft.lr, ft.epochs) == ({}, 26, 5e-6, 2)
+
+
+def test_gpu_bench_train_part_runs_on_the_cpu_with_a_tiny_ram(tmp_path):
+    """bench/gpu.py's --train part (what --smoke runs of it): optimizer steps of the train step's own
+    objective on the photos, here a tiny RAM on the CPU; the numbers mean nothing, the code runs."""
+    import importlib.util
+    import math
+
+    spec = importlib.util.spec_from_file_location("bench_gpu", Path(__file__).resolve().parent.parent / "bench/gpu.py")
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+    files = _tiny_export(tmp_path, 4)
+    rows = [{"image_id": r["image_id"], "image_path": str(tmp_path / r["image_path"])}
+            for r in pq.read_table(files[0]).to_pylist()]
+    out = gpu.train_part(rows, 26, 10, smoke=True, device="cpu")
+    assert "error" not in out, out
+    assert (out["batch"], out["steps"], out["image_size"]) == (4, 2, 64) and math.isfinite(out["loss_last"])

@@ -72,6 +72,39 @@ def test_two_workers_train_on_disjoint_rows_and_resume_after_a_sigkill(ray_local
     assert [h["loss"] for h in killed.return_value["history"]] == [h["loss"] for h in result.return_value["history"]]
 
 
+def test_one_worker_trains_the_local_loops_weights_even_after_a_sigkill(ray_local, tmp_path):
+    """A one-worker Ray Train job follows model/train.train's schedule (order, flips, steps), so it ends
+    with the local backend's weights, bit for bit at the same thread count (2 threads against 1 differ by
+    float rounding: 1e-6 after an epoch); killed mid-epoch and resumed from a checkpoint, it still does."""
+    import dataclasses
+
+    from model.train import ExportDataset, TrainConfig, train
+
+    files = _tiny_export(tmp_path, 48)
+    spec, train_ids = _spec(tmp_path, files, checkpoint_every=2)
+    spec.train = dataclasses.asdict(TrainConfig(**{**spec.train, "epochs": 3}))
+    local_model = _model()
+    held = spec.is_held_out
+    train_set = ExportDataset(files, 4, local_model.cfg, keep=lambda i: not held(i))
+    val_set = ExportDataset(files, 4, local_model.cfg, set(spec.eval_ids))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the worker (one CPU): float sums then add up in the same order
+    try:
+        res = train(local_model, train_set, val_set, TrainConfig(**spec.train), tmp_path / "local", log=lambda m: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(train_set) == len(train_ids) and res["steps"] == 3 * (len(train_ids) // 8)
+    result, final = _fit(spec, tmp_path / "storage", "one", workers=1)
+    assert result.return_value["steps"] == res["steps"]
+    for k, v in local_model.state_dict().items():
+        assert torch.equal(final["model"][k], v), k
+    kill = dataclasses.replace(spec, fault={"kill_at_step": res["steps"] // 2 + 1, "marker": str(tmp_path / "k")})
+    killed, final_killed = _fit(kill, tmp_path / "storage", "one-killed", workers=1)
+    assert (tmp_path / "k").exists() and killed.return_value["resumed_at"] is not None
+    for k, v in final["model"].items():
+        assert torch.equal(v, final_killed["model"][k]), k
+
+
 def test_train_step_with_the_ray_train_backend(ray_local, tmp_path):
     """The train step as a Ray Train job: it trains, calibrates and publishes like the local backend."""
     from pipeline.stage import RowSource, StageContext
@@ -130,3 +163,48 @@ def test_a_killed_driver_resumes_from_the_latest_checkpoint(ray_local, tmp_path)
     plain, final_plain = _fit(spec, storage, "plain")
     for k, v in final_plain["model"].items():
         assert torch.equal(v, final["model"][k]), k
+
+
+def test_bad_images_met_in_ray_training_are_the_steps_rejects(ray_local, tmp_path):
+    """Nothing decodes images before training: a truncated and a missing training image are found by
+    the worker whose rows they are, while it trains (its rank-N.jsonl), and a broken evaluation image by
+    the evaluation; all three are the step's rejects with the vision steps' codes, training runs its full
+    step count (DDP: the same on both workers), and rows in = trained + held out + rejected."""
+    import math
+
+    from model.distributed import shard_of
+    from pipeline.stage import RowSource, StageContext
+    from stages.train import TrainStage, TrainStageConfig, held_out
+
+    files = _tiny_export(tmp_path, 24)
+    rows = pq.read_table(files[0]).to_pylist()
+    train_rows = [r for r in rows if not held_out(r["image_id"], 0.3)]
+    held = [r for r in rows if held_out(r["image_id"], 0.3)]
+    truncated, missing, broken = train_rows[0], train_rows[1], held[0]
+    path = tmp_path / truncated["image_path"]
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+    (tmp_path / missing["image_path"]).unlink()
+    (tmp_path / broken["image_path"]).write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    cfg = TrainStageConfig(text_encoder="none", epochs=2, batch_size=4, warmup_steps=1, val_fraction=0.3,
+                           backend="ray_train", workers=2,
+                           model_args={k: v for k, v in ARGS.items() if k != "num_classes"})
+    vocab = _colour_tagset(tmp_path)
+    res = TrainStage(cfg, StageContext(str(tmp_path), "train", artifacts={"tagset": str(vocab)})).run(RowSource(files))
+
+    assert sorted((r.image_id, r.code) for r in res.rejects) == sorted([
+        (truncated["image_id"], "image_truncated"), (missing["image_id"], "image_decode_failed"),
+        (broken["image_id"], "image_decode_failed")])
+    logs = {p.name: [json.loads(line)["image_id"] for line in p.read_text().splitlines()]
+            for p in (tmp_path / "train" / "ray_train" / "rejects").glob("*/rank-*.jsonl")}
+    for r in (truncated, missing):  # found in training, once, by the worker that owns the row
+        assert logs[f"rank-{shard_of(r['image_id'], 2)}.jsonl"].count(r["image_id"]) == 1
+    s = res.stats
+    assert (s["rows_in"], s["rejected_images"]) == (24, 3)
+    assert s["train_images"] == len(train_rows) - 2 and s["held_out_images"] == len(held) - 1
+    assert s["rows_in"] == s["train_images"] + s["held_out_images"] + s["rejected_images"]
+    assert s["val_images"] == len(held) - 1 and s["rejected_by_code"] == {"image_decode_failed": 2,
+                                                                          "image_truncated": 1}
+    per_worker = [sum(1 for r in train_rows if shard_of(r["image_id"], 2) == k) for k in (0, 1)]
+    assert s["steps"] == 2 * math.ceil(max(per_worker) / 4)  # rejects shrink batches, not the step count
+    sd = torch.load(tmp_path / "train" / "model.pth", weights_only=True)["model"]
+    assert not torch.equal(sd["fc.weight"], _model().state_dict()["fc.weight"])
