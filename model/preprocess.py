@@ -39,8 +39,8 @@ def to_uint8(img: Image.Image, cfg: RamConfig, size: tuple[int, int] | None = No
     """``[3, H, W]`` uint8 pixels at the model's square input (or ``size``, (w, h)): what a decode worker
     hands the model (a quarter of float32's bytes to copy; :func:`normalize` finishes on the device)."""
     s = size or (cfg.image_size, cfg.image_size)
-    arr = np.asarray(img.convert("RGB").resize(s, RESAMPLE[cfg.interpolation]))
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+    rgb = img if img.mode == "RGB" else img.convert("RGB")  # convert() to its own mode would copy it whole
+    return torch.from_numpy(np.array(rgb.resize(s, RESAMPLE[cfg.interpolation]))).permute(2, 0, 1)
 
 
 def normalize(x: torch.Tensor, cfg: RamConfig) -> torch.Tensor:
