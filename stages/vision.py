@@ -271,8 +271,8 @@ class BaseTagger:
         their input size (:meth:`prepare`); ``native``: PIL images already at their input size (all equal)."""
         from model.preprocess import to_uint8
 
-        x = self.engine.stack([im if isinstance(im, torch_tensor_type()) else
-                               to_uint8(im, self.model.cfg, im.size if native else None) for im in images])
+        x = self.engine.stack([to_uint8(im, self.model.cfg, im.size if native else None)
+                               if isinstance(im, Image.Image) else im for im in images])
         return self.engine.to_device(x)
 
     def prepare(self, img: Image.Image, native: bool = False):
@@ -358,9 +358,7 @@ class BaseTagger:
             s, a = res if attention else (res, None)
             g = int(round(a.shape[-1] ** 0.5)) if attention else 0
             for k, i in enumerate(idx):
-                cls = self.class_of_tag[wanted[i]] if wanted[i] else np.zeros(0, np.int64)
-                hit = np.nonzero(cls >= 0)[0]
-                cols = np.searchsorted(need, cls[hit])
+                hit, cols = self._columns(wanted[i], need)
                 scores[i][hit] = s[k].numpy()[cols]
                 if attention:
                     maps[i] = np.zeros((len(wanted[i]), g, g), np.float32)
@@ -388,14 +386,13 @@ class BaseTagger:
             need = sorted({int(self.class_of_tag[t]) for c in chosen for t in c if self.class_of_tag[t] >= 0})
             amaps = to_host(self.engine.scores_from(enc, need, attention=True)[1]).numpy() if need else None
             for k, c in enumerate(chosen):
-                cls = self.class_of_tag[c] if c else np.zeros(0, np.int64)
-                hit = np.nonzero(cls >= 0)[0]
                 if amaps is None:
                     maps = np.zeros((len(c), 0, 0), np.float32)
                 else:
+                    hit, cols = self._columns(c, need)
                     g = int(round(amaps.shape[-1] ** 0.5))
                     maps = np.zeros((len(c), g, g), np.float32)
-                    maps[hit] = amaps[k, np.searchsorted(need, cls[hit])].reshape(-1, g, g)
+                    maps[hit] = amaps[k, cols].reshape(-1, g, g)
                 out.append((part[k], c, maps))
         return out
 
@@ -427,6 +424,13 @@ class BaseTagger:
         pooled = self.engine.pooled_from(enc)
         return pooled, (self.engine.scores_from(enc, need) if need else pooled[:, :0])
 
+    def _columns(self, tags: list[int], need: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """For an image's ``tags``, the positions of those the model knows and their columns in the
+        output of a call that scored the sorted class list ``need``."""
+        cls = self.class_of_tag[tags] if tags else np.zeros(0, np.int64)
+        hit = np.nonzero(cls >= 0)[0]
+        return hit, np.searchsorted(need, cls[hit])
+
     def embed(self, images: list[Image.Image], native: bool = False) -> np.ndarray:
         """The pooled image feature (``image_embeds[:, 0]``), ``[B, label_dim]`` float32; ``native`` as in
         :meth:`crop_scores`."""
@@ -437,12 +441,6 @@ class BaseTagger:
         for idx, f in self.engine.run(jobs):
             out[idx] = f.numpy()
         return out
-
-
-def torch_tensor_type():
-    import torch
-
-    return torch.Tensor
 
 
 def _size(im) -> tuple[int, int]:
