@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import json
 import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -75,6 +74,58 @@ def row_tables(source, columns):
         yield pq.read_table(f, columns=[c for c in columns if c in names]), Path(f).parent
 
 
+def row_refs(source, columns, by_reference: str = "image_bytes"):
+    """As :func:`row_tables`, with column ``by_reference`` given as where its values are, ``(file,
+    positions)`` per shard (None when the rows have no such column), instead of the values."""
+    if hasattr(source, "iter_refs"):
+        yield from source.iter_refs(columns, by_reference)
+        return
+    from pipeline.stage import RowSource
+
+    yield from RowSource(files=[Path(f) for f in source]).iter_refs(columns, by_reference)
+
+
+class ByteReader:
+    """Values of one binary column fetched by (file, row): reads the row group that holds the row and keeps
+    the most recently read groups up to ``budget`` bytes, so a worker's memory is bounded by the budget and
+    it reads only the groups its rows are in."""
+
+    def __init__(self, column: str, budget: int = 64 << 20):
+        from collections import OrderedDict
+
+        self.column, self.budget = column, budget
+        self._groups: OrderedDict = OrderedDict()
+        self._files: dict = {}
+        self.reads = 0  # row groups read (a benchmark's and a test's measure)
+
+    def __getstate__(self):  # loader processes start with an empty cache
+        return {"column": self.column, "budget": self.budget}
+
+    def __setstate__(self, st):
+        self.__init__(st["column"], st["budget"])
+
+    def get(self, path: Path, row: int) -> bytes | None:
+        meta = self._files.get(path)
+        if meta is None:
+            md = pq.ParquetFile(path).metadata
+            starts = [0]
+            for g in range(md.num_row_groups):
+                starts.append(starts[-1] + md.row_group(g).num_rows)
+            meta = self._files[path] = starts
+        g = bisect.bisect_right(meta, row) - 1
+        key = (path, g)
+        col = self._groups.get(key)
+        if col is None:
+            col = pq.ParquetFile(path).read_row_group(g, columns=[self.column]).column(0)
+            self.reads += 1
+            self._groups[key] = col
+            while len(self._groups) > 1 and sum(c.nbytes for c in self._groups.values()) > self.budget:
+                self._groups.popitem(last=False)
+        else:
+            self._groups.move_to_end(key)
+        return col[row - meta[g]].as_py()
+
+
 class Batch(NamedTuple):
     """What the loader gives: the images that decoded, their targets and dataset indices, and a reject
     (with the vision steps' stable code) for each row of the batch whose image did not."""
@@ -100,27 +151,34 @@ class ExportDataset(torch.utils.data.Dataset):
     64 px image is 48 KiB as a tensor; with loader processes each keeps its own copy).
     """
 
-    def __init__(self, files, num_classes: int, cfg, ids: set[str] | None = None, cache: bool = False, keep=None):
+    def __init__(self, files, num_classes: int, cfg, ids: set[str] | None = None, cache: bool = False, keep=None,
+                 record_opened: bool = False):
         self.tables: list[pa.Table] = []
         self.bases: list[Path] = []
+        self.refs: list[tuple[Path, pa.Array] | None] = []
         starts = [0]
         wanted = pa.array(sorted(ids), pa.string()) if ids is not None else None
-        for table, base in row_tables(files, ROW_COLUMNS):
+        for table, base, ref in row_refs(files, ROW_COLUMNS):
             iid = table.column("image_id")
             mask = pc.is_in(iid, value_set=wanted.cast(iid.type)) if wanted is not None else None
             if keep is not None:
                 mine = pa.array([keep(i) for i in iid.to_pylist()], pa.bool_())
                 mask = mine if mask is None else pc.and_(mask, mine)
             t = (table.filter(mask) if mask is not None else table).combine_chunks()
-            del table, iid  # the whole shard goes; only the kept rows stay
+            if ref is not None and mask is not None:
+                ref = (ref[0], pc.filter(ref[1], mask))
+            del table, iid  # only the kept rows stay, and inline images as where they are
             if t.num_rows:
                 self.tables.append(t)
                 self.bases.append(base)
+                self.refs.append(ref)
                 starts.append(starts[-1] + t.num_rows)
         self._starts = starts
         self.num_classes, self.cfg = num_classes, cfg
         self.cache: dict[int, torch.Tensor] | None = {} if cache else None
         self.rejects: dict[str, Reject] = {}
+        self.bytes = ByteReader("image_bytes")
+        self.opened: list[str] | None = [] if record_opened else None  # image_ids decoded, in order (tests)
 
     def __len__(self) -> int:
         return self._starts[-1]
@@ -133,6 +191,11 @@ class ExportDataset(torch.utils.data.Dataset):
     def _locate(self, i: int) -> tuple[pa.Table, int, Path]:
         s = bisect.bisect_right(self._starts, i) - 1
         return self.tables[s], i - self._starts[s], self.bases[s]
+
+    def _ref(self, i: int) -> tuple[Path, int] | None:
+        s = bisect.bisect_right(self._starts, i) - 1
+        ref = self.refs[s]
+        return None if ref is None else (ref[0], ref[1][i - self._starts[s]].as_py())
 
     def row(self, i: int, columns=ROW_COLUMNS) -> dict:
         """Row ``i`` as a dict (``caption``: the list of captions, from ``caption`` or ``captions``)."""
@@ -154,6 +217,11 @@ class ExportDataset(torch.utils.data.Dataset):
             return self.cache[i], None
         t, j, base = self._locate(i)
         r = {c: t.column(c)[j].as_py() for c in IMAGE_COLUMNS if c in t.column_names}
+        ref = self._ref(i)
+        if ref is not None:
+            r["image_bytes"] = self.bytes.get(*ref)
+        if self.opened is not None:
+            self.opened.append(r["image_id"])
         img, rej = open_image(r, base, ImageLimits(min_side=1))
         if rej is not None:
             return None, rej
@@ -244,13 +312,6 @@ def lr_lambda(cfg: TrainConfig, total: int):
         t = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
     return f
-
-
-def save_checkpoint(path: Path, model: RAM, opt, sched, step: int, epoch: int, extra: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict(),
-                "step": step, "epoch": epoch, **extra}, tmp)
-    tmp.replace(path)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -444,69 +505,22 @@ def optimizer_step(opt, sched, params, cfg: TrainConfig) -> None:
 
 def train(model: RAM, train_set, val_set, cfg: TrainConfig, out_dir: Path, teacher=None, caption_encoder=None,
           log=print, tag_names: list[str] | None = None, caption_tokenizer=None) -> dict:
-    """Train, checkpoint every ``save_every_epochs`` into ``out_dir``, resume from ``last.pth``.
+    """Train in this process: the one loop (``model/loop.py``) as a one-worker job, checkpointing each
+    epoch into ``out_dir/last.pth`` and resuming from it.
 
     ``teacher``: callable images -> pooled embedding (distillation); ``caption_encoder``: a text
     encoder whose width is the model's label_dim (RAM++ alignment); ``tag_names`` and
     ``caption_tokenizer`` (default: :class:`model.caption.CaptionTokenizer`) for RAM's caption branch.
-    Every tensor of a step is on the model's device; the loss is summed there (no host sync per step).
     A row whose image does not decode is left out of its batch and ends in ``train_set.rejects`` (or
-    ``val_set.rejects``), each training row found by the end: trained on or rejected, none unknown.
+    ``val_set.rejects``): every training row is in every epoch, so each is trained on or rejected.
     """
+    from model.loop import Hooks, LocalSession, run
+
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(cfg.seed)
     device = model_device(model)
-    loader = make_loader(train_set, cfg.batch_size, device, cfg.num_workers, cfg.prefetch_factor, shuffle=True,
-                         generator=g, drop_last=len(train_set) > cfg.batch_size)
     val_loader = make_loader(val_set, cfg.batch_size * 2, device, cfg.num_workers, cfg.prefetch_factor)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    accum = accumulation_steps(cfg)
-    total = cfg.epochs * math.ceil(len(loader) / accum)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    objective = Objective(model, cfg)
     batch_loss = BatchLoss(model, cfg, teacher, caption_encoder, tag_names, caption_tokenizer)
-    start_epoch, step, history = 0, 0, []
-    seen = np.zeros(len(train_set), bool)  # rows this process gave to the model (a rejected one is in ``rejects``)
-    last = out_dir / "last.pth"
-    if last.exists():
-        ck = torch.load(last, map_location="cpu", weights_only=False)  # load_state_dict moves to the device
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["lr_scheduler"])
-        start_epoch, step, history = ck["epoch"] + 1, ck["step"], ck.get("history", [])
-        torch.set_rng_state(ck["rng"])
-        g.set_state(ck["loader_rng"])
-        log(f"resumed from {last} at epoch {start_epoch}")
-    if not history:
-        history.append({"epoch": -1, "loss": None, **evaluate(model, val_loader, cfg)})
-    for epoch in range(start_epoch, cfg.epochs):
-        objective.train()
-        total_loss, n, n_batches = torch.zeros((), dtype=torch.float64, device=device), 0, len(loader)
-        for b, (x, y, idx) in enumerate(batches(loader)):
-            if b % accum == 0:
-                opt.zero_grad(set_to_none=True)
-                group = min(accum, n_batches - b)  # batches in this optimizer step (fewer at an epoch's end)
-            loss = batch_loss(objective, x, y, lambda: [train_set.row(int(i)) for i in idx], g, device)
-            seen[idx.numpy()] = True
-            (loss / group if group > 1 else loss).backward()
-            if (b + 1) % accum == 0 or b + 1 == n_batches:
-                optimizer_step(opt, sched, params, cfg)
-                step += 1
-            total_loss += loss.detach().double() * x.shape[0]  # float64, as a Python float would sum it
-            n += x.shape[0]
-        metrics = {"epoch": epoch, "loss": float(total_loss) / max(1, n), **evaluate(model, val_loader, cfg)}
-        history.append(metrics)
-        if (epoch + 1) % cfg.save_every_epochs == 0 or epoch == cfg.epochs - 1:
-            save_checkpoint(last, model, opt, sched, step, epoch, {"history": history, "rng": torch.get_rng_state(),
-                                                                    "loader_rng": g.get_state(),
-                                                                    "train_config": asdict(cfg)})
-        log(json.dumps(metrics))
-    torch.save({"model": model.state_dict()}, out_dir / "model.pth")  # the official layout alone
-    if hasattr(train_set, "check"):  # rows drop_last never gave to the loop: rejected or not, never unknown
-        train_set.check(np.flatnonzero(~seen))
-    return {"history": history, "steps": step}
+    res = run(model, train_set, cfg, LocalSession(out_dir), batch_loss, val_loader, Hooks(log=log))
+    torch.save({"model": model.state_dict()}, Path(out_dir) / "model.pth")  # the official layout alone
+    return res

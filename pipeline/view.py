@@ -92,6 +92,17 @@ class View:
             got.update({c: t.column(c) for c in cols})
         return pa.table({c: got[c] for c in want}) if want else pa.table({"image_id": ids}).select([])
 
+    def locate(self, i: int, column: str, ids: pa.ChunkedArray) -> tuple[Path, pa.Array]:
+        """Where ``column``'s values of the rows ``ids`` (shard ``i``) are: the shard file of the step that
+        wrote it and each row's position there. A reader then fetches only the rows it needs, by
+        reference, instead of carrying the column (image bytes) along."""
+        f = shard_file(self.step_dir(self.owners[column]), i)
+        have = pq.read_table(f, columns=["image_id"]).column("image_id").combine_chunks()
+        pos = pc.index_in(ids, value_set=have)
+        if pos.null_count:
+            raise ValueError(f"shard {i}: step '{self.rows}' has rows that step '{self.owners[column]}' does not")
+        return f, pos.combine_chunks() if isinstance(pos, pa.ChunkedArray) else pos
+
     def iter_tables(self, columns: Iterable[str] | None = None) -> Iterator[pa.Table]:
         cols = list(columns) if columns is not None else None
         for i in self.shards():

@@ -101,14 +101,15 @@ def test_resumed_training_equals_uninterrupted(tmp_path):
     assert len(res["history"]) == 3
 
 
-def test_loss_falls_on_colour_tags(tmp_path):
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_loss_falls_on_colour_tags(tmp_path, seed):
     files = _tiny_export(tmp_path, 48)
     model = _model()
     ds = ExportDataset(files, 4, model.cfg)
-    res = train(model, ds, ds, TrainConfig(epochs=6, batch_size=8, warmup_steps=4, lr=3e-3), tmp_path / "ck",
-                log=lambda m: None)
+    res = train(model, ds, ds, TrainConfig(epochs=6, batch_size=8, warmup_steps=4, lr=3e-3, seed=seed),
+                tmp_path / "ck", log=lambda m: None)
     losses = [h["loss"] for h in res["history"][1:]]
-    assert losses[-1] < 0.8 * losses[0]
+    assert losses[-1] < 0.9 * losses[0], losses
 
 
 def test_minilm_label_queries_put_synonyms_close():
@@ -377,14 +378,13 @@ def test_gradient_clipping_bounds_the_update():
 
 
 def test_loader_workers_decode_the_same_batches(tmp_path):
-    """An epoch with num_workers > 0 (prefetching processes) trains the very same model as the in-process
-    loader: the same images, decoded the same way, in the same order. Later epochs shuffle differently (the
-    persistent workers' one iterator draws the shuffle generator once less per epoch), and with ``hflip``
-    the flips differ (the sampler, run ahead by the prefetch, draws from the generator the flips use)."""
+    """Training with num_workers > 0 (prefetching processes) trains the very same model as the in-process
+    loader, flips and all, over several epochs: each epoch's order is drawn from its own seed and each
+    batch's flips from the batch's, so nothing depends on how far a loader runs ahead."""
     files = _tiny_export(tmp_path, 24)
     a, b = _model(), _model()
     ds = ExportDataset(files, 4, a.cfg)
-    cfg = {"epochs": 1, "batch_size": 8, "warmup_steps": 1}
+    cfg = {"epochs": 2, "batch_size": 8, "warmup_steps": 1, "hflip": True}
     train(a, ds, ds, TrainConfig(**cfg), tmp_path / "a", log=lambda m: None)
     train(b, ds, ds, TrainConfig(num_workers=2, prefetch_factor=2, **cfg), tmp_path / "b", log=lambda m: None)
     for k, v in a.state_dict().items():
@@ -403,12 +403,12 @@ def test_held_out_evaluation_is_a_bounded_sample_by_hash():
 
 def test_the_driver_reads_ids_only_and_a_dataset_keeps_only_its_rows_undecoded(tmp_path):
     """The train step's driver pass (``split_rows``) needs only the image_id column: it gives the counts
-    and the evaluation sample of the whole split with every image file gone. A dataset of a worker's rows
-    holds those rows' Arrow columns (inline bytes included) and nothing of the other rows; it decodes
-    nothing until an item is read, and caches nothing unless asked."""
+    and the evaluation sample of the whole split with every image file gone. A dataset holds its rows'
+    ids and labels and, for inline images, where their bytes are (file, row), not the bytes; it reads the
+    bytes of a row only when the row is decoded, decodes nothing until an item is read, and caches
+    nothing unless asked."""
     import shutil
 
-    from model.distributed import shard_of
     from pipeline.stage import RowSource
     from stages.train import TrainStageConfig, eval_sample, held_out, split_rows
     from stages.world.generate import NoiseRates
@@ -424,12 +424,16 @@ def test_the_driver_reads_ids_only_and_a_dataset_keeps_only_its_rows_undecoded(t
     rows, _ = to_tables(world_images(4, 0, 40, 64, NoiseRates(0, 0, 0)))  # inline image bytes
     full = rows.select(["image_id", "image_bytes"]).append_column("union_label_id", pa.array([[0]] * 40))
     pq.write_table(full, tmp_path / "inline.parquet")
-    mine = [shard_of(i, 2) == 0 for i in full.column("image_id").to_pylist()]
-    ds = ExportDataset([tmp_path / "inline.parquet"], 4, _model().cfg, keep=lambda i: shard_of(i, 2) == 0)
+    mine = [held_out(i, 0.5) for i in full.column("image_id").to_pylist()]
+    ds = ExportDataset([tmp_path / "inline.parquet"], 4, _model().cfg, keep=lambda i: held_out(i, 0.5),
+                       record_opened=True)
     own = full.filter(pa.array(mine))
     assert len(ds) == own.num_rows == sum(mine) < 40 and ds.cache is None
-    assert ds.nbytes == own.nbytes < 0.75 * full.nbytes  # its own rows' columns, no copy of the others
+    assert ds.nbytes < 0.2 * own.select(["image_bytes"]).nbytes  # ids and labels: the bytes stay in the file
     assert sorted(ds.image_id(i) for i in range(len(ds))) == sorted(own.column("image_id").to_pylist())
+    assert ds.bytes.reads == 0 and ds.opened == []
+    x, _, _, rej = ds[1]
+    assert rej is None and x.shape == (3, 64, 64) and ds.opened == [ds.image_id(1)] and ds.bytes.reads == 1
     gone = ExportDataset(files, 4, _model().cfg)  # built over missing files: it has decoded nothing yet
     x, _, _, rej = gone[0]
     assert x is None and rej.code == "image_decode_failed" and not TrainStageConfig().cache_images
