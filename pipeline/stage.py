@@ -107,6 +107,9 @@ class Stage:
     optional_inputs: ClassVar[tuple[str, ...]] = ()  # read when an earlier step wrote them
     outputs: ClassVar[tuple[str, ...]] = ()
     needs: ClassVar[tuple[str, ...]] = ()  # artifacts read (written by an earlier reduce/source step)
+    # artifacts read when an earlier step provides them (else the stage's config says where to look): a
+    # provider, when there is one, enters this step's fingerprint like a need's
+    optional_needs: ClassVar[tuple[str, ...]] = ()
     provides: ClassVar[tuple[str, ...]] = ()  # artifacts this step's directory holds for later steps
     replaces_columns: ClassVar[bool] = False  # output rows hold only image_id + outputs
     resources: Resources = Resources()  # how this step runs (set by the worker before setup; not its output)
@@ -199,6 +202,25 @@ class RowSource:
         for f in self.files:
             names = pq.ParquetFile(f).schema_arrow.names
             yield pq.read_table(f, columns=[c for c in cols if c in names]), Path(f).parent
+
+    def iter_refs(self, columns: Iterable[str], by_reference: str):
+        """As :meth:`iter_tables_with_base`, and for column ``by_reference`` (when the rows have it) not its
+        values but where they are: ``(table, base, (file, positions) or None)`` per shard."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        cols = [c for c in columns if c != by_reference]
+        if self.view is not None:
+            for i, (t, base) in zip(self.view.shards(), self.iter_tables_with_base(["image_id", *cols])):
+                ref = self.view.locate(i, by_reference, t.column("image_id")) \
+                    if by_reference in self.view.owners else None
+                yield t, base, ref
+            return
+        for f in self.files:
+            names = pq.ParquetFile(f).schema_arrow.names
+            t = pq.read_table(f, columns=[c for c in cols if c in names])
+            yield t, Path(f).parent, (Path(f), pa.array(range(t.num_rows), pa.int32())) \
+                if by_reference in names else None
 
     def num_rows(self) -> int:
         import pyarrow.parquet as pq

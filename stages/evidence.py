@@ -66,6 +66,7 @@ class EvidenceStage(Stage):
     optional_inputs = IMAGE_COLUMNS
     outputs = ("tag_scores", "regions", "region_embeds", "crop_scores", "view_scores")
     needs = ("tagset",)
+    optional_needs = ("tagger",)  # the base tagger, unless the config names a released checkpoint
 
     def setup(self) -> None:
         from tagset.tagset import TagSet

@@ -69,6 +69,7 @@ class PseudoLabelStage(Stage):
     optional_inputs = IMAGE_COLUMNS
     outputs = ("tag_scores",)
     needs = ("tagset",)
+    optional_needs = ("tagger",)  # the base tagger, unless the config names a released checkpoint
 
     def setup(self) -> None:
         from tagset.tagset import TagSet
@@ -148,6 +149,7 @@ class GroundStage(Stage):
     optional_inputs = IMAGE_COLUMNS
     outputs = ("regions",)
     needs = ("tagset",)
+    optional_needs = ("tagger",)  # attention boxes come from the base tagger
 
     def setup(self) -> None:
         from tagset.tagset import TagSet

@@ -38,6 +38,7 @@ class CropConfig(VisionConfig, CropFields):
 class _CropStage(Stage):
     Config = CropConfig
     needs = ("tagset",)
+    optional_needs = ("tagger",)  # the base tagger, unless the config names a released checkpoint
     optional_inputs = IMAGE_COLUMNS
 
     def setup(self) -> None:
