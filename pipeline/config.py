@@ -29,7 +29,7 @@ from pipeline.stage import Resources, Stage, StageConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS_FILE = REPO_ROOT / "workflows.yaml"
-TOP_LEVEL_KEYS = ("workflow", "name", "description", "seed", "out", "ray")
+TOP_LEVEL_KEYS = ("workflow", "name", "description", "seed", "out", "ray", "rounds")
 
 
 class RayConfig(BaseModel):
@@ -40,12 +40,25 @@ class RayConfig(BaseModel):
     progress: bool = True
 
 
+class RoundsConfig(BaseModel):
+    """How often the workflow's round block runs (``round:`` in workflows.yaml, e.g. evidence -> cluster ->
+    decide -> retrain -> report): round k+1 judges the original parse labels again with round k's
+    retrained tagger as its base, and stops early when its labels stop improving."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    max: int = Field(1, ge=1, description="rounds at most (1: the block runs once)")
+    min_f1_gain_points: float = Field(
+        0.5, description="stop after a round whose label F1 gain over the labels before it (x 100; the parse "
+        "labels for round 1) is below this. Needs the report's truth; without truth every round runs")
+
+
 @dataclass(frozen=True)
 class Step:
     name: str
     stage_cls: type[Stage]
     config: StageConfig
     resources: Resources
+    round: int = 0  # 0: outside the round block; k >= 1: the block's k-th run (its steps named <step>_r<k>, k > 1)
 
     @property
     def use(self) -> str:
@@ -64,7 +77,8 @@ class RunConfig:
     seed: int
     out: str | None
     ray: RayConfig
-    steps: tuple[Step, ...]
+    steps: tuple[Step, ...]  # every round expanded; the runner may stop the rounds early
+    rounds: RoundsConfig = RoundsConfig()
 
     def step(self, name: str) -> Step:
         return next(s for s in self.steps if s.name == name)
@@ -103,7 +117,29 @@ def load_workflows(path: Path = WORKFLOWS_FILE) -> dict[str, dict]:
     for name, wf in data.items():
         if not isinstance(wf, dict) or not isinstance(wf.get("steps"), dict) or not wf["steps"]:
             raise ConfigError(str(path), f"{name}.steps", "expected a mapping step -> registered stage name")
+        block = wf.get("round", [])
+        names = list(wf["steps"])
+        if not isinstance(block, list) or (block and (any(b not in names for b in block) or
+                                                      names[names.index(block[0]):][:len(block)] != block)):
+            raise ConfigError(str(path), f"{name}.round", f"expected consecutive steps of the workflow, in its "
+                              f"order ({', '.join(names)}), got {block!r}")
     return data
+
+
+def round_name(step: str, k: int) -> str:
+    """A round block step's name in round ``k`` (its directory in the run)."""
+    return step if k == 1 else f"{step}_r{k}"
+
+
+def expand_rounds(steps: dict[str, str], block: list[str], rounds: int) -> list[tuple[str, str, str, int]]:
+    """(step name, config section, registered stage, round) in run order: the block ``rounds`` times."""
+    out = []
+    for name, use in steps.items():
+        if name not in block:
+            out.append((name, name, use, 0))
+        elif name == block[0]:
+            out += [(round_name(b, k), b, steps[b], k) for k in range(1, rounds + 1) for b in block]
+    return out
 
 
 def _explain(err: dict, prefix: str) -> tuple[str, str]:
@@ -130,7 +166,7 @@ def validate_model(model: type[BaseModel], data: Any, file: str, prefix: str) ->
         raise ConfigError(file, loc, msg) from None
 
 
-def _build_step(name: str, section: Any, default_use: str, file: str) -> Step:
+def _build_step(name: str, section: Any, default_use: str, file: str, round_: int = 0) -> Step:
     if section is None:
         section = {}
     if not isinstance(section, dict):
@@ -143,7 +179,7 @@ def _build_step(name: str, section: Any, default_use: str, file: str) -> Step:
         raise ConfigError(file, f"{name}.use", str(e.args[0])) from None
     resources = validate_model(Resources, section.pop("resources", None), file, f"{name}.resources")
     cfg = validate_model(stage_cls.Config, section, file, name)
-    return Step(name, stage_cls, cfg, resources)  # type: ignore[arg-type]
+    return Step(name, stage_cls, cfg, resources, round_)  # type: ignore[arg-type]
 
 
 def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
@@ -164,8 +200,14 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
     if not isinstance(wf_name, str) or wf_name not in workflows:
         raise ConfigError(file, "workflow", f"expected one of {', '.join(workflows)}, got {wf_name!r}")
     wf_steps: dict[str, str] = workflows[wf_name]["steps"]
+    block: list[str] = workflows[wf_name].get("round", [])
+    rounds = validate_model(RoundsConfig, raw.get("rounds"), file, "rounds")
+    if rounds.max > 1 and not block:
+        raise ConfigError(file, "rounds.max", f"workflow '{wf_name}' has no round block (round: in workflows.yaml); "
+                          f"expected 1, got {rounds.max}")
+    order = expand_rounds(wf_steps, block, rounds.max)
     for key in raw:
-        if key not in TOP_LEVEL_KEYS and key not in wf_steps:
+        if key not in TOP_LEVEL_KEYS and key not in wf_steps and key not in {n for n, *_ in order}:
             allowed = ", ".join([*TOP_LEVEL_KEYS, *wf_steps])
             raise ConfigError(file, str(key), f"unknown key for workflow '{wf_name}'; expected one of: {allowed}")
     seed = raw.get("seed", 0)
@@ -175,6 +217,7 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
     if out is not None and not isinstance(out, str):
         raise ConfigError(file, "out", f"expected a path string, got {out!r}")
     ray_cfg = validate_model(RayConfig, raw.get("ray"), file, "ray")
-    steps = tuple(_build_step(n, raw.get(n), use, file) for n, use in wf_steps.items())
+    # a later round's step takes its own section when the config has one (``decide_r2:``), else its round-1 step's
+    steps = tuple(_build_step(n, raw.get(n, raw.get(sec)), use, file, k) for n, sec, use, k in order)
     name = raw.get("name") or Path(path).stem
-    return RunConfig(file, str(name), wf_name, seed, out, ray_cfg, steps)  # type: ignore[arg-type]
+    return RunConfig(file, str(name), wf_name, seed, out, ray_cfg, steps, rounds)  # type: ignore[arg-type]

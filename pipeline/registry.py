@@ -19,6 +19,7 @@ STAGE_MODULES = (
     "stages.label",
     "stages.export",
     "stages.train",
+    "stages.retrain",
     "stages.pseudolabel",
     "stages.regions",
     "stages.evidence",

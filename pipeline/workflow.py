@@ -36,10 +36,17 @@ def code_version(cls: type) -> str:
     return f"{__version__}+{digest}"
 
 
-def plan_views(cfg: RunConfig, root: Path) -> list[View]:
-    """The rows each step reads (before it runs), from the declared columns of the steps before it."""
-    views, view = [], View(str(root))
-    for step in cfg.steps:
+def plan_views(steps, root: Path) -> list[View]:
+    """The rows each step reads (before it runs), from the declared columns of the steps before it.
+
+    Each later round starts from the rows as they were before round 1 (the parse labels), so round k+1
+    re-judges the original labels with new evidence instead of stacking its decisions on round k's."""
+    views, view, before_rounds = [], View(str(root)), None
+    for prev, step in zip((None, *steps), steps):
+        if step.round == 1 and (prev is None or prev.round != 1):
+            before_rounds = view
+        elif step.round > 1 and prev is not None and prev.round != step.round:
+            view = before_rounds
         views.append(view)
         cls = step.stage_cls
         view = view.after(step.name, cls.kind, cls.outputs, cls.replaces_columns)
@@ -50,7 +57,13 @@ def check_contract(cfg: RunConfig) -> None:
     """Fail before running if a step reads a column or artifact that no earlier step writes."""
     columns: set[str] | None = None
     artifacts: set[str] = set()
+    before_rounds: set[str] | None = None
     for i, step in enumerate(cfg.steps):
+        prev = cfg.steps[i - 1] if i else None
+        if step.round == 1 and (prev is None or prev.round != 1):
+            before_rounds = set(columns or ())
+        elif step.round > 1 and prev is not None and prev.round != step.round:
+            columns = set(before_rounds or ())  # as plan_views: a later round reads the rows before round 1
         cls = step.stage_cls
         where = f"workflow '{cfg.workflow}' ({cfg.file}): step '{step.name}' ({step.use})"
         if i == 0 and cls.kind != "source":
@@ -104,26 +117,43 @@ class Runner:
                    "upstream": [self.fingerprints[u] for u in upstream], "input": extra, "layout": LAYOUT}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
-    def _artifact_map(self, upto: int) -> dict[str, str]:
+    def _artifact_map(self, steps, upto: int) -> dict[str, str]:
         out: dict[str, str] = {}
-        for s in self.cfg.steps[:upto]:
+        for s in steps[:upto]:
             for a in s.stage_cls.provides:
                 out[a] = str(self.out_dir / s.name)
         return out
 
+    def _rounds_done(self, step: Step, steps) -> bool:
+        """After a round's last step: whether the rounds stop here (the last round, or a round whose
+        report says its label F1 gained less than ``rounds.min_f1_gain_points``)."""
+        later = [s for s in steps if s.round > step.round]
+        if not later:
+            return False
+        gain = (StepDir(self.out_dir / step.name).manifest() or {}).get("round_f1_gain_points")
+        stop = gain is not None and gain < self.cfg.rounds.min_f1_gain_points
+        if stop:
+            print(f"  rounds: round {step.round} gained {gain:+.2f} F1 points (< {self.cfg.rounds.min_f1_gain_points}): "
+                  f"no round {step.round + 1}", flush=True)
+        return stop
+
     def run(self) -> list[StepReport]:
         check_contract(self.cfg)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        views = plan_views(self.cfg, self.out_dir)
+        steps = list(self.cfg.steps)
+        views = plan_views(steps, self.out_dir)
         ray_started = False
         try:
-            rows_step: str | None = None
-            for i, step in enumerate(self.cfg.steps):
-                ctx = StageContext(str(self.out_dir), step.name, self.cfg.seed, self._artifact_map(i),
+            i = 0
+            while i < len(steps):
+                step = steps[i]
+                rows_step = views[i].rows  # the step whose rows this one reads (a later round: from before round 1)
+                ctx = StageContext(str(self.out_dir), step.name, self.cfg.seed, self._artifact_map(steps, i),
                                    views[i].to_dict())
                 stage = step.stage_cls(step.config, ctx)
+                read = set(step.stage_cls.needs) | set(step.stage_cls.optional_needs)
                 upstream = ([rows_step] if rows_step else []) + [
-                    s.name for s in self.cfg.steps[:i] if set(s.stage_cls.provides) & set(step.stage_cls.needs)]
+                    s.name for s in steps[:i] if set(s.stage_cls.provides) & read]
                 extra = stage.input_fingerprint() if hasattr(stage, "input_fingerprint") else ""
                 fp = self._fingerprint(step, sorted(set(upstream)), extra)
                 self.fingerprints[step.name] = fp
@@ -139,12 +169,14 @@ class Runner:
                     needs_ray = step.stage_cls.kind != "reduce" or step.stage_cls.defines("partial")
                     if needs_ray and not ray_started and self.cfg.ray.enabled:
                         ray_started = start_ray(self.cfg.ray, self.out_dir)
-                    view_out = views[i + 1] if i + 1 < len(views) else \
-                        views[i].after(step.name, step.stage_cls.kind, step.stage_cls.outputs,
-                                       step.stage_cls.replaces_columns)
+                    view_out = views[i].after(step.name, step.stage_cls.kind, step.stage_cls.outputs,
+                                              step.stage_cls.replaces_columns)
                     self.reports.append(self._run_step(step, stage, ctx, sdir, fp, rows_step, view_out))
-                if step.stage_cls.kind != "reduce":
-                    rows_step = step.name
+                last_of_round = step.round and (i + 1 == len(steps) or steps[i + 1].round != step.round)
+                if last_of_round and self._rounds_done(step, steps):
+                    steps = [s for s in steps if s.round <= step.round]
+                    views = plan_views(steps, self.out_dir)
+                i += 1
         finally:
             if ray_started:
                 import ray

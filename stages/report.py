@@ -90,6 +90,9 @@ class ReportStage(Stage):
     inputs = ("image_id", "union_label_id", "tag_events", "stage_labels", "regions")
     optional_inputs = ("image", "image_bytes", "image_path")
     needs = ("decisions", "tagset")
+    # a retrain step's base-vs-retrained comparison; the previous round's report (its rounds so far)
+    optional_needs = ("outcome", "report")
+    provides = ("report",)
 
     @functools.cached_property
     def tagset(self):
@@ -227,6 +230,9 @@ class ReportStage(Stage):
         files: dict[str, bytes] = {}
         if quality:
             report["quality"], report["targets"] = self._quality(quality)
+        stats: dict = {}
+        if "outcome" in self.context.artifacts or "report" in self.context.artifacts:
+            stats = self._rounds(report)
         files["stages.png"] = self._stage_plot(counts)
         top = tail.most_common(self.config.long_tail)
         files["long_tail.png"] = bar_chart("tag long tail (final labels, most frequent first)",
@@ -248,7 +254,43 @@ class ReportStage(Stage):
         if "quality" in report:
             q = report["quality"]
             summary += f"; F1 parse {q['parse']['f1']:.3f} -> final {q['final']['f1']:.3f}"
-        return ReduceResult(files=files, stats={"summary": summary})
+        if "round_f1_gain_points" in stats:
+            summary += f"; round {len(report['rounds'])}: label F1 {stats['round_f1_gain_points']:+.2f} points"
+        return ReduceResult(files=files, stats={"summary": summary, **stats})
+
+    def _rounds(self, report: dict) -> dict:
+        """This round's entry after the earlier rounds' (the previous round's report), ``model_outcome``: the
+        first round's base against this round's retrained tagger; stats for the runner's stopping rule."""
+        prev = {}
+        if "report" in self.context.artifacts:
+            prev = json.loads((self.context.artifact("report") / "report.json").read_text())
+        rounds = list(prev.get("rounds", []))
+        entry: dict = {"round": len(rounds) + 1}
+        q = report.get("quality")
+        if q:
+            entry["label_f1"] = q["final"]["f1"]
+            entry["rules"] = {r: q[r] for r in ("paper", "combined") if r in q}
+            entry["targets"] = {k: v for k, v in report["targets"].items() if k != "met"}
+        outcome = None
+        if "outcome" in self.context.artifacts:
+            outcome = json.loads((self.context.artifact("outcome") / "outcome.json").read_text())
+            j = outcome["judge"]
+            entry.update({f"base_{j}_mAP": outcome[f"base_{j}_mAP"], f"retrained_{j}_mAP": outcome[f"retrained_{j}_mAP"],
+                          "gain_points": outcome["gain_points"]})
+        rounds.append(entry)
+        report["rounds"] = rounds
+        if outcome is not None:
+            first = prev.get("model_outcome", outcome)  # round 1's base: the tagger trained on parse labels
+            j = outcome["judge"]
+            b, r = first[f"base_{j}_mAP"], outcome[f"retrained_{j}_mAP"]
+            report["model_outcome"] = {**outcome, "base": first["base"], f"base_{j}_mAP": b,
+                                       "gain_points": round(100 * (r - b), 2) if None not in (b, r) else None,
+                                       "rounds": [{k: v for k, v in e.items() if k not in ("rules", "targets")}
+                                                  for e in rounds]}
+        if not q:
+            return {}
+        before = rounds[-2]["label_f1"] if len(rounds) > 1 else q["parse"]["f1"]
+        return {"round_f1_gain_points": round(100 * (q["final"]["f1"] - before), 2)}
 
     @staticmethod
     def _quality(counts: dict) -> tuple[dict, dict]:
@@ -345,6 +387,19 @@ class ReportStage(Stage):
             for k, ok in r["targets"]["met"].items():
                 lines.append(f"- {'met' if ok else 'NOT met'}: {k}")
             lines.append("")
+        if "model_outcome" in r:
+            lines += _outcome_markdown(r["model_outcome"])
+        if len(r.get("rounds", [])) > 1:
+            lines += ["## Rounds", "", "Each round re-judges the parse labels with the previous round's retrained "
+                      "tagger as its base.", "", "| round | label F1 | omissions recovered | pseudo precision | "
+                      "hallucinations removed | retrained mAP |", "|---|---|---|---|---|---|"]
+            for e in r["rounds"]:
+                t = e.get("targets", {})
+                mAP = next((v for k, v in e.items() if k.startswith("retrained_")), None)
+                lines.append(f"| {e['round']} | {e.get('label_f1', '-')} | {t.get('omissions_recovered', '-')} | "
+                             f"{t.get('pseudo_precision', '-')} | {t.get('hallucinations_removed', '-')} | "
+                             f"{'-' if mAP is None else mAP} |")
+            lines.append("")
         lines += ["## Events by stage, action and reason", ""]
         for stage, actions in r["events"].items():
             for action, reasons in actions.items():
@@ -352,3 +407,27 @@ class ReportStage(Stage):
         lines += ["", "## Long tail (top 20)", "", ", ".join(f"{n} {c}" for n, c in r["long_tail"][:20]), "",
                   "Plots: stages.png, long_tail.png, quality.png; dropped regions: dropped_regions.png.", ""]
         return "\n".join(lines)
+
+
+def _outcome_markdown(o: dict) -> list[str]:
+    """The section that says whether the engine was worth running: the tagger trained on parse labels (the
+    base) against the one retrained on the cleaned labels, on the same held-out images."""
+    j = o["judge"]
+
+    def cell(v):
+        return "-" if v is None else f"{v:.3f}"
+
+    lines = ["## What the engine bought", "",
+             f"Two taggers of one recipe, judged on {o['eval_images']} held-out images (never trained on) against "
+             f"{o['judge_note']}, over {o['judged_tags']} tags: the base, trained on the parse labels, and the "
+             f"retrained one, trained on the cleaned labels ({'from scratch' if o['start'] == 'scratch' else 'from the base weights'}).",
+             "", f"mAP {cell(o[f'base_{j}_mAP'])} -> {cell(o[f'retrained_{j}_mAP'])}: "
+             f"{o['gain_points']:+.2f} points.", "",
+             "| | base | retrained |", "|---|---|---|"]
+    b, n = o["base"], o["retrained"]
+    for k in ("mAP", "precision", "recall", "f1"):
+        lines.append(f"| {k}{' (calibrated thresholds)' if k != 'mAP' else ''} | {cell(b[k])} | {cell(n[k])} |")
+    for g in ("by_kind", "by_frequency"):
+        for k in b[g]:
+            lines.append(f"| mAP, {g[3:]} {k} | {cell(b[g][k])} | {cell(n[g][k])} |")
+    return lines + [""]

@@ -99,6 +99,18 @@ def truth_map(scores, image_ids: list[str], truth_by_id: dict, id_names: dict[in
 
 
 @dataclass
+class Fitted:
+    """A trained tagger with what judging it needs: its tagset, the held-out evaluation sample (an
+    ``ExportDataset``), its calibrated thresholds, and the step's result."""
+
+    model: object
+    tagset: object
+    val_set: object
+    thresholds: list[float]
+    result: ReduceResult
+
+
+@dataclass
 class Split:
     """What the driver knows of the rows before training: counts and the bounded evaluation sample."""
 
@@ -302,7 +314,13 @@ class TrainStage(Stage):
                            global_batch_size=c.global_batch_size, align_weight=c.align_weight)
 
     def run(self, rows: RowSource) -> ReduceResult:
-        """The driver holds the evaluation sample (``eval_max_images`` rows) and counts, never a set or a
+        return self.fit(rows).result
+
+    def fit(self, rows: RowSource) -> "Fitted":
+        """Train on the rows' ``union_label_id`` and calibrate; the step's result plus what a later
+        comparison needs (the model, the evaluation sample, the thresholds).
+
+        The driver holds the evaluation sample (``eval_max_images`` rows) and counts, never a set or a
         list of all rows; with ``ray_train`` the workers read their own rows (``model/distributed.py``).
 
         Counting: every input row is trained on, held out, or rejected (its image did not decode, when
@@ -368,10 +386,11 @@ class TrainStage(Stage):
         stats["summary"] += f"; {stats['classes_calibrated']} of {len(tagset)} tags reach precision " \
                             f"{c.calibrate_precision} on held-out images (the others never pseudo-label)"
         hist = res["history"]
-        return ReduceResult(rejects=rejects, files={"model.json": (json.dumps(spec, indent=1) + "\n").encode(),
-                                   "thresholds.json": (json.dumps(thresholds) + "\n").encode(),
-                                   "tag_list.txt": "\n".join(tagset.names).encode(),
-                                   "history.json": (json.dumps(hist, indent=1) + "\n").encode()}, stats=stats)
+        result = ReduceResult(rejects=rejects, files={"model.json": (json.dumps(spec, indent=1) + "\n").encode(),
+                                     "thresholds.json": (json.dumps(thresholds) + "\n").encode(),
+                                     "tag_list.txt": "\n".join(tagset.names).encode(),
+                                     "history.json": (json.dumps(hist, indent=1) + "\n").encode()}, stats=stats)
+        return Fitted(model, tagset, val_set, thresholds, result)
 
     @staticmethod
     def _stats(res: dict, split: Split, eval_rows: int, rejects: list[Reject], fraction: float) -> dict:
