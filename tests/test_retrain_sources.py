@@ -8,8 +8,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.config import load_run_config
+from pipeline.errors import ConfigError
 from pipeline.stage import RowSource, StageContext
 from pipeline.store import StepDir
+from pipeline.workflow import check_contract
 from stages.columns import ROWS_SCHEMA
 from stages.export import ExportConfig, ExportStage
 from stages.label_source import SourceLabelConfig, SourceLabelStage
@@ -18,6 +21,7 @@ from stages.sources_json import RamJson, JsonListConfig
 from stages.vocab_list import TagListConfig, TagListVocab
 from tagset.tagset import KINDS, Tag, TagSet
 
+REPO = Path(__file__).resolve().parent.parent
 EXPORT_TAGS = [Tag(0, "car", ["automobile"]), Tag(1, "red", kind="attribute"), Tag(2, "grass", kind="scene"),
                Tag(3, "ride", kind="action")]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -206,3 +210,64 @@ def test_source_labels_bad_input_is_a_coded_reject_or_names_the_key(tmp_path):
                              StageContext(str(tmp_path), "label"))
     with pytest.raises(ValueError, match=r"label\.source_tag_list: .*absent\.txt does not exist"):
         stage.input_fingerprint()
+
+
+@pytest.mark.parametrize("name", ["retrain_export.yaml", "retrain_ram_json.yaml", "clean_ram_json.yaml"])
+def test_shipped_retrain_configs_satisfy_the_contract(name):
+    sets = ["input.path=/data/x"] + (["vocab.tag_list=/data/x", "label.source_tag_list=/data/x"]
+                                     if name == "retrain_export.yaml" else [])
+    check_contract(load_run_config(REPO / "stages" / name, sets))
+
+
+def test_retrain_export_config_names_its_required_paths(tmp_path):
+    with pytest.raises(ConfigError) as ei:
+        load_run_config(REPO / "stages" / "retrain_export.yaml")
+    assert ei.value.key == "input.path"
+    with pytest.raises(ConfigError) as ei:
+        load_run_config(REPO / "stages" / "retrain_export.yaml", ["input.path=/x", "vocab.tag_list=/x"])
+    assert ei.value.key == "label.source_tag_list"
+
+
+@pytest.mark.slow
+def test_retrain_on_an_engine_export_through_the_cli(tmp_path, capsys):
+    """An export written by export.ram.v1 (scene world images), retrained on through the retrain_export
+    workflow into a vocabulary of a different order and size: labels identical by name, a model written."""
+    from pipeline.cli import main
+    from pipeline.view import read_step
+    from stages.world.generate import NoiseRates
+    from stages.world.tables import to_tables, world_images
+
+    world, _ = to_tables(world_images(4, 0, 16, 64, NoiseRates(0, 0, 0)))
+    shards = [[], []]
+    for k, r in enumerate(world.to_pylist()):
+        shards[k % 2].append({"id": r["image_id"], "union": sorted({k % 4, 1}), "parse": [[k % 4]]})
+    export = _export(tmp_path, shards)
+    for k, r in enumerate(world.to_pylist()):  # the world's real PNGs in place of the stand-in bytes
+        img = pq.read_table(export / f"part-{k % 2:05d}.parquet").to_pylist()
+        path = next(x["image_path"] for x in img if x["image_id"] == r["image_id"])
+        (export / path).write_bytes(r["image_bytes"])
+    run_list = tmp_path / "run_tags.txt"
+    run_list.write_text("red\ngrass\nautomobile\nboat")  # no "ride"; "car" only as a synonym (syn.json)
+    (tmp_path / "syn.json").write_text(json.dumps({"automobile": ["car"]}))
+    out = tmp_path / "run"
+    argv = ["run", str(REPO / "stages" / "retrain_export.yaml"), "--out", str(out)]
+    for s in [f"input.path={export}", f"vocab.tag_list={run_list}", f"vocab.synonyms={tmp_path / 'syn.json'}",
+              f"label.source_tag_list={export}", "ray.enabled=false", "train.epochs=1", "train.batch_size=8",
+              "train.warmup_steps=1", "train.text_encoder=none", "train.val_fraction=0.25",
+              "train.model_args={image_size: 64, window_size: 4, embed_dim: 8, head_hidden: 32, "
+              "head_intermediate: 64}"]:
+        argv += ["--set", s]
+    assert main(argv) == 0, capsys.readouterr().err[-3000:]
+    src_names, run_names = [t.name for t in EXPORT_TAGS], run_list.read_text().splitlines()
+    exported = {r["image_id"]: r for k in range(2) for r in pq.read_table(export / f"part-{k:05d}.parquet").to_pylist()}
+    labelled = read_step(out / "label").to_pylist()
+    assert len(labelled) == 16
+    renamed = {"car": "automobile", "red": "red", "grass": "grass"}  # "ride" is not in the run's list
+    for r in labelled:
+        want = [renamed[n] for n in _names(exported[r["image_id"]]["union_label_id"], src_names) if n in renamed]
+        assert _names(r["union_label_id"], run_names) == sorted(want)
+    m = json.loads((out / "label" / "_manifest.json").read_text())
+    assert m["unmapped_names"] == 1 and m["top_unmapped"] == [["ride", 4]]
+    train = json.loads((out / "train" / "_manifest.json").read_text())
+    assert train["rows_in"] == 16 and (out / "train" / "model.pth").exists()
+    assert (out / "train" / "tag_list.txt").read_text().splitlines() == run_names
