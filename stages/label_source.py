@@ -46,6 +46,8 @@ class SourceLabelConfig(StageConfig):
 
 @register("label.source.v1")
 class SourceLabelStage(Stage):
+    """Maps a source's own label ids (source_*_label_id) by name into the run's tagset; no caption parsed."""
+
     Config = SourceLabelConfig
     inputs = ("image_id", "source_union_label_id", "source_parse_label_id")
     outputs = ("parse_label_id", "union_label_id", "tag_events", "source_unmapped")

@@ -46,7 +46,9 @@ def _expand(paths: list[str] | str) -> list[str]:
 
 @register("source.ram_export.v1")
 class RamExport(_PerFileReader):
-    """One shard per part file, or per run of its row groups (``shard_rows``): the driver reads only the
+    """An export.ram.v1 directory read back, with its labels as source_union_label_id / source_parse_label_id.
+
+    One shard per part file, or per run of its row groups (``shard_rows``): the driver reads only the
     directory listing and each file's footer. image_id is the export's own; a repeated id in one shard is
     rejected (``row_duplicate_id``); a row without image_path is ``row_no_image``."""
 
