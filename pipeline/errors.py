@@ -22,6 +22,7 @@ REJECT_CODES: dict[str, str] = {
     "row_duplicate_id": "image_id already seen earlier in the input",
     "row_bad_record": "record in the input file has the wrong shape",
     "row_image_url_only": "row's image is only an http(s) URL: download it first (img2dataset), then read its output",
+    "row_no_labels": "row carries no labels from its source (label.source.v1, unlabelled: reject)",
     "image_decode_failed": "image could not be decoded",
     "image_truncated": "image file ends early (truncated)",
     "image_too_small": "image is smaller than the stage's min_side",

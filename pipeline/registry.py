@@ -13,10 +13,13 @@ _STAGES: dict[str, type["Stage"]] = {}
 # Modules that register stages; imported lazily so `import pipeline` stays cheap.
 STAGE_MODULES = (
     "stages.sources",
+    "stages.sources_export",
     "stages.scene_world",
     "stages.parse",
     "stages.vocab",
+    "stages.vocab_list",
     "stages.label",
+    "stages.label_source",
     "stages.export",
     "stages.train",
     "stages.retrain",

@@ -18,7 +18,7 @@ import os
 import tarfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -27,6 +27,7 @@ from pydantic import Field, ValidationError, model_validator
 from pipeline.errors import Reject
 from pipeline.registry import register
 from pipeline.stage import Stage, StageConfig, StageResult
+from stages.columns import ROWS_SCHEMA
 from stages.readers import fs
 from stages.readers.ranged import (Entry, Parsed, RangeReader, RangeReaderConfig, ReaderConfig, dedupe,
                                    merge_by_key, missing_input, rows_table, text_of, unreadable_input,
@@ -246,13 +247,18 @@ class Img2DatasetConfig(StageConfig):
 
 
 class _PerFileReader(Stage):
-    """Base for readers whose input files are the shards (one output shard per file)."""
+    """Base for readers whose input files are the shards (one output shard per file, or per part of one:
+    a reader may plan several specs of a file and read each with ``read_spec``)."""
 
     kind = "source"
     outputs = ("image", "image_bytes", "captions")
+    schema: ClassVar[pa.Schema] = ROWS_SCHEMA
 
     def read_file(self, path: str) -> tuple[list[dict], list[Reject]]:
         raise NotImplementedError
+
+    def read_spec(self, spec: dict) -> tuple[list[dict], list[Reject]]:
+        return self.read_file(spec["file"])
 
     def input_fingerprint(self) -> str:
         return "|".join(fs.file_key(p) for p in fs.expand(self.config.path))
@@ -262,15 +268,17 @@ class _PerFileReader(Stage):
 
     def read_shard(self, spec: dict) -> StageResult:
         path = spec["file"]
+        if spec.get("error"):
+            return unreadable_input(path, spec["error"], self.schema)
         if not fs.exists(path):
-            return missing_input(path)
+            return missing_input(path, self.schema)
         try:
-            recs, rejects = self.read_file(path)
+            recs, rejects = self.read_spec(spec)
         except (OSError, tarfile.TarError, pa.ArrowException, ValueError) as e:
-            return unreadable_input(path, e)
+            return unreadable_input(path, e, self.schema)
         recs, dups = dedupe(recs)
         recs, urls = url_only_rejects(recs, self.config.urls)
-        return StageResult(rows_table(recs), rejects + dups + urls)
+        return StageResult(rows_table(recs, self.schema), rejects + dups + urls)
 
 
 @register("source.img2dataset.v1")

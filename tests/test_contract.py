@@ -40,6 +40,6 @@ def test_reject_codes_are_pinned():
     assert sorted(REJECT_CODES) == sorted([
         "caption_null", "caption_not_string", "caption_empty", "caption_whitespace", "caption_too_long",
         "caption_control_chars", "caption_html", "caption_not_english", "row_no_image", "row_no_captions",
-        "row_duplicate_id", "row_bad_record", "row_image_url_only", "image_decode_failed", "image_truncated",
-        "image_too_small", "image_too_large", "input_missing", "input_unreadable",
+        "row_duplicate_id", "row_bad_record", "row_image_url_only", "row_no_labels", "image_decode_failed",
+        "image_truncated", "image_too_small", "image_too_large", "input_missing", "input_unreadable",
     ])
