@@ -35,7 +35,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_run_config(args.config, args.set)
     steps = [s.name for s in cfg.steps if s.use.startswith("train.")]
     if not steps:
-        raise ConfigError(args.config, "workflow", f"workflow '{cfg.workflow}' has no train step")
+        raise ConfigError(args.config, "workflow" if cfg.workflow else "steps", f"{cfg.chain} has no train step")
     args.only = steps
     return _cmd_run(args)
 

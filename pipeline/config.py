@@ -8,14 +8,23 @@ A run config names a workflow (``workflows.yaml``) and has one section per step:
     input: {use: source.scene_world.v1, images: 2000, resources: {pool_size: 2}}
     parse: {max_words: 1000}
 
-Inside a step section, ``use`` picks the registered stage (default: the workflow's), ``resources``
-sets how it runs, and every other key is a field of that stage's config. Any error names the file,
-the dotted key and what was expected.
+or gives its own chain in ``steps:`` (step name -> registered stage name, in run order), checked
+exactly as a workflow of ``workflows.yaml`` is::
+
+    description: clean the labels, then train a tagger on the cleaned export
+    steps: {input: source.scene_world.v1, parse: parse.sng.v1, ..., export: export.ram.v1, retrain: train.ram.v1}
+    retrain: {epochs: 4}
+
+``workflow:`` and ``steps:`` together are an error: one file, one chain, with no rule to remember about
+which wins. Inside a step section, ``use`` picks the registered stage (default: the chain's),
+``resources`` sets how it runs, and every other key is a field of that stage's config. Any error names
+the file, the dotted key and what was expected.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +38,9 @@ from pipeline.stage import Resources, Stage, StageConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS_FILE = REPO_ROOT / "workflows.yaml"
-TOP_LEVEL_KEYS = ("workflow", "name", "description", "seed", "out", "ray")
+TOP_LEVEL_KEYS = ("workflow", "steps", "name", "description", "seed", "out", "ray")
+# A step name is a directory of the run and a key of --set: no dots, no leading '_' (the run's own files).
+STEP_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 
 class RayConfig(BaseModel):
@@ -60,14 +71,20 @@ class Step:
 class RunConfig:
     file: str
     name: str
-    workflow: str
+    workflow: str | None  # None: the chain is the file's own ``steps:``
     seed: int
     out: str | None
     ray: RayConfig
     steps: tuple[Step, ...]
+    description: str | None = None
 
     def step(self, name: str) -> Step:
         return next(s for s in self.steps if s.name == name)
+
+    @property
+    def chain(self) -> str:
+        """Where the steps come from, for messages."""
+        return f"workflow '{self.workflow}'" if self.workflow else f"the steps of {self.file}"
 
 
 def parse_override(item: str, file: str) -> tuple[list[str], Any]:
@@ -96,14 +113,51 @@ def apply_overrides(raw: dict, overrides: list[str], file: str) -> dict:
     return raw
 
 
+def parse_chain(steps: Any, file: str, key: str) -> dict[str, str]:
+    """An ordered chain, step name -> registered stage name: a workflow of ``workflows.yaml`` or a run
+    config's own ``steps:``, both checked here so that neither can hold what the other may not."""
+    if not isinstance(steps, dict) or not steps:
+        raise ConfigError(file, key, f"expected a mapping step name -> registered stage name, in run order "
+                          f"(e.g. {{input: source.scene_world.v1, parse: parse.sng.v1}}), got {steps!r}")
+    for name, use in steps.items():
+        where = f"{key}.{name}"
+        if not isinstance(name, str) or not STEP_NAME.match(name):
+            raise ConfigError(file, where, "a step name is a directory of the run: a letter, then letters, "
+                              "digits, '_' or '-'")
+        if name in TOP_LEVEL_KEYS:
+            raise ConfigError(file, where, f"a step may not take the name of a top-level key "
+                              f"({', '.join(TOP_LEVEL_KEYS)})")
+        try:
+            registry.get(str(use))
+        except KeyError as e:
+            raise ConfigError(file, where, str(e.args[0])) from None
+    return dict(steps)
+
+
 def load_workflows(path: Path = WORKFLOWS_FILE) -> dict[str, dict]:
     data = yaml.safe_load(path.read_text())
     if not isinstance(data, dict):
         raise ConfigError(str(path), "", "expected a mapping of workflow names")
     for name, wf in data.items():
-        if not isinstance(wf, dict) or not isinstance(wf.get("steps"), dict) or not wf["steps"]:
-            raise ConfigError(str(path), f"{name}.steps", "expected a mapping step -> registered stage name")
+        if not isinstance(wf, dict):
+            raise ConfigError(str(path), str(name), "expected a mapping with 'steps' (and 'description')")
+        parse_chain(wf.get("steps"), str(path), f"{name}.steps")
     return data
+
+
+def _chain(raw: dict, file: str) -> tuple[str | None, str | None, dict[str, str]]:
+    """(workflow name or None, description, steps) of a run config."""
+    if "steps" in raw:
+        if "workflow" in raw:
+            raise ConfigError(file, "steps", "give either 'workflow: NAME' (a chain of workflows.yaml) or "
+                              "'steps:' (this file's own chain), not both")
+        return None, raw.get("description"), parse_chain(raw["steps"], file, "steps")
+    workflows = load_workflows()
+    wf_name = raw.get("workflow")
+    if not isinstance(wf_name, str) or wf_name not in workflows:
+        raise ConfigError(file, "workflow", f"expected one of {', '.join(workflows)}, got {wf_name!r}; "
+                          f"or give the chain itself as 'steps:'")
+    return wf_name, raw.get("description", workflows[wf_name].get("description")), workflows[wf_name]["steps"]
 
 
 def _explain(err: dict, prefix: str) -> tuple[str, str]:
@@ -159,15 +213,14 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
     if not isinstance(raw, dict):
         raise ConfigError(file, "", f"expected a mapping at the top level, got {type(raw).__name__}")
     raw = apply_overrides(raw, overrides or [], file)
-    workflows = load_workflows()
-    wf_name = raw.get("workflow")
-    if not isinstance(wf_name, str) or wf_name not in workflows:
-        raise ConfigError(file, "workflow", f"expected one of {', '.join(workflows)}, got {wf_name!r}")
-    wf_steps: dict[str, str] = workflows[wf_name]["steps"]
+    wf_name, description, wf_steps = _chain(raw, file)
     for key in raw:
         if key not in TOP_LEVEL_KEYS and key not in wf_steps:
             allowed = ", ".join([*TOP_LEVEL_KEYS, *wf_steps])
-            raise ConfigError(file, str(key), f"unknown key for workflow '{wf_name}'; expected one of: {allowed}")
+            chain = f"workflow '{wf_name}'" if wf_name else "this file's steps"
+            raise ConfigError(file, str(key), f"unknown key for {chain}; expected one of: {allowed}")
+    if description is not None and not isinstance(description, str):
+        raise ConfigError(file, "description", f"expected a line of text, got {description!r}")
     seed = raw.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError(file, "seed", f"expected an integer, got {seed!r}")
@@ -177,4 +230,4 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
     ray_cfg = validate_model(RayConfig, raw.get("ray"), file, "ray")
     steps = tuple(_build_step(n, raw.get(n), use, file) for n, use in wf_steps.items())
     name = raw.get("name") or Path(path).stem
-    return RunConfig(file, str(name), wf_name, seed, out, ray_cfg, steps)  # type: ignore[arg-type]
+    return RunConfig(file, str(name), wf_name, seed, out, ray_cfg, steps, description)  # type: ignore[arg-type]

@@ -52,7 +52,8 @@ def check_contract(cfg: RunConfig) -> None:
     artifacts: set[str] = set()
     for i, step in enumerate(cfg.steps):
         cls = step.stage_cls
-        where = f"workflow '{cfg.workflow}' ({cfg.file}): step '{step.name}' ({step.use})"
+        where = (f"workflow '{cfg.workflow}' ({cfg.file}): step '{step.name}' ({step.use})" if cfg.workflow
+                 else f"{cfg.file}: step '{step.name}' (steps.{step.name}: {step.use})")
         if i == 0 and cls.kind != "source":
             raise ContractError(f"{where} is the first step, so it must be a source stage, not {cls.kind}")
         if i > 0 and cls.kind == "source":
@@ -93,7 +94,7 @@ class Runner:
         names = [s.name for s in cfg.steps]
         for o in only or []:
             if o not in names:
-                raise ContractError(f"--only {o}: no such step in workflow '{cfg.workflow}'; steps: {names}")
+                raise ContractError(f"--only {o}: no such step in {cfg.chain}; steps: {names}")
         self.only = set(only or names)
         self.fingerprints: dict[str, str] = {}
         self.reports: list[StepReport] = []
