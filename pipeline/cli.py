@@ -1,11 +1,13 @@
-"""Command line: ``python -m pipeline run CONFIG``, ``train CONFIG``, ``stages``, ``scene-world``, ``explain``.
+"""Command line: ``python -m pipeline run CONFIG``, ``train CONFIG``, ``status RUN_DIR``, ``stages``,
+``scene-world``, ``explain``.
 
 ``main(argv)`` takes a list so tests can run the CLI in-process. Exit codes: 0 ok, 2 bad config or
-workflow contract (nothing written), 1 anything else.
+workflow contract (nothing written) or no such run directory, 1 anything else.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -35,9 +37,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_run_config(args.config, args.set)
     steps = [s.name for s in cfg.steps if s.use.startswith("train.")]
     if not steps:
-        raise ConfigError(args.config, "workflow", f"workflow '{cfg.workflow}' has no train step")
+        raise ConfigError(args.config, "workflow" if cfg.workflow else "steps", f"{cfg.chain} has no train step")
     args.only = steps
     return _cmd_run(args)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from pipeline.status import RunDirError, format_status, run_status
+
+    try:
+        st = run_status(args.run_dir)
+    except RunDirError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(st, indent=2) if args.json else format_status(st))
+    return 0
 
 
 def _cmd_stages(args: argparse.Namespace) -> int:
@@ -94,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.backend=ray_train --set train.workers=8")
     t.set_defaults(fn=_cmd_train)
+    st = sub.add_parser("status", help="each step of a run: done / partial / pending, shards, rows, rejects, "
+                        "and the last error")
+    st.add_argument("run_dir")
+    st.add_argument("--json", action="store_true", help="print it as JSON (for scripts)")
+    st.set_defaults(fn=_cmd_status)
     s = sub.add_parser("stages", help="list registered stages with their config fields")
     s.set_defaults(fn=_cmd_stages)
     w = sub.add_parser("scene-world", help="write a generated scene world (images, captions, truth)")

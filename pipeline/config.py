@@ -8,14 +8,23 @@ A run config names a workflow (``workflows.yaml``) and has one section per step:
     input: {use: source.scene_world.v1, images: 2000, resources: {pool_size: 2}}
     parse: {max_words: 1000}
 
-Inside a step section, ``use`` picks the registered stage (default: the workflow's), ``resources``
-sets how it runs, and every other key is a field of that stage's config. Any error names the file,
-the dotted key and what was expected.
+or gives its own chain in ``steps:`` (step name -> registered stage name, in run order), checked
+exactly as a workflow of ``workflows.yaml`` is::
+
+    description: clean the labels, then train a tagger on the cleaned export
+    steps: {input: source.scene_world.v1, parse: parse.sng.v1, ..., export: export.ram.v1, retrain: train.ram.v1}
+    retrain: {epochs: 4}
+
+``workflow:`` and ``steps:`` together are an error: one file, one chain, with no rule to remember about
+which wins. Inside a step section, ``use`` picks the registered stage (default: the chain's),
+``resources`` sets how it runs, and every other key is a field of that stage's config. Any error names
+the file, the dotted key and what was expected.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +38,9 @@ from pipeline.stage import Resources, Stage, StageConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS_FILE = REPO_ROOT / "workflows.yaml"
-TOP_LEVEL_KEYS = ("workflow", "name", "description", "seed", "out", "ray", "rounds")
+TOP_LEVEL_KEYS = ("workflow", "steps", "round", "name", "description", "seed", "out", "ray", "rounds")
+# A step name is a directory of the run and a key of --set: no dots, no leading '_' (the run's own files).
+STEP_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 
 class RayConfig(BaseModel):
@@ -73,15 +84,21 @@ class Step:
 class RunConfig:
     file: str
     name: str
-    workflow: str
+    workflow: str | None  # None: the chain is the file's own ``steps:``
     seed: int
     out: str | None
     ray: RayConfig
     steps: tuple[Step, ...]  # every round expanded; the runner may stop the rounds early
+    description: str | None = None
     rounds: RoundsConfig = RoundsConfig()
 
     def step(self, name: str) -> Step:
         return next(s for s in self.steps if s.name == name)
+
+    @property
+    def chain(self) -> str:
+        """Where the steps come from, for messages."""
+        return f"workflow '{self.workflow}'" if self.workflow else f"the steps of {self.file}"
 
 
 def parse_override(item: str, file: str) -> tuple[list[str], Any]:
@@ -110,20 +127,46 @@ def apply_overrides(raw: dict, overrides: list[str], file: str) -> dict:
     return raw
 
 
+def parse_chain(steps: Any, file: str, key: str) -> dict[str, str]:
+    """An ordered chain, step name -> registered stage name: a workflow of ``workflows.yaml`` or a run
+    config's own ``steps:``, both checked here so that neither can hold what the other may not."""
+    if not isinstance(steps, dict) or not steps:
+        raise ConfigError(file, key, f"expected a mapping step name -> registered stage name, in run order "
+                          f"(e.g. {{input: source.scene_world.v1, parse: parse.sng.v1}}), got {steps!r}")
+    for name, use in steps.items():
+        where = f"{key}.{name}"
+        if not isinstance(name, str) or not STEP_NAME.match(name):
+            raise ConfigError(file, where, "a step name is a directory of the run: a letter, then letters, "
+                              "digits, '_' or '-'")
+        if name in TOP_LEVEL_KEYS:
+            raise ConfigError(file, where, f"a step may not take the name of a top-level key "
+                              f"({', '.join(TOP_LEVEL_KEYS)})")
+        try:
+            registry.get(str(use))
+        except KeyError as e:
+            raise ConfigError(file, where, str(e.args[0])) from None
+    return dict(steps)
+
+
 def load_workflows(path: Path = WORKFLOWS_FILE) -> dict[str, dict]:
     data = yaml.safe_load(path.read_text())
     if not isinstance(data, dict):
         raise ConfigError(str(path), "", "expected a mapping of workflow names")
     for name, wf in data.items():
-        if not isinstance(wf, dict) or not isinstance(wf.get("steps"), dict) or not wf["steps"]:
-            raise ConfigError(str(path), f"{name}.steps", "expected a mapping step -> registered stage name")
-        block = wf.get("round", [])
-        names = list(wf["steps"])
-        if not isinstance(block, list) or (block and (any(b not in names for b in block) or
-                                                      names[names.index(block[0]):][:len(block)] != block)):
-            raise ConfigError(str(path), f"{name}.round", f"expected consecutive steps of the workflow, in its "
-                              f"order ({', '.join(names)}), got {block!r}")
+        if not isinstance(wf, dict):
+            raise ConfigError(str(path), str(name), "expected a mapping with 'steps' (and 'description')")
+        parse_round(wf.get("round", []), list(parse_chain(wf.get("steps"), str(path), f"{name}.steps")),
+                    str(path), f"{name}.round")
     return data
+
+
+def parse_round(block: Any, names: list[str], file: str, key: str) -> list[str]:
+    """A chain's round block: consecutive steps of it, in its order (what ``rounds.max`` repeats)."""
+    if not isinstance(block, list) or (block and (any(b not in names for b in block) or
+                                                  names[names.index(block[0]):][:len(block)] != block)):
+        raise ConfigError(file, key, f"expected consecutive steps of the chain, in its order "
+                          f"({', '.join(names)}), got {block!r}")
+    return list(block)
 
 
 def round_name(step: str, k: int) -> str:
@@ -140,6 +183,26 @@ def expand_rounds(steps: dict[str, str], block: list[str], rounds: int) -> list[
         elif name == block[0]:
             out += [(round_name(b, k), b, steps[b], k) for k in range(1, rounds + 1) for b in block]
     return out
+
+
+def _chain(raw: dict, file: str) -> tuple[str | None, str | None, dict[str, str], list[str]]:
+    """(workflow name or None, description, steps, round block) of a run config."""
+    if "steps" in raw:
+        if "workflow" in raw:
+            raise ConfigError(file, "steps", "give either 'workflow: NAME' (a chain of workflows.yaml) or "
+                              "'steps:' (this file's own chain), not both")
+        steps = parse_chain(raw["steps"], file, "steps")
+        return None, raw.get("description"), steps, parse_round(raw.get("round", []), list(steps), file, "round")
+    if "round" in raw:
+        raise ConfigError(file, "round", "a round block belongs to a chain: give it with 'steps:' (a workflow of "
+                          "workflows.yaml has its own)")
+    workflows = load_workflows()
+    wf_name = raw.get("workflow")
+    if not isinstance(wf_name, str) or wf_name not in workflows:
+        raise ConfigError(file, "workflow", f"expected one of {', '.join(workflows)}, got {wf_name!r}; "
+                          f"or give the chain itself as 'steps:'")
+    wf = workflows[wf_name]
+    return wf_name, raw.get("description", wf.get("description")), wf["steps"], wf.get("round", [])
 
 
 def _explain(err: dict, prefix: str) -> tuple[str, str]:
@@ -195,21 +258,19 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
     if not isinstance(raw, dict):
         raise ConfigError(file, "", f"expected a mapping at the top level, got {type(raw).__name__}")
     raw = apply_overrides(raw, overrides or [], file)
-    workflows = load_workflows()
-    wf_name = raw.get("workflow")
-    if not isinstance(wf_name, str) or wf_name not in workflows:
-        raise ConfigError(file, "workflow", f"expected one of {', '.join(workflows)}, got {wf_name!r}")
-    wf_steps: dict[str, str] = workflows[wf_name]["steps"]
-    block: list[str] = workflows[wf_name].get("round", [])
+    wf_name, description, wf_steps, block = _chain(raw, file)
     rounds = validate_model(RoundsConfig, raw.get("rounds"), file, "rounds")
     if rounds.max > 1 and not block:
-        raise ConfigError(file, "rounds.max", f"workflow '{wf_name}' has no round block (round: in workflows.yaml); "
-                          f"expected 1, got {rounds.max}")
+        raise ConfigError(file, "rounds.max", f"{f'workflow {wf_name!r}' if wf_name else 'this chain'} has no round "
+                          f"block ('round:'); expected 1, got {rounds.max}")
     order = expand_rounds(wf_steps, block, rounds.max)
     for key in raw:
         if key not in TOP_LEVEL_KEYS and key not in wf_steps and key not in {n for n, *_ in order}:
             allowed = ", ".join([*TOP_LEVEL_KEYS, *wf_steps])
-            raise ConfigError(file, str(key), f"unknown key for workflow '{wf_name}'; expected one of: {allowed}")
+            chain = f"workflow '{wf_name}'" if wf_name else "this file's steps"
+            raise ConfigError(file, str(key), f"unknown key for {chain}; expected one of: {allowed}")
+    if description is not None and not isinstance(description, str):
+        raise ConfigError(file, "description", f"expected a line of text, got {description!r}")
     seed = raw.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError(file, "seed", f"expected an integer, got {seed!r}")
@@ -220,4 +281,4 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
     # a later round's step takes its own section when the config has one (``decide_r2:``), else its round-1 step's
     steps = tuple(_build_step(n, raw.get(n, raw.get(sec)), use, file, k) for n, sec, use, k in order)
     name = raw.get("name") or Path(path).stem
-    return RunConfig(file, str(name), wf_name, seed, out, ray_cfg, steps, rounds)  # type: ignore[arg-type]
+    return RunConfig(file, str(name), wf_name, seed, out, ray_cfg, steps, description, rounds)  # type: ignore[arg-type]

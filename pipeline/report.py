@@ -6,7 +6,8 @@ from pathlib import Path
 
 def print_summary(cfg, out: Path, reports) -> None:
     print()
-    print(f"run '{cfg.name}' (workflow {cfg.workflow}, seed {cfg.seed}) -> {out}")
+    chain = f"workflow {cfg.workflow}" if cfg.workflow else f"steps of {cfg.file}"
+    print(f"run '{cfg.name}' ({chain}, seed {cfg.seed}) -> {out}")
     head = f"{'step':<10} {'stage':<24} {'status':<8} {'rows in':>9} {'out':>9} {'rejected':>9} {'sec':>8}"
     print(head)
     print("-" * len(head))

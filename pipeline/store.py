@@ -5,8 +5,12 @@ Layout of one step's directory::
     <run>/<step>/part-00000.parquet        rows (shard i of the step)
     <run>/<step>/rejects/part-00000.parquet
     <run>/<step>/<side>/part-00000.parquet side tables (e.g. the scene world's truth)
+    <run>/<step>/_plan.json                written before the shards run: how many there are
     <run>/<step>/_stats/part-00000.json    written last: the shard is done
     <run>/<step>/_manifest.json            written last of all: the step is done
+
+and beside the steps ``<run>/_run.json`` (the chain and config of the run that last started) and
+``<run>/_error.json`` (the last failure, cleared by a run that succeeds), which ``status`` reads.
 
 A shard counts as done only when its stats file exists and carries the step's fingerprint, so a
 killed run resumes shard by shard, and a changed config never mixes with old shards.
@@ -105,6 +109,21 @@ class StepDir:
     def manifest(self) -> dict | None:
         try:
             return json.loads(self.manifest_path.read_text())
+        except FileNotFoundError:
+            return None
+
+    @property
+    def plan_path(self) -> Path:
+        return self.path / "_plan.json"
+
+    def write_plan(self, fingerprint: str, shards: int | None) -> None:
+        """The shard count a step will commit (None: it runs on the driver alone), known only once the
+        step starts (a source plans its own): what ``status`` counts done shards against."""
+        write_json_atomic({"fingerprint": fingerprint, "shards": shards}, self.plan_path)
+
+    def plan(self) -> dict | None:
+        try:
+            return json.loads(self.plan_path.read_text())
         except FileNotFoundError:
             return None
 

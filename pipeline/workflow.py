@@ -5,14 +5,18 @@ import hashlib
 import pickle
 import inspect
 import json
+import os
+import sys
 import time
+import traceback
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 from pipeline import __version__
 from pipeline.config import RayConfig, RunConfig, Step
 from pipeline.errors import ContractError
-from pipeline.executor import run_calls, run_shards, start_ray
+from pipeline.executor import ray_temp_dir, run_calls, run_shards, start_ray
 from pipeline.fingerprint import code_hash
 from pipeline.stage import RowSource, StageContext
 from pipeline.store import (StepDir, rejects_table, run_dir_path, write_bytes_atomic, write_json_atomic,
@@ -23,6 +27,13 @@ BASE_COLUMNS = ("image_id",)
 # What a step directory holds and how steps read each other's (pipeline/view.py: column groups).
 # Part of every fingerprint, so a run directory written in another layout is redone, never misread.
 LAYOUT = "columns-v2"
+# Beside the step directories: the chain of the run that last started, and its failure if it failed.
+RUN_FILE = "_run.json"
+ERROR_FILE = "_error.json"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def code_version(cls: type) -> str:
@@ -65,7 +76,8 @@ def check_contract(cfg: RunConfig) -> None:
         elif step.round > 1 and prev is not None and prev.round != step.round:
             columns = set(before_rounds or ())  # as plan_views: a later round reads the rows before round 1
         cls = step.stage_cls
-        where = f"workflow '{cfg.workflow}' ({cfg.file}): step '{step.name}' ({step.use})"
+        where = (f"workflow '{cfg.workflow}' ({cfg.file}): step '{step.name}' ({step.use})" if cfg.workflow
+                 else f"{cfg.file}: step '{step.name}' (steps.{step.name}: {step.use})")
         if i == 0 and cls.kind != "source":
             raise ContractError(f"{where} is the first step, so it must be a source stage, not {cls.kind}")
         if i > 0 and cls.kind == "source":
@@ -106,10 +118,12 @@ class Runner:
         names = [s.name for s in cfg.steps]
         for o in only or []:
             if o not in names:
-                raise ContractError(f"--only {o}: no such step in workflow '{cfg.workflow}'; steps: {names}")
+                raise ContractError(f"--only {o}: no such step in {cfg.chain}; steps: {names}")
         self.only = set(only or names)
         self.fingerprints: dict[str, str] = {}
         self.reports: list[StepReport] = []
+        self.current: Step | None = None  # the step running now: what a failure is recorded against
+        self.local_ray = False
 
     # -- planning ----------------------------------------------------------------------------
     def _fingerprint(self, step: Step, upstream: list[str], extra: str = "") -> str:
@@ -140,6 +154,38 @@ class Runner:
     def run(self) -> list[StepReport]:
         check_contract(self.cfg)
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self._run_record(), self.out_dir / RUN_FILE)
+        try:
+            self._run_steps()
+        except (Exception, KeyboardInterrupt) as e:
+            self._record_error(e)
+            raise
+        (self.out_dir / ERROR_FILE).unlink(missing_ok=True)  # the run went through: no failure stands
+        return self.reports
+
+    def _run_record(self) -> dict:
+        """What ``status`` needs and a run directory does not otherwise hold: the order of the steps."""
+        cfg = self.cfg
+        only = [s.name for s in cfg.steps if s.name in self.only]
+        return {"config": str(Path(cfg.file).resolve()), "name": cfg.name, "workflow": cfg.workflow,
+                "description": cfg.description, "seed": cfg.seed, "force": self.force,
+                "only": None if len(only) == len(cfg.steps) else only, "started_at": _now(),
+                "steps": [{"name": s.name, "use": s.use} for s in cfg.steps]}
+
+    def _record_error(self, e: BaseException) -> None:
+        step = self.current
+        record = {"step": step.name if step else None, "use": step.use if step else None,
+                  "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(), "at": _now(),
+                  "config": str(Path(self.cfg.file).resolve()),
+                  # Ray's worker logs stay on disk only where this run started Ray itself
+                  "ray_logs": str(Path(ray_temp_dir(self.out_dir)) / "session_latest" / "logs")
+                  if self.local_ray else None}
+        try:
+            write_json_atomic(record, self.out_dir / ERROR_FILE)
+        except OSError as w:  # never hide the run's own error behind the record's
+            print(f"warning: could not record the error in {self.out_dir / ERROR_FILE}: {w}", file=sys.stderr)
+
+    def _run_steps(self) -> None:
         steps = list(self.cfg.steps)
         views = plan_views(steps, self.out_dir)
         ray_started = False
@@ -147,6 +193,7 @@ class Runner:
             i = 0
             while i < len(steps):
                 step = steps[i]
+                self.current = step
                 rows_step = views[i].rows  # the step whose rows this one reads (a later round: from before round 1)
                 ctx = StageContext(str(self.out_dir), step.name, self.cfg.seed, self._artifact_map(steps, i),
                                    views[i].to_dict())
@@ -169,6 +216,7 @@ class Runner:
                     needs_ray = step.stage_cls.kind != "reduce" or step.stage_cls.defines("partial")
                     if needs_ray and not ray_started and self.cfg.ray.enabled:
                         ray_started = start_ray(self.cfg.ray, self.out_dir)
+                        self.local_ray = ray_started and not (self.cfg.ray.address or os.environ.get("RAY_ADDRESS"))
                     view_out = views[i].after(step.name, step.stage_cls.kind, step.stage_cls.outputs,
                                               step.stage_cls.replaces_columns)
                     self.reports.append(self._run_step(step, stage, ctx, sdir, fp, rows_step, view_out))
@@ -182,7 +230,6 @@ class Runner:
                 import ray
 
                 ray.shutdown()
-        return self.reports
 
     def _skipped(self, step: Step, sdir: StepDir) -> StepReport:
         m = sdir.manifest() or {}
@@ -248,12 +295,13 @@ class Runner:
             stats = self._run_reduce(step, stage, ctx, sdir, fp, view_in)
             status = "ran"
         else:
+            specs = stage.plan() if step.stage_cls.kind == "source" else [{} for _ in view_in.shards()]
+            shard_ids = list(range(len(specs))) if step.stage_cls.kind == "source" else view_in.shards()
+            sdir.write_plan(fp, len(shard_ids))
             if step.stage_cls.kind == "map" and step.stage_cls.defines("prepare"):
                 stats_prep = self._prepare(step, stage, ctx, sdir, fp)
             else:
                 stats_prep = {}
-            specs = stage.plan() if step.stage_cls.kind == "source" else [{} for _ in view_in.shards()]
-            shard_ids = list(range(len(specs))) if step.stage_cls.kind == "source" else view_in.shards()
             done = sdir.done_shards(fp)
             todo = [(i, spec) for i, spec in zip(shard_ids, specs) if i not in done]
             new = run_shards(step, ctx, todo, sdir, fp, self.cfg.ray)
@@ -300,6 +348,7 @@ class Runner:
 
     def _run_reduce(self, step: Step, stage, ctx: StageContext, sdir: StepDir, fp: str, view: View) -> dict:
         if step.stage_cls.defines("partial"):
+            sdir.write_plan(fp, len(view.shards()))
             done = sdir.done_shards(fp)
             todo = [(i, {"op": "partial"}) for i in view.shards() if i not in done]
             new = run_shards(step, ctx, todo, sdir, fp, self.cfg.ray, what="partial")
@@ -314,6 +363,7 @@ class Runner:
             res = stage.merge(partials())
             rows = sum(st["rows_in"] for st in shard_stats)
         else:
+            sdir.write_plan(fp, None)
             stage.setup()
             res = stage.run(RowSource(view=view))
             rows = view.num_rows() if view.rows else 0

@@ -26,6 +26,17 @@ def _cfg(tmp_path, text: str) -> Path:
     ("workflow: parse_only\nparse: {resources: {pool_size: 0}}\n", "parse.resources.pool_size", "greater than or equal"),
     ("workflow: parse_only\nseed: abc\n", "seed", "expected an integer"),
     ("workflow: parse_only\nray: {adress: auto}\n", "ray.adress", "unknown key"),
+    # a run config's own chain (steps:) is checked as workflows.yaml is
+    ("workflow: parse_only\nsteps: {input: source.scene_world.v1}\n", "steps", "not both"),
+    ("name: x\n", "workflow", "or give the chain itself as 'steps:'"),
+    ("steps: [input, parse]\n", "steps", "expected a mapping step name -> registered stage name"),
+    ("steps: {input: source.scene_world.v1, parse: parse.nope.v9}\n", "steps.parse", "unknown stage 'parse.nope.v9'"),
+    ("steps: {input: source.scene_world.v1, seed: parse.sng.v1}\n", "steps.seed", "top-level key"),
+    ("steps: {input: source.scene_world.v1, _tmp: parse.sng.v1}\n", "steps._tmp", "directory of the run"),
+    ("steps: {input: source.scene_world.v1}\nparse: {}\n", "parse", "unknown key for this file's steps"),
+    ("steps: {input: source.scene_world.v1, parse: parse.sng.v1}\nparse: {max_wordz: 3}\n", "parse.max_wordz",
+     "unknown key"),
+    ("steps: {input: source.scene_world.v1}\ndescription: [a, b]\n", "description", "a line of text"),
 ])
 def test_bad_config_names_file_key_and_expectation(tmp_path, text, key, fragment):
     path = _cfg(tmp_path, text)
@@ -58,6 +69,45 @@ def test_set_override_with_wrong_type_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError) as ei:
         load_run_config(path, ["input.images=many"])
     assert ei.value.key == "input.images"
+
+
+CLEAN_THEN_RETRAIN = """
+description: clean the labels, then train a tagger on the cleaned export
+steps:
+  input: source.scene_world.v1
+  parse: parse.sng.v1
+  vocab: vocab.wordnet.v1
+  label: label.v1
+  train: train.ram.v1
+  evidence: evidence.v1
+  cluster: cluster.v1
+  decide: decide.v1
+  report: report.v1
+  export: export.ram.v1
+  retrain: train.ram.v1
+train: &tagger {model: cnn_tagger_tiny, text_encoder: none, epochs: 3}
+retrain: {<<: *tagger, epochs: 6}
+"""
+
+
+def test_run_config_defines_its_own_chain(tmp_path):
+    cfg = load_run_config(_cfg(tmp_path, CLEAN_THEN_RETRAIN))
+    check_contract(cfg)
+    assert cfg.workflow is None and cfg.description.startswith("clean the labels")
+    assert [s.name for s in cfg.steps][-3:] == ["report", "export", "retrain"]
+    # each step's section is validated into its stage's typed config, as under workflow:
+    assert (cfg.step("train").config.epochs, cfg.step("retrain").config.epochs) == (3, 6)
+    assert cfg.step("retrain").config.model == "cnn_tagger_tiny"
+    with pytest.raises(ConfigError) as ei:
+        load_run_config(_cfg(tmp_path, CLEAN_THEN_RETRAIN + "retrain: {epochz: 6}\n"))
+    assert ei.value.key == "retrain.epochz"
+
+
+def test_steps_can_be_added_with_set(tmp_path):
+    path = _cfg(tmp_path, "steps: {input: source.scene_world.v1, parse: parse.sng.v1}\n")
+    cfg = load_run_config(path, ["steps.vocab=vocab.wordnet.v2", "vocab.min_count=2"])
+    assert [(s.name, s.use) for s in cfg.steps][-1] == ("vocab", "vocab.wordnet.v2")
+    assert cfg.step("vocab").config.min_count == 2
 
 
 def test_shipped_configs_validate_and_satisfy_contract():

@@ -36,6 +36,28 @@ def test_step_needing_missing_artifact_fails(tmp_path, monkeypatch):
         check_contract(load_run_config(c))
 
 
+def test_own_steps_reading_an_unwritten_column_fail_naming_file_step_and_column(tmp_path, capsys):
+    from pipeline.cli import main
+
+    c = tmp_path / "c.yaml"
+    c.write_text("steps:\n  input: source.scene_world.v1\n  vocab: vocab.wordnet.v1\n  label: label.v1\n")
+    with pytest.raises(ContractError) as ei:
+        check_contract(load_run_config(c))
+    msg = str(ei.value)
+    assert str(c) in msg and "step 'vocab'" in msg and "'parsed'" in msg
+    out = tmp_path / "run"
+    assert main(["run", str(c), "--out", str(out)]) == 2
+    assert not out.exists()  # checked before anything is written
+    assert "step 'vocab'" in capsys.readouterr().err
+
+
+def test_own_steps_need_a_source_first(tmp_path):
+    c = tmp_path / "c.yaml"
+    c.write_text("steps: {parse: parse.sng.v1}\n")
+    with pytest.raises(ContractError, match="first step, so it must be a source"):
+        check_contract(load_run_config(c))
+
+
 def test_reject_codes_are_pinned():
     assert sorted(REJECT_CODES) == sorted([
         "caption_null", "caption_not_string", "caption_empty", "caption_whitespace", "caption_too_long",

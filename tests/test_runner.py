@@ -40,6 +40,27 @@ def test_run_skip_force_and_row_invariant(small_world_config, tmp_path, capsys):
     assert StepDir(out / "label").read().equals(label_before)
 
 
+def test_run_config_with_its_own_steps_runs(tmp_path, capsys):
+    # parse_only's chain up to the labels, given in the file itself: no export step
+    cfg = tmp_path / "own.yaml"
+    cfg.write_text("description: captions to labels\n"
+                   "steps: {input: source.scene_world.v1, parse: parse.sng.v1, vocab: vocab.wordnet.v1, "
+                   "label: label.v1}\n"
+                   "seed: 3\nray: {enabled: false}\ninput: {images: 40, shard_rows: 10, size: 64}\n"
+                   "vocab: {min_count: 1}\n")
+    out = tmp_path / "run"
+    assert main(["run", str(cfg), "--out", str(out)]) == 0
+    assert f"steps of {cfg}" in capsys.readouterr().out
+    m = {s: json.loads((out / s / "_manifest.json").read_text()) for s in STEPS[:4]}
+    assert m["label"]["rows_out"] == 40 and m["label"]["shards"] == 4
+    assert not (out / "export").exists()
+    labels = StepDir(out / "label").read(["union_label_id"]).column("union_label_id").to_pylist()
+    assert len(labels) == 40 and all(labels)  # every image got tags from its captions
+    run = json.loads((out / "_run.json").read_text())
+    assert [s["name"] for s in run["steps"]] == list(STEPS[:4]) and run["workflow"] is None
+    assert run["description"] == "captions to labels"
+
+
 def test_config_change_reruns_downstream_only(small_world_config, tmp_path, capsys):
     cfg, out = small_world_config(), tmp_path / "run"
     assert main(["run", str(cfg), "--out", str(out)]) == 0
