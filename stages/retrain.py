@@ -32,6 +32,9 @@ LABELS = ("cleaned", "generated", "paper", "parse", "truth")
 
 
 class RetrainConfig(TrainStageConfig):
+    """A retrain step trains with the base tagger's recipe (the ``recipe.json`` its step wrote); only the
+    keys set in this step's own section change it."""
+
     start: Literal["scratch", "base"] = Field("scratch", description="scratch: a new tagger, the base's "
                                               "recipe (the paper's retraining); base: start from the base "
                                               "tagger's weights (a fine-tune: cheaper, but not a like-for-like "
@@ -166,6 +169,7 @@ class RetrainStage(TrainStage):
 
     def fit(self, rows: RowSource):
         base = self.context.artifact("tagger")  # the tagger before this step: the base
+        self.config = self.recipe(base)
         if self.config.start == "base":
             self.config = self.config.model_copy(update={"init_checkpoint": str(base / "model.pth"),
                                                          "init_tag_list": str(base / "tag_list.txt")})
@@ -187,6 +191,17 @@ class RetrainStage(TrainStage):
                                  f"{outcome[f'base_{j}_mAP']} -> retrained {outcome[f'retrained_{j}_mAP']} "
                                  f"({outcome['gain_points']:+.2f} points)")
         return fitted
+
+    def recipe(self, base: Path) -> RetrainConfig:
+        """The base's recipe (its ``recipe.json``) with the keys this step's section sets on top, so a
+        retrain is the same training unless the config says otherwise."""
+        f = base / "recipe.json"
+        if not f.exists():  # a tagger from before recipes were recorded: this step's own config
+            return self.config
+        own = self.config.model_dump(include=self.config.model_fields_set)
+        recipe = {k: v for k, v in json.loads(f.read_text()).items()
+                  if k in TrainStageConfig.model_fields}  # not the base's own start / labels
+        return RetrainConfig.model_validate({**recipe, **own})
 
     def outcome(self, fitted, base_dir: Path) -> dict:
         """Both taggers on the evaluation sample; the judge is the truth when the run has one."""

@@ -112,32 +112,42 @@ class Fitted:
 
 @dataclass
 class Split:
-    """What the driver knows of the rows before training: counts and the bounded evaluation sample."""
+    """What the driver knows of the rows before training: counts, the bounded evaluation sample, and a
+    digest of the training rows' labels (what the step trains on, comparable between runs)."""
 
     rows: int
     held_out: int
     eval_ids: set[str]
+    train_labels: int = 0
+    train_labels_sha1: str = ""
 
 
 def split_rows(source, fraction: float, k: int) -> Split:
-    """One pass over the ``image_id`` column, shard by shard: how many rows, how many held out (by hash),
-    and the ``k`` held-out ids of the evaluation sample (an O(k) heap). Nothing else is read and no image
-    is decoded: a bad image is found where it is decoded, in training or evaluation."""
+    """One pass over the ``image_id`` and ``union_label_id`` columns, shard by shard: how many rows, how
+    many held out (by hash), the ``k`` held-out ids of the evaluation sample (an O(k) heap), and the
+    training rows' labels as a count and a digest. No image is decoded: a bad image is found where it
+    is decoded, in training or evaluation."""
     from model.train import row_tables
 
-    count = {"rows": 0, "held": 0}
+    count = {"rows": 0, "held": 0, "labels": 0}
+    digest = hashlib.sha1()
 
     def held_ids():
-        for table, _ in row_tables(source, ("image_id",)):
+        for table, _ in row_tables(source, ("image_id", "union_label_id")):
             ids = table.column("image_id").to_pylist()
+            labels = table.column("union_label_id").to_pylist() if "union_label_id" in table.column_names \
+                else [[]] * len(ids)
             count["rows"] += len(ids)
-            for i in ids:
+            for i, lab in zip(ids, labels):
                 if held_out(i, fraction):
                     count["held"] += 1
                     yield i
+                else:
+                    count["labels"] += len(lab or [])
+                    digest.update(f"{i}:{sorted(lab or [])}\n".encode())
 
     sample = eval_sample(held_ids(), k)
-    return Split(count["rows"], count["held"], sample)
+    return Split(count["rows"], count["held"], sample, count["labels"], digest.hexdigest())
 
 
 def calibrate(scores, labels, precision: float, min_hits: int) -> list[float]:
@@ -389,6 +399,8 @@ class TrainStage(Stage):
         result = ReduceResult(rejects=rejects, files={"model.json": (json.dumps(spec, indent=1) + "\n").encode(),
                                      "thresholds.json": (json.dumps(thresholds) + "\n").encode(),
                                      "tag_list.txt": "\n".join(tagset.names).encode(),
+                                     # the recipe that trained this tagger: a retrain step repeats it
+                                     "recipe.json": (self.config.model_dump_json(indent=1) + "\n").encode(),
                                      "history.json": (json.dumps(hist, indent=1) + "\n").encode()}, stats=stats)
         return Fitted(model, tagset, val_set, thresholds, result)
 
@@ -405,6 +417,7 @@ class TrainStage(Stage):
         stats = {"rows_in": split.rows, "train_images": split.rows - split.held_out - train_rejected,
                  "held_out_images": split.held_out - held_rejected, "val_images": eval_rows - held_rejected,
                  "rejected_images": len(rejects), "rejected_by_code": dict(sorted(by_code.items())),
+                 "train_labels": split.train_labels, "train_labels_sha1": split.train_labels_sha1,
                  "steps": res["steps"],
                  "loss_first_epoch": hist[1]["loss"], "loss_last_epoch": hist[-1]["loss"],
                  "val_mAP_before": round(hist[0]["mAP"], 4), "val_mAP_after": round(hist[-1]["mAP"], 4),
