@@ -4,11 +4,13 @@ kind of data with a truth to judge by and to train a ceiling on).
     python bench/engine_ablation.py [--seeds 0,1,2] [--config stages/clean.yaml] [--out runs/ablation]
                                     [--set KEY=VALUE ...] [--smoke]
 
-Per seed, one run: the main job's chain up to ``decide`` (its base tagger is arm a), then one retrain
-step per arm, each the base's recipe from scratch on another label set, all judged on the same held-out
-images (by hash, never trained on) against the world's truth:
+Per seed, one run: the main job's chain up to ``decide`` and its report, then one retrain step per arm,
+each the main job's retrain recipe (``retrain.start``: from the base tagger's weights, or from scratch) on
+another label set, all judged on the same held-out images (by hash, never trained on) against the
+world's truth. Arm a is that same recipe on the parse labels, so what it adds over the base (more epochs)
+is not taken for what the labels add:
 
-    a   parse labels (the base tagger: the train step is this recipe on them)
+    a   parse labels
     b   parse + what the engine adds (generation only, nothing removed)
     c   the full engine, the default (combined) rule: decide's cleaned labels
     c'  the paper's rule (score-threshold pseudo-labels, cluster and crop cleaning)
@@ -39,25 +41,19 @@ SMOKE = ["input.images=240", "input.shard_rows=120", "train.epochs=1", "evidence
 
 
 def ablation_config(config: Path, seed: int, overrides: list[str]) -> dict:
-    """The main job's run config as a chain of its own: its workflow up to decide, then one retrain step per
-    arm b..d (the workflow's retrain step is arm c), each the base's recipe (retrain.ram.v1 repeats it) from
-    scratch."""
+    """The main job's run config as a chain of its own: its workflow up to its report (the workflow's retrain
+    step is arm c), then a retrain step for each other arm, each with the retrain section's recipe."""
     from pipeline.config import apply_overrides, load_workflows
 
     raw = apply_overrides(yaml.safe_load(config.read_text()), overrides, str(config))
     wf = load_workflows()[raw.pop("workflow")]
-    steps = {}
-    for name, use in wf["steps"].items():
-        if name in ("report", "export"):
-            raw.pop(name, None)
-            continue
-        steps[name] = use
-    recipe = {**(raw.get("retrain") or {}), "start": "scratch"}
+    steps = {name: use for name, use in wf["steps"].items() if name != "export"}
+    raw.pop("export", None)
+    recipe = dict(raw.get("retrain") or {})
     for arm, labels in ARMS.items():
-        if arm not in ("a", "c"):
-            name = "retrain_" + labels
-            steps[name] = "retrain.ram.v1"
-            raw[name] = {**recipe, "labels": labels}
+        if arm != "c":
+            steps["retrain_" + labels] = "retrain.ram.v1"
+            raw["retrain_" + labels] = {**recipe, "labels": labels}
     raw["retrain"] = {**recipe, "labels": "cleaned"}
     raw.pop("rounds", None)
     return {**raw, "steps": steps, "seed": seed,
@@ -74,14 +70,17 @@ def run_seed(config: Path, seed: int, out: Path, overrides: list[str]) -> dict:
     code = cli(["run", str(cfg), "--out", str(out)])
     if code not in (0, None):
         raise SystemExit(f"seed {seed}: the run failed ({code}); see {out}")
-    outcome = {name: json.loads((out / name / "outcome.json").read_text())
-               for name in ["retrain", *("retrain_" + ARMS[a] for a in ("b", "c'", "d"))]}
-    mAP = {"a": outcome["retrain"]["base_truth_mAP"], "c": outcome["retrain"]["retrained_truth_mAP"]}
-    for arm in ("b", "c'", "d"):
-        mAP[arm] = outcome["retrain_" + ARMS[arm]]["retrained_truth_mAP"]
+    step = {arm: "retrain" if arm == "c" else "retrain_" + labels for arm, labels in ARMS.items()}
+    outcome = {arm: json.loads((out / name / "outcome.json").read_text()) for arm, name in step.items()}
+    mAP = {arm: o["retrained_truth_mAP"] for arm, o in outcome.items()}
     a, c, d = mAP["a"], mAP["c"], mAP["d"]
-    return {"seed": seed, "truth_mAP": mAP, "gap_closed": round((c - a) / (d - a), 4) if d > a else None,
-            "eval_images": outcome["retrain"]["eval_images"], "seconds": round(time.perf_counter() - t0, 1)}
+    report = json.loads((out / "report.json").read_text())
+    return {"seed": seed, "truth_mAP": mAP, "base_truth_mAP": outcome["c"]["base_truth_mAP"],
+            "gap_closed": round((c - a) / (d - a), 4) if d > a else None,
+            "main_job_gain_points": report["model_outcome"]["gain_points"],
+            "targets_met": report.get("targets", {}).get("met"), "label_f1": report["quality"]["final"]["f1"],
+            "eval_images": outcome["c"]["eval_images"], "start": outcome["c"]["start"],
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,8 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     for seed in seeds:
         r = run_seed(Path(args.config), seed, Path(args.out) / f"seed-{seed}", overrides)
         results.append(r)
-        print(f"seed {seed}: " + "  ".join(f"{k} {v:.4f}" for k, v in r["truth_mAP"].items()) +
-              f"  gap closed {r['gap_closed']}  ({r['seconds']:.0f} s)", flush=True)
+        print(f"seed {seed}: base {r['base_truth_mAP']:.4f}  " +
+              "  ".join(f"{k} {v:.4f}" for k, v in r["truth_mAP"].items()) +
+              f"  gap closed {r['gap_closed']}  main job gain {r['main_job_gain_points']:+.2f}  "
+              f"targets met {r['targets_met']}  ({r['seconds']:.0f} s)", flush=True)
     means = {k: round(statistics.fmean(r["truth_mAP"][k] for r in results), 4) for k in ARMS}
     closed = [r["gap_closed"] for r in results if r["gap_closed"] is not None]
     summary = {"simulated": True, "smoke": args.smoke, "seeds": seeds, "arms": ARMS, "runs": results,
