@@ -169,8 +169,8 @@ class RetrainStage(TrainStage):
 
     def fit(self, rows: RowSource):
         base = self.context.artifact("tagger")  # the tagger before this step: the base
-        self.config = self.recipe(base)
-        if self.config.start == "base":
+        self.config = recipe = self.recipe(base)
+        if self.config.start == "base":  # for this training only: the recipe a later round repeats has none
             self.config = self.config.model_copy(update={"init_checkpoint": str(base / "model.pth"),
                                                          "init_tag_list": str(base / "tag_list.txt")})
         if self.config.labels != "cleaned":
@@ -184,6 +184,7 @@ class RetrainStage(TrainStage):
         fitted = super().fit(rows)
         outcome = self.outcome(fitted, base)
         res = fitted.result
+        res.files["recipe.json"] = (recipe.model_dump_json(indent=1) + "\n").encode()
         res.files["outcome.json"] = (json.dumps(outcome, indent=1, sort_keys=True) + "\n").encode()
         res.stats["model_outcome"] = outcome
         j = outcome["judge"]
