@@ -7,7 +7,7 @@ to finish a run: consecutive records of one key (one image's captions) belong to
 run starts, so a worker skips a leading run that continues the previous range's last record and
 reads past its end while its last key goes on. Within a range each reader combines records by key
 (merging captions or rejecting duplicates); keys that repeat non-adjacently in different ranges are
-not seen together (the README says how to sort such a file).
+not seen together (docs/data.md says how to sort such a file).
 """
 from __future__ import annotations
 
