@@ -1,8 +1,9 @@
 """``python -m pipeline explain RUN_DIR IMAGE_ID TAG``: one tag's history on one image.
 
 Reads the last step of the run (in workflow order, from its manifests) whose rows carry
-``tag_events``, finds the image, and prints every event of the tag with its evidence, then whether
-the tag is in the final ``union_label_id``.
+``tag_events``, finds the image through the step's id index (``pipeline/index.py``: one shard is read,
+not every shard searched), and prints every event of the tag with its evidence, then whether the tag
+is in the final ``union_label_id``.
 """
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from pipeline.index import find_shards
+from pipeline.view import shard_file
 
 
 def _event_steps(run_dir: Path) -> list[Path]:
@@ -39,6 +43,25 @@ def _tag_id(run_dir: Path, tag: str) -> tuple[int | None, str]:
     return None, tag
 
 
+def _row_in(part: Path, image_id: str) -> dict | None:
+    t = pq.read_table(part, columns=["image_id", "union_label_id", "tag_events"])
+    t = t.filter(pc.equal(t.column("image_id"), image_id))
+    return t.to_pylist()[0] if t.num_rows else None
+
+
+def _find_row(step: Path, image_id: str) -> dict | None:
+    """The image's row: through the step's id index (``decide`` writes one), one shard read; a step without
+    one (``label``, or a run made before the index) is scanned shard by shard."""
+    shards = find_shards(step, image_id)
+    if shards is not None:
+        return _row_in(shard_file(step, shards[0]), image_id) if shards else None
+    for f in sorted(step.glob("part-*.parquet")):
+        row = _row_in(f, image_id)
+        if row is not None:
+            return row
+    return None
+
+
 def explain(run_dir: Path, image_id: str, tag: str) -> tuple[str, int]:
     steps = _event_steps(run_dir)
     if not steps:
@@ -47,13 +70,7 @@ def explain(run_dir: Path, image_id: str, tag: str) -> tuple[str, int]:
     if tid is None:
         return f"{tag!r} is not a tag of this run's vocabulary (nor a synonym of one)", 1
     step = steps[0]
-    row = None
-    for f in sorted(step.glob("part-*.parquet")):
-        t = pq.read_table(f, columns=["image_id", "union_label_id", "tag_events"])
-        t = t.filter(pc.equal(t.column("image_id"), image_id))
-        if t.num_rows:
-            row = t.to_pylist()[0]
-            break
+    row = _find_row(step, image_id)
     if row is None:
         rej = []
         for d in run_dir.glob("*/rejects/*.parquet"):

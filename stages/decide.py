@@ -31,7 +31,8 @@ never vote (an unreliable witness is not a witness).
   mirrored). A small object the whole image barely resolves scores low there and higher zoomed in;
   a shape the tagger merely guessed at does not gain. The claimed rule keeps the whole-image score.
 
-Only this stage reads thresholds, so changing them re-runs decide alone.
+Only this stage reads thresholds, so changing them re-runs decide alone. Its ``finalize`` writes an
+image id -> shard index of its rows (``pipeline/index.py``), which ``explain`` reads instead of scanning.
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
+from pipeline.index import write_id_index
 from pipeline.registry import register
 from pipeline.stage import Stage, StageConfig, StageResult
 from stages.columns import TAG_EVENT
@@ -282,3 +284,8 @@ class DecideStage(Stage):
             else:
                 out = out.append_column(name, arr)
         return StageResult(out)
+
+    def finalize(self, step_dir: Path) -> dict:
+        """The id -> shard index ``explain`` looks an image up in, built from the committed shards (an
+        external merge sort: the driver holds one shard's ids, or one batch per merged run, at a time)."""
+        return {"id_index_rows": write_id_index(step_dir)}

@@ -3,7 +3,8 @@
 
 Counts tags added / removed per stage and reason, the tag long tail, and on a scene world the
 precision / recall / F1 after each stage and for both decision rules (``quality.<stage>.f1`` ...),
-plus the issue's targets. Plots are drawn with PIL (no plotting dependency).
+plus the issue's targets. Plots are matplotlib figures (``stages/report_plots.py``); on a scene world the
+contact sheet of dropped regions frames each crop by whether the drop was right by the truth.
 """
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
-from PIL import Image, ImageDraw
 from pydantic import Field
 
 from pipeline.registry import register
@@ -27,34 +27,6 @@ QUALITY_STAGES = ("parse", "pseudolabel", "cluster", "verify", "paper", "combine
 class ReportConfig(StageConfig):
     long_tail: int = Field(40, ge=1, description="tags shown in the long-tail plot")
     sheet_per_reason: int = Field(24, ge=0, description="dropped regions shown per reason on the contact sheet")
-
-
-def bar_chart(title: str, labels: list[str], series: dict[str, list[float]], width: int = 900,
-              bar_h: int = 16, colours=((66, 133, 244), (219, 68, 55), (244, 180, 0), (15, 157, 88))) -> bytes:
-    """Horizontal grouped bars, values >= 0, one row per label; PNG bytes."""
-    n, k = len(labels), max(1, len(series))
-    h = 40 + n * (bar_h * k + 6) + 20 * k
-    img = Image.new("RGB", (width, h), "white")
-    d = ImageDraw.Draw(img)
-    d.text((10, 8), title, fill="black")
-    vmax = max([v for vals in series.values() for v in vals] + [1e-9])
-    left, right = 200, width - 80
-    y = 32
-    for i, lab in enumerate(labels):
-        d.text((10, y + 2), str(lab)[:30], fill="black")
-        for j, (name, vals) in enumerate(series.items()):
-            v = vals[i]
-            x1 = left + (right - left) * v / vmax
-            d.rectangle([left, y, x1, y + bar_h - 2], fill=colours[j % len(colours)])
-            d.text((x1 + 4, y + 2), f"{v:.3g}", fill="black")
-            y += bar_h
-        y += 6
-    for j, name in enumerate(series):
-        d.rectangle([left + 150 * j, y + 4, left + 150 * j + 12, y + 16], fill=colours[j % len(colours)])
-        d.text((left + 150 * j + 16, y + 4), name, fill="black")
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
 
 
 def event_counts(events_per_row) -> dict:
@@ -110,20 +82,32 @@ class ReportStage(Stage):
              "parse_tail": Counter(x for labs in labels for x in labs["parse"]),
              "added": sum(len(set(f) - set(l["parse"])) for f, l in zip(final, labels)),
              "removed": sum(len(set(l["parse"]) - set(f)) for f, l in zip(final, labels))}
-        if "truth" in self.context.artifacts:
-            p["quality"] = self._quality_counts(t, labels, final, shard)
-        p["sheet"] = self._sheet_sample(t, events, labels)
+        truth = self._truth(shard) if "truth" in self.context.artifacts else None
+        if truth is not None:
+            p["quality"] = self._quality_counts(t, labels, final, truth)
+        p["sheet"] = self._sheet_sample(t, events, labels, truth)
         return p
 
-    def _quality_counts(self, t: pa.Table, labels, final, shard: int) -> dict:
+    def _truth(self, shard: int) -> dict:
+        """The scene world's truth of this shard's images (the source's side table, shard for shard)."""
         import pyarrow.parquet as pq
 
-        from stages.world.generate import SCENES
-        from stages.world.score import names_for_ids, score_counts, truth_by_image
+        from stages.world.score import truth_by_image
 
-        truth = truth_by_image(pq.read_table(Path(self.context.artifact("truth")) / "truth" /
-                                             f"part-{shard:05d}.parquet"))
-        idn = names_for_ids(self.tagset)
+        return truth_by_image(pq.read_table(Path(self.context.artifact("truth")) / "truth" /
+                                            f"part-{shard:05d}.parquet"))
+
+    @functools.cached_property
+    def world_names(self) -> dict[int, set[str]]:
+        from stages.world.score import names_for_ids
+
+        return names_for_ids(self.tagset)
+
+    def _quality_counts(self, t: pa.Table, labels, final, truth: dict) -> dict:
+        from stages.world.generate import SCENES
+        from stages.world.score import score_counts
+
+        idn = self.world_names
         ids = t.column("image_id").to_pylist()
 
         def names(labs):
@@ -150,9 +134,12 @@ class ReportStage(Stage):
             c["targets"][f"recovered_{kind}"] = sum(1 for i, n in om if n in fin[i])
         return c
 
-    def _sheet_sample(self, t: pa.Table, events, labels) -> dict[str, list]:
+    def _sheet_sample(self, t: pa.Table, events, labels, truth: dict | None) -> dict[str, list]:
         """Per drop group, the ``sheet_per_reason`` dropped regions of lowest hash priority in this shard, as
-        small crops: merged across shards, the sheet is the same however rows are sharded."""
+        small crops: merged across shards, the sheet is the same however rows are sharded. Each crop carries
+        its verdict (``report_plots.drop_verdict``: right, wrong or not judged), judged here where the
+        shard's truth is, so the driver needs none."""
+        from stages.report_plots import drop_verdict
         from stages.vision import ImageLimits, crop, open_image
 
         per = self.config.sheet_per_reason
@@ -181,7 +168,9 @@ class ReportStage(Stage):
                 boxes = {g["tag_id"]: g["box"] for g in regions[j] or []}
                 buf = io.BytesIO()
                 crop(img, boxes[tag], 0.1).resize((cell - 4, cell - 4)).save(buf, "PNG")
-                out.setdefault(key, []).append((pri, buf.getvalue(), self.tagset.names[tag], ids[j]))
+                known = truth.get(ids[j]) if truth is not None else None
+                verdict = drop_verdict(self.world_names.get(tag, set()), known.tags) if known is not None else None
+                out.setdefault(key, []).append((pri, buf.getvalue(), self.tagset.names[tag], ids[j], verdict))
         return out
 
     # -- on the driver ----------------------------------------------------------------------------------
@@ -227,24 +216,12 @@ class ReportStage(Stage):
             "events": counts,
             "long_tail": [[tagset.names[i], n] for i, n in tail.most_common()],
         }
-        files: dict[str, bytes] = {}
         if quality:
             report["quality"], report["targets"] = self._quality(quality)
         stats: dict = {}
         if "outcome" in self.context.artifacts or "report" in self.context.artifacts:
             stats = self._rounds(report)
-        files["stages.png"] = self._stage_plot(counts)
-        top = tail.most_common(self.config.long_tail)
-        files["long_tail.png"] = bar_chart("tag long tail (final labels, most frequent first)",
-                                           [tagset.names[i] for i, _ in top],
-                                           {"final": [n for _, n in top],
-                                            "parse": [parse_tail.get(i, 0) for i, _ in top]})
-        if "quality" in report:
-            q = report["quality"]
-            names = [s for s in ("parse", "pseudolabel", "cluster", "verify", "final", "paper", "combined") if s in q]
-            files["quality.png"] = bar_chart("quality vs scene-world truth", names,
-                                             {m: [q[s][m] for s in names] for m in ("precision", "recall", "f1")})
-        files["dropped_regions.png"] = self._contact_sheet(sheet)
+        files = self._plots(report, counts, tail, parse_tail, sheet)
         files["report.json"] = (json.dumps(report, indent=1, sort_keys=True) + "\n").encode()
         files["report.md"] = self._markdown(report).encode()
         run_dir = Path(self.context.run_dir)
@@ -321,39 +298,19 @@ class ReportStage(Stage):
         }
         return q, targets
 
-    def _stage_plot(self, counts: dict) -> bytes:
-        rows = []
-        for stage, actions in counts.items():
-            for action, reasons in actions.items():
-                for reason, n in reasons.items():
-                    if action in ("add", "drop", "flag"):
-                        rows.append((f"{stage}:{action}:{reason}", n))
-        rows.sort()
-        return bar_chart("tags added / flagged / dropped, by stage and reason", [r for r, _ in rows] or ["none"],
-                         {"tags": [n for _, n in rows] or [0]})
+    def _plots(self, report: dict, counts: dict, tail: Counter, parse_tail: Counter, sheet: dict) -> dict[str, bytes]:
+        from stages import report_plots as plots
 
-    def _contact_sheet(self, sheet: dict[str, list]) -> bytes:
-        """Crops of dropped regions per rule and reason (the merged, hash-ordered sample)."""
-        cell, cols = 96, 8
-        height = sum(20 + ((len(v) + cols - 1) // cols) * (cell + 14) for v in sheet.values()) or 40
-        img = Image.new("RGB", (cols * cell, height + 10), "white")
-        d = ImageDraw.Draw(img)
-        y = 4
-        if not sheet:
-            d.text((6, 12), "no dropped regions", fill="black")
-        for key, items in sorted(sheet.items()):
-            d.text((6, y), f"dropped: {key} ({len(items)} shown)", fill="black")
-            y += 20
-            for k, (_, png, name, _) in enumerate(items):
-                x = (k % cols) * cell
-                img.paste(Image.open(io.BytesIO(png)), (x + 2, y))
-                d.text((x + 2, y + cell - 2), name[:14], fill="black")
-                if k % cols == cols - 1:
-                    y += cell + 14
-            y += (cell + 14) if len(items) % cols else 0
-        buf = io.BytesIO()
-        img.save(buf, "PNG")
-        return buf.getvalue()
+        top = tail.most_common(self.config.long_tail)
+        figs = {"stages.png": plots.stage_chart(counts),
+                "long_tail.png": plots.long_tail_chart([self.tagset.names[i] for i, _ in top], [n for _, n in top],
+                                                       [parse_tail.get(i, 0) for i, _ in top])}
+        if "quality" in report:
+            q = report["quality"]
+            order = [s for s in ("parse", "pseudolabel", "cluster", "verify", "final", "paper", "combined") if s in q]
+            figs["quality.png"] = plots.quality_chart({s: q[s] for s in order})
+        figs["dropped_regions.png"] = plots.contact_sheet(sheet, judged="truth" in self.context.artifacts)
+        return {name: plots.png_bytes(fig) for name, fig in figs.items()}
 
     @staticmethod
     def _drops(events: list[dict], labels: dict) -> list[tuple[int, str]]:

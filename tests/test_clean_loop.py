@@ -4,6 +4,7 @@ import json
 import pyarrow.parquet as pq
 
 from pipeline.cli import main
+from pipeline.index import find_shards
 from pipeline.view import step_view
 from tests.conftest import write_config
 
@@ -87,6 +88,11 @@ def test_clean_loop_end_to_end_then_decide_only_then_explain(tmp_path, capsys):
     assert row["union_label_id"] == row["stage_labels"]["paper"]
     tag_id = dropped[0]["tag_id"]
     names = (out / "vocab" / "tag_list.txt").read_text().split("\n")
+    # decide's id index names the shard; explain needs no other (the rest are deleted to show it)
+    assert find_shards(out / "decide", row["image_id"]) == [0]
+    for f in (out / "decide").glob("part-*.parquet"):
+        if f.name != "part-00000.parquet":
+            f.unlink()
     assert main(["explain", str(out), row["image_id"], names[tag_id]]) == 0
     text = capsys.readouterr().out
     for piece in ("label", "parse", "ground", "region", "cluster", "cluster_outlier", "quantile", "decide", "drop",

@@ -1,0 +1,163 @@
+"""report.v1's charts (matplotlib figures) and its contact sheet's right / wrong drops, on hand-made inputs;
+then the report stage itself on a hand-made shard with a scene world's truth."""
+import io
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from matplotlib.colors import to_rgba
+from matplotlib.figure import Figure
+from PIL import Image
+
+from pipeline.stage import StageContext
+from stages import report_plots as plots
+from stages.columns import TAG_EVENT
+from stages.decide import STAGE_LABELS
+from stages.report import ReportConfig, ReportStage
+from stages.world.tables import TRUTH_SCHEMA
+from tagset.tagset import Tag, TagSet
+
+COUNTS = {"label": {"add": {"parse": 12}}, "cluster": {"flag": {"cluster_outlier": 3}, "pass": {"cluster_inlier": 9}},
+          "decide": {"drop": {"dropped": 2}, "add": {"added": 4}, "keep": {"kept": 10}}}
+QUALITY = {"parse": {"precision": 0.9, "recall": 0.6, "f1": 0.72}, "final": {"precision": 0.92, "recall": 0.8,
+                                                                             "f1": 0.856}}
+
+
+def _png(colour=(200, 30, 30), size=(92, 92)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _image_axes(fig: Figure) -> list:
+    """Axes showing a crop, in drawing order (a figure's axes include its subfigures')."""
+    return [ax for ax in fig.axes if ax.images]
+
+
+def _check_png(make) -> None:
+    """``make()``'s figure renders to a PNG of the figure's size, the same bytes each time it is made."""
+    fig = make()
+    data = plots.png_bytes(fig)
+    img = Image.open(io.BytesIO(data))
+    assert img.format == "PNG"
+    w, h = fig.get_size_inches() * plots.DPI
+    assert abs(img.size[0] - w) <= 1 and abs(img.size[1] - h) <= 1
+    assert "Software" not in img.info  # no version stamp: the bytes follow the inputs
+    assert plots.png_bytes(make()) == data
+
+
+@pytest.mark.parametrize("make,xlabel,ylabel,legend", [
+    (lambda: plots.stage_chart(COUNTS), "tags (events)", "stage: reason", ["add", "flag", "drop"]),
+    (lambda: plots.long_tail_chart(["ball", "sky", "car"], [9, 5, 1], [7, 6, 0]), "tag (most frequent final label first)",
+     "images with the tag", ["final", "parse"]),
+    (lambda: plots.quality_chart(QUALITY), "labels after", "score vs truth", ["precision", "recall", "f1"]),
+])
+def test_charts_are_figures_with_axis_labels_titles_and_legends(make, xlabel, ylabel, legend):
+    fig = make()
+    assert isinstance(fig, Figure)
+    (ax,) = fig.axes
+    assert (ax.get_xlabel(), ax.get_ylabel()) == (xlabel, ylabel)
+    assert ax.get_title()
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == legend
+    _check_png(make)
+
+
+def test_stage_chart_draws_one_bar_per_stage_and_reason_coloured_by_action():
+    ax = plots.stage_chart(COUNTS).axes[0]
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    # pass / keep events are not changes: only add, flag and drop get a bar
+    assert labels == ["cluster: cluster_outlier", "decide: added", "decide: dropped", "label: parse"]
+    assert [p.get_width() for p in ax.patches] == [3, 4, 2, 12]
+    assert [p.get_facecolor() for p in ax.patches] == [to_rgba(plots.ACTION_COLOURS[a]) for a in
+                                                        ("flag", "add", "drop", "add")]
+
+
+def test_quality_chart_bars_are_the_scores():
+    ax = plots.quality_chart(QUALITY).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["parse", "final"]
+    assert [round(p.get_height(), 3) for p in ax.patches] == [0.9, 0.92, 0.6, 0.8, 0.72, 0.856]
+    assert ax.get_ylim()[0] == 0
+
+
+@pytest.mark.parametrize("names,truth,verdict", [
+    ({"ball"}, {"ball", "grass", "red"}, False),  # the ball is there: dropping it was wrong
+    ({"car"}, {"ball", "grass", "red"}, True),  # no car: dropping it was right
+    ({"car", "cup"}, {"cup", "sky"}, False),  # a tag standing for several world names: any one present
+    (set(), {"ball"}, None),  # "big": nothing the world scores
+    ({"ball"}, None, None),  # no truth for the image
+])
+def test_drop_verdict(names, truth, verdict):
+    assert plots.drop_verdict(names, truth) is verdict
+
+
+def test_contact_sheet_frames_right_and_wrong_drops_when_there_is_truth():
+    sheet = {"combined: low_score+far_region": [(1, _png(), "car", "a", True), (2, _png(), "ball", "a", False),
+                                                (3, _png(), "big", "b", None)],
+             "paper: cluster_outlier": [(i, _png(), "sky", f"i{i}", True) for i in range(9)]}
+    fig = plots.contact_sheet(sheet, judged=True)
+    crops = _image_axes(fig)
+    assert len(crops) == 12
+    frames = [ax.spines["top"].get_edgecolor() for ax in crops]
+    assert frames[:3] == [to_rgba(plots.VERDICT_STYLE[v][0]) for v in (True, False, None)]
+    assert set(frames[3:]) == {to_rgba(plots.VERDICT_STYLE[True][0])}
+    assert [ax.get_xlabel().split("\n")[0] for ax in crops[:3]] == ["car", "ball", "big"]
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == [text for _, text in plots.VERDICT_STYLE.values()]
+    _check_png(lambda: plots.contact_sheet(sheet, judged=True))
+
+    plain = plots.contact_sheet(sheet, judged=False)  # no truth: no verdict colours, no legend
+    assert not plain.legends
+    assert {ax.spines["top"].get_edgecolor() for ax in _image_axes(plain)} == {to_rgba("0.3")}
+    _check_png(lambda: plots.contact_sheet({}, judged=False))
+
+
+# -- the stage: verdicts made in the worker from the shard's truth ------------------------------------------
+NAMES = ["ball", "car", "grass", "big"]
+
+
+def _shard(tmp_path):
+    """One image: truth has a red ball on grass; parse said ball, car and big, and the combined rule dropped
+    all three (ball wrongly, car rightly, big unjudgeable)."""
+    vocab = tmp_path / "vocab"
+    vocab.mkdir()
+    pq.write_table(TagSet([Tag(i, n) for i, n in enumerate(NAMES)]).to_table(), vocab / "tagset.parquet")
+    (tmp_path / "input" / "truth").mkdir(parents=True)
+    pq.write_table(pa.table({"image_id": ["a"], "scene": ["grass"], "scene_mentioned": [True],
+                             "objects": [[{"cls": "ball", "colour": "red", "size": "large", "box": [4, 4, 40, 40],
+                                           "omitted": False, "wrong_colour": None}]],
+                             "hallucinated": [["car"]]}, schema=TRUTH_SCHEMA),
+                   tmp_path / "input" / "truth" / "part-00000.parquet")
+    parse = [0, 1, 3]
+    drop = [{"tag_id": t, "stage": "decide", "action": "drop", "reason": "dropped", "score": 0.01,
+             "evidence": json.dumps({"votes": ["low_score", "far_region"]})} for t in parse]
+    labels = {"parse": parse, "pseudolabel": parse, "cluster": parse, "verify": parse, "paper": parse,
+              "combined": []}
+    table = pa.table({
+        "image_id": ["a"], "union_label_id": pa.array([[]], pa.list_(pa.int32())),
+        "tag_events": pa.array([drop], pa.list_(TAG_EVENT)), "stage_labels": pa.array([labels], STAGE_LABELS),
+        "regions": [[{"tag_id": t, "box": [4.0, 4.0, 40.0, 40.0], "score": 0.9} for t in parse]],
+        "image_bytes": [_png((40, 170, 60), (64, 64))],
+    })
+    artifacts = {"tagset": str(vocab), "truth": str(tmp_path / "input"), "decisions": str(tmp_path / "decide")}
+    return ReportStage(ReportConfig(), StageContext(str(tmp_path), "report", 0, artifacts)), table
+
+
+def test_report_judges_each_dropped_crop_in_the_worker_and_draws_the_plots(tmp_path):
+    stage, table = _shard(tmp_path)
+    part = stage.partial(table, 0)
+    (items,) = part["sheet"].values()
+    assert {name: verdict for _, _, name, _, verdict in items} == {"ball": False, "car": True, "big": None}
+    first = stage.merge([part])
+    assert set(first.files) == {"stages.png", "long_tail.png", "quality.png", "dropped_regions.png", "report.json",
+                                "report.md"}
+    for name in ("stages.png", "long_tail.png", "quality.png", "dropped_regions.png"):
+        assert first.files[name][:8] == b"\x89PNG\r\n\x1a\n", name
+    again = stage.merge([stage.partial(table, 0)])
+    assert again.files["report.json"] == first.files["report.json"]  # deterministic
+    assert again.files["dropped_regions.png"] == first.files["dropped_regions.png"]
+
+    without_truth = ReportStage(ReportConfig(), StageContext(str(tmp_path), "report", 0, {
+        k: v for k, v in stage.context.artifacts.items() if k != "truth"}))
+    (items,) = without_truth.partial(table, 0)["sheet"].values()
+    assert {verdict for *_, verdict in items} == {None}
