@@ -83,29 +83,28 @@ def bench_stage(caps: list[str]) -> float:
 
 
 def bench_ray(caps: list[str], workers: int, tmp: Path, shards: int) -> dict:
-    import pyarrow.parquet as pq
-
+    """The parse step through the engine's runner code (``run_shards``) over a run directory whose
+    ``input`` step holds the rows: a map step reads its input as a view over earlier steps' shards
+    (pipeline/view.py), so the input is laid out the way a source step would leave it."""
     from pipeline.config import RayConfig, Step
     from pipeline.executor import run_shards
     from pipeline.stage import Resources, StageContext
-    from pipeline.store import StepDir
+    from pipeline.store import StepDir, write_parquet_atomic
+    from pipeline.view import View, shard_file
     from stages.parse import ParseConfig, ParseStage
 
     table = rows_table(caps)
-    src = tmp / f"in{workers}"
-    src.mkdir()
+    run = tmp / f"run{workers}"
     per = -(-table.num_rows // shards)
-    files = []
     for i in range(shards):
-        f = src / f"part-{i:05d}.parquet"
-        pq.write_table(table.slice(i * per, per), f)
-        files.append(f)
+        write_parquet_atomic(table.slice(i * per, per), shard_file(run / "input", i))
+    view = View(str(run)).after("input", "source", table.column_names)
     step = Step("parse", ParseStage, ParseConfig(), Resources(pool_size=workers, batch_size=512))
-    sdir = StepDir(tmp / f"out{workers}")
+    sdir = StepDir(run / "parse")
     sdir.reset()
     t0 = time.perf_counter()
-    stats = run_shards(step, StageContext(str(tmp), "parse"), [(i, {"path": str(f)}) for i, f in enumerate(files)],
-                       sdir, f"bench{workers}", RayConfig(progress=False))
+    stats = run_shards(step, StageContext(str(run), "parse", view=view.to_dict()),
+                       [(i, {}) for i in view.shards()], sdir, f"bench{workers}", RayConfig(progress=False))
     wall = time.perf_counter() - t0
     work = sum(s["seconds"] for s in stats)
     return {"workers": workers, "wall_s": round(wall, 2), "captions_per_s_wall": round(rate(len(caps), wall), 1),
