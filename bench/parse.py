@@ -18,6 +18,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+# Ray's workers import the engine from the driver's working directory, not from sys.path: this tree's
+# code must be what they run wherever the script is started from.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 SHARED = Path(os.environ.get("RAM_SHARED_DIR", REPO.parent / "shared"))
 
 
