@@ -22,9 +22,10 @@ Reported (JSON lines, then the last line ``vision_steps_speedup: X.XX``):
   than one decode thread decodes, i.e. a GPU that one thread cannot feed;
 - ``bf16_vs_fp32_cpu_autocast``: thresholded tags of golden set A's official tiny RAM and RAM++ on the 20
   coco20 photos, bf16 CPU autocast against fp32: the share of (photo, tag) pairs that agree;
-- ``vision_steps_speedup``: end-to-end seconds of the four steps in the baseline commit's code (run from
-  a git worktree, same data, same weights) / evidence.v1's, both measured in this run. Also the ratio
-  against today's four separate steps (same code as evidence.v1's parts) to separate the fusion's share.
+- ``vision_steps_speedup``: end-to-end seconds of the four steps in the baseline commit's code (its files
+  extracted by ``git archive``, same data, same weights) / evidence.v1's, both measured in this run. Also
+  the ratio against today's four separate steps (same code as evidence.v1's parts) to separate the
+  fusion's share.
 """
 from __future__ import annotations
 
@@ -90,7 +91,7 @@ def make_data(root: Path, rows: int) -> None:
          "checkpoint": "model.pth"}))
 
 
-# -- one path over the data (runs in this tree or, for the baseline, in a worktree of another commit) ----
+# -- one path over the data (runs in this tree or, for the baseline, in a copy of another commit) -------
 
 def run_path(mode: str, root: Path, workers: int) -> dict:
     """The four steps (``separate``) or evidence.v1 (``fused``) over batch.parquet; seconds exclude setup."""
@@ -152,6 +153,17 @@ def _run_in(code: Path, mode: str, root: Path, workers: int) -> dict:
     if out.returncode:
         raise SystemExit(f"bench/vision.py: the {mode} path in {code} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def baseline_code(commit: str, dest: Path) -> None:
+    """The baseline commit's files in ``dest``, extracted from git's objects: no worktree is registered,
+    so the repository is left as it was, also when the benchmark is killed."""
+    got = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", commit], capture_output=True)
+    if got.returncode:
+        raise SystemExit(f"bench/vision.py: cannot read baseline {commit} from {REPO}: "
+                         f"{got.stderr.decode(errors='replace').strip()}")
+    dest.mkdir()
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=got.stdout, check=True)
 
 
 # -- decode, model, stand-in (this tree) --------------------------------------------------------------
@@ -249,7 +261,7 @@ def main(argv=None) -> int:
         print(f"bench/vision.py needs ../shared/data/coco20 (set RAM_SHARED_DIR); not found at {SHARED}")
         return 2
     with tempfile.TemporaryDirectory() as tmp:
-        root, wt, broot = Path(tmp) / "data", Path(tmp) / "baseline", Path(tmp) / "baseline_data"
+        root, bcode, broot = Path(tmp) / "data", Path(tmp) / "baseline", Path(tmp) / "baseline_data"
         root.mkdir()
         make_data(root, args.rows)
         broot.mkdir()
@@ -261,45 +273,41 @@ def main(argv=None) -> int:
             pq.write_table(pq.read_table(root / "batch.parquet").slice(0, args.baseline_rows), broot / "batch.parquet")
         else:
             broot = root
-        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(wt), args.baseline],
-                       check=True, capture_output=True)
-        try:
-            import pyarrow.parquet as pq
+        baseline_code(args.baseline, bcode)
+        import pyarrow.parquet as pq
 
-            from model.preprocess import to_uint8
-            from model.ram import RamConfig
+        from model.preprocess import to_uint8
+        from model.ram import RamConfig
 
-            emit({"bf16_vs_fp32_cpu_autocast": precision_agreement(),
-                  "how": "golden set A tiny RAM / RAM++, 20 coco20 photos, tags thresholded by the golden threshold file"})
-            rows = pq.read_table(root / "batch.parquet").to_pylist()
-            cfg = RamConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in BENCH_RAM.items()})
-            prepare = lambda im: to_uint8(im, cfg)  # noqa: E731
-            rounds: dict[int, list[float]] = {1: [], args.workers: []}
-            for _ in range(3):  # alternating, so both see the same machine; the median of each
-                for w in rounds:
-                    rounds[w].append(decode_rate(rows, w, prepare))
-            d1, dn = (statistics.median(rounds[w]) for w in (1, args.workers))
-            emit({"decode_img_per_s": {"1": round(d1, 1), str(args.workers): round(dn, 1)},
-                  "decode_scaling": round(dn / d1, 2), "rounds": {str(w): [round(r, 1) for r in v] for w, v in rounds.items()},
-                  "image": f"coco20 JPEG -> 384 px uint8, {len(rows)} rows"})
-            rows = rows[:160]
-            per_batch = MODEL_BATCH / (1.5 * d1)
-            busy = {str(w): round(standin_busy(rows, w, prepare, per_batch), 3) for w in sorted({1, args.workers})}
-            emit({"gpu_standin": "SIMULATION: sleep per batch, no GPU", "per_batch_s": round(per_batch, 4),
-                  "standin_img_per_s": round(MODEL_BATCH / per_batch, 1), "busy_share": busy})
-            emit({"model_img_per_s": round(model_rate(root, rows), 2), "model": "RAM 384 px, 4,585 classes, "
-                  "reduced width (BENCH_RAM), fp32, 2 threads", "batch": MODEL_BATCH})
-            before = _run_in(wt, "separate", broot, args.workers)
-            emit({"end_to_end": before, "code": f"baseline {args.baseline}"})
-            separate = _run_in(REPO, "separate", root, args.workers)
-            emit({"end_to_end": separate, "code": "this tree, four steps"})
-            fused = _run_in(REPO, "fused", root, args.workers)
-            emit({"end_to_end": fused, "code": f"this tree, evidence.v1, {args.workers} decode workers"})
-            if args.workers != 1:  # on a CPU the decode threads share the cores with the model's
-                one = _run_in(REPO, "fused", root, 1)
-                emit({"end_to_end": one, "code": "this tree, evidence.v1, 1 decode worker"})
-        finally:
-            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(wt)], capture_output=True)
+        emit({"bf16_vs_fp32_cpu_autocast": precision_agreement(),
+              "how": "golden set A tiny RAM / RAM++, 20 coco20 photos, tags thresholded by the golden threshold file"})
+        rows = pq.read_table(root / "batch.parquet").to_pylist()
+        cfg = RamConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in BENCH_RAM.items()})
+        prepare = lambda im: to_uint8(im, cfg)  # noqa: E731
+        rounds: dict[int, list[float]] = {1: [], args.workers: []}
+        for _ in range(3):  # alternating, so both see the same machine; the median of each
+            for w in rounds:
+                rounds[w].append(decode_rate(rows, w, prepare))
+        d1, dn = (statistics.median(rounds[w]) for w in (1, args.workers))
+        emit({"decode_img_per_s": {"1": round(d1, 1), str(args.workers): round(dn, 1)},
+              "decode_scaling": round(dn / d1, 2), "rounds": {str(w): [round(r, 1) for r in v] for w, v in rounds.items()},
+              "image": f"coco20 JPEG -> 384 px uint8, {len(rows)} rows"})
+        rows = rows[:160]
+        per_batch = MODEL_BATCH / (1.5 * d1)
+        busy = {str(w): round(standin_busy(rows, w, prepare, per_batch), 3) for w in sorted({1, args.workers})}
+        emit({"gpu_standin": "SIMULATION: sleep per batch, no GPU", "per_batch_s": round(per_batch, 4),
+              "standin_img_per_s": round(MODEL_BATCH / per_batch, 1), "busy_share": busy})
+        emit({"model_img_per_s": round(model_rate(root, rows), 2), "model": "RAM 384 px, 4,585 classes, "
+              "reduced width (BENCH_RAM), fp32, 2 threads", "batch": MODEL_BATCH})
+        before = _run_in(bcode, "separate", broot, args.workers)
+        emit({"end_to_end": before, "code": f"baseline {args.baseline}"})
+        separate = _run_in(REPO, "separate", root, args.workers)
+        emit({"end_to_end": separate, "code": "this tree, four steps"})
+        fused = _run_in(REPO, "fused", root, args.workers)
+        emit({"end_to_end": fused, "code": f"this tree, evidence.v1, {args.workers} decode workers"})
+        if args.workers != 1:  # on a CPU the decode threads share the cores with the model's
+            one = _run_in(REPO, "fused", root, 1)
+            emit({"end_to_end": one, "code": "this tree, evidence.v1, 1 decode worker"})
     emit({"decodes_per_image": {"before": before["decodes_per_image"], "after": fused["decodes_per_image"]},
           "fused_vs_four_steps_same_code": round(separate["seconds"] / fused["seconds"], 2)})
     per_image = before["rows"] != fused["rows"]
