@@ -1,7 +1,7 @@
 """Benchmark: the four vision steps (pseudolabel, ground with attention, embed, verify with views) on
 real photos, before and after ``evidence.v1`` (one decode per image, shared forwards, decode workers).
 
-    python bench/vision.py [--rows 400] [--baseline 8d1bc67] [--workers 2]
+    python bench/vision.py [--rows 400] [--baseline 8d1bc67] [--workers 2] [--smoke]
 
 * Photos: ../shared/data/coco20 (20 COCO JPEGs, ~640x480, ~150 KB) replicated to ``--rows`` rows with
   unique ids, inline bytes; each row's parse tags are its COCO categories that RAM's tag list names.
@@ -26,6 +26,9 @@ Reported (JSON lines, then the last line ``vision_steps_speedup: X.XX``):
   extracted by ``git archive``, same data, same weights) / evidence.v1's, both measured in this run. Also
   the ratio against today's four separate steps (same code as evidence.v1's parts) to separate the
   fusion's share.
+
+``--smoke``: 8 rows and the model at 64 px (``SMOKE_RAM``); it checks the script
+(tests/test_bench_smoke.py), its figures mean nothing.
 """
 from __future__ import annotations
 
@@ -43,6 +46,8 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("RAM_SHARED_DIR", REPO.parent / "shared"))
 BENCH_RAM = {"image_size": 384, "window_size": 12, "embed_dim": 16, "depths": [2, 2, 2, 2],
              "num_heads": [1, 2, 4, 8], "head_hidden": 64, "head_heads": 4, "head_intermediate": 256}
+# --smoke: the same model at 64 px (three Swin stages) so a check of the script takes seconds, not minutes
+SMOKE_RAM = {**BENCH_RAM, "image_size": 64, "window_size": 4, "depths": [2, 2, 2], "num_heads": [1, 2, 4]}
 VIEWS = [{"window": 1.0, "mirror": True}, {"window": 0.75}]
 PSEUDO = {"floor": 1.0, "top_k": 10}
 GROUND = {"candidate_score": 0.0, "max_candidates": 6}
@@ -58,7 +63,7 @@ def emit(obj: dict) -> None:
 
 # -- data (this tree's code only) ----------------------------------------------------------------------
 
-def make_data(root: Path, rows: int) -> None:
+def make_data(root: Path, rows: int, ram_args: dict) -> None:
     """batch.parquet (rows), vocab/tagset.parquet (RAM's 4,585 names), tagger/ (model.json + model.pth)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -83,11 +88,11 @@ def make_data(root: Path, rows: int) -> None:
     (root / "vocab").mkdir()
     pq.write_table(TagSet([Tag(i, n) for i, n in enumerate(names)]).to_table(), root / "vocab" / "tagset.parquet")
     torch.manual_seed(0)
-    model = create_model("ram_swin_l_384", num_classes=len(names), **BENCH_RAM)
+    model = create_model("ram_swin_l_384", num_classes=len(names), **ram_args)
     (root / "tagger").mkdir()
     torch.save({"model": model.state_dict()}, root / "tagger" / "model.pth")
     (root / "tagger" / "model.json").write_text(json.dumps(
-        {"entrypoint": "ram_swin_l_384", "model_args": {"num_classes": len(names), **BENCH_RAM},
+        {"entrypoint": "ram_swin_l_384", "model_args": {"num_classes": len(names), **ram_args},
          "checkpoint": "model.pth"}))
 
 
@@ -251,7 +256,10 @@ def main(argv=None) -> int:
     ap.add_argument("--path", choices=["separate", "fused"], help=argparse.SUPPRESS)  # one path, in a subprocess
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--code", help=argparse.SUPPRESS)
+    ap.add_argument("--smoke", action="store_true", help="8 rows, the model at 64 px: checks the script")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.rows, args.baseline_rows = 8, None
     if args.path:
         sys.path.insert(0, args.code)
         print(json.dumps(run_path(args.path, Path(args.data), args.workers)))
@@ -263,7 +271,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root, bcode, broot = Path(tmp) / "data", Path(tmp) / "baseline", Path(tmp) / "baseline_data"
         root.mkdir()
-        make_data(root, args.rows)
+        ram_args = SMOKE_RAM if args.smoke else BENCH_RAM
+        make_data(root, args.rows, ram_args)
         broot.mkdir()
         if args.baseline_rows and args.baseline_rows < args.rows:  # the same photos, weights and tagset, fewer rows
             import pyarrow.parquet as pq
@@ -282,7 +291,7 @@ def main(argv=None) -> int:
         emit({"bf16_vs_fp32_cpu_autocast": precision_agreement(),
               "how": "golden set A tiny RAM / RAM++, 20 coco20 photos, tags thresholded by the golden threshold file"})
         rows = pq.read_table(root / "batch.parquet").to_pylist()
-        cfg = RamConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in BENCH_RAM.items()})
+        cfg = RamConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ram_args.items()})
         prepare = lambda im: to_uint8(im, cfg)  # noqa: E731
         rounds: dict[int, list[float]] = {1: [], args.workers: []}
         for _ in range(3):  # alternating, so both see the same machine; the median of each
@@ -291,14 +300,15 @@ def main(argv=None) -> int:
         d1, dn = (statistics.median(rounds[w]) for w in (1, args.workers))
         emit({"decode_img_per_s": {"1": round(d1, 1), str(args.workers): round(dn, 1)},
               "decode_scaling": round(dn / d1, 2), "rounds": {str(w): [round(r, 1) for r in v] for w, v in rounds.items()},
-              "image": f"coco20 JPEG -> 384 px uint8, {len(rows)} rows"})
+              "image": f"coco20 JPEG -> {cfg.image_size} px uint8, {len(rows)} rows"})
         rows = rows[:160]
         per_batch = MODEL_BATCH / (1.5 * d1)
         busy = {str(w): round(standin_busy(rows, w, prepare, per_batch), 3) for w in sorted({1, args.workers})}
         emit({"gpu_standin": "SIMULATION: sleep per batch, no GPU", "per_batch_s": round(per_batch, 4),
               "standin_img_per_s": round(MODEL_BATCH / per_batch, 1), "busy_share": busy})
-        emit({"model_img_per_s": round(model_rate(root, rows), 2), "model": "RAM 384 px, 4,585 classes, "
-              "reduced width (BENCH_RAM), fp32, 2 threads", "batch": MODEL_BATCH})
+        emit({"model_img_per_s": round(model_rate(root, rows), 2), "model": f"RAM {cfg.image_size} px, 4,585 "
+              f"classes, reduced width ({'SMOKE_RAM' if args.smoke else 'BENCH_RAM'}), fp32, 2 threads",
+              "batch": MODEL_BATCH})
         before = _run_in(bcode, "separate", broot, args.workers)
         emit({"end_to_end": before, "code": f"baseline {args.baseline}"})
         separate = _run_in(REPO, "separate", root, args.workers)
