@@ -1,7 +1,7 @@
 """Benchmark: the four vision steps (pseudolabel, ground with attention, embed, verify with views) on
 real photos, before and after ``evidence.v1`` (one decode per image, shared forwards, decode workers).
 
-    python bench/vision.py [--rows 400] [--baseline 8d1bc67] [--workers 2] [--smoke]
+    python bench/vision.py [--rows 400] [--baseline 8d1bc67] [--workers 2] [--out bench/out/vision.json] [--smoke]
 
 * Photos: ../shared/data/coco20 (20 COCO JPEGs, ~640x480, ~150 KB) replicated to ``--rows`` rows with
   unique ids, inline bytes; each row's parse tags are its COCO categories that RAM's tag list names.
@@ -56,7 +56,7 @@ LINES: list[dict] = []
 
 
 def emit(obj: dict) -> None:
-    """One result line on stdout, kept for bench/out/vision.json."""
+    """One result line on stdout, kept for the JSON file (``--out``)."""
     LINES.append(obj)
     print(json.dumps(obj), flush=True)
 
@@ -253,6 +253,7 @@ def main(argv=None) -> int:
     ap.add_argument("--baseline-rows", type=int, default=None, help="rows the baseline runs on (default --rows; "
                     "fewer when it is slow: the speedup is then per image, and says so)")
     ap.add_argument("--workers", type=int, default=2, help="decode workers")
+    ap.add_argument("--out", default=str(REPO / "bench" / "out" / "vision.json"))
     ap.add_argument("--path", choices=["separate", "fused"], help=argparse.SUPPRESS)  # one path, in a subprocess
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--code", help=argparse.SUPPRESS)
@@ -326,7 +327,7 @@ def main(argv=None) -> int:
         emit({"note": f"the baseline ran {before['rows']} rows, evidence.v1 {fused['rows']}: the speedup "
                       f"compares seconds per image"})
     emit({"vision_steps_speedup": round(speedup, 2)})
-    out = REPO / "bench" / "out" / "vision.json"
+    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(LINES, indent=1) + "\n")
     print(f"vision_steps_speedup: {speedup:.2f}")
