@@ -27,8 +27,9 @@ Reported (JSON lines, then the last line ``vision_steps_speedup: X.XX``):
   the ratio against today's four separate steps (same code as evidence.v1's parts) to separate the
   fusion's share.
 
-``--smoke``: 8 rows and the model at 64 px (``SMOKE_RAM``); it checks the script
-(tests/test_bench_smoke.py), its figures mean nothing.
+``--smoke``: 8 rows, the model at 64 px (``SMOKE_RAM``) over RAM's first 200 names and the COCO ones,
+4 photos for the precision check, one torch thread; it checks the script (tests/test_bench_smoke.py),
+its figures mean nothing.
 """
 from __future__ import annotations
 
@@ -46,8 +47,10 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("RAM_SHARED_DIR", REPO.parent / "shared"))
 BENCH_RAM = {"image_size": 384, "window_size": 12, "embed_dim": 16, "depths": [2, 2, 2, 2],
              "num_heads": [1, 2, 4, 8], "head_hidden": 64, "head_heads": 4, "head_intermediate": 256}
-# --smoke: the same model at 64 px (three Swin stages) so a check of the script takes seconds, not minutes
+# --smoke: the same model at 64 px (three Swin stages) over fewer classes, so a check of the script
+# takes seconds, not minutes
 SMOKE_RAM = {**BENCH_RAM, "image_size": 64, "window_size": 4, "depths": [2, 2, 2], "num_heads": [1, 2, 4]}
+SMOKE_TAGS = 200
 VIEWS = [{"window": 1.0, "mirror": True}, {"window": 0.75}]
 PSEUDO = {"floor": 1.0, "top_k": 10}
 GROUND = {"candidate_score": 0.0, "max_candidates": 6}
@@ -63,8 +66,9 @@ def emit(obj: dict) -> None:
 
 # -- data (this tree's code only) ----------------------------------------------------------------------
 
-def make_data(root: Path, rows: int, ram_args: dict) -> None:
-    """batch.parquet (rows), vocab/tagset.parquet (RAM's 4,585 names), tagger/ (model.json + model.pth)."""
+def make_data(root: Path, rows: int, ram_args: dict, max_tags: int | None = None) -> None:
+    """batch.parquet (rows), vocab/tagset.parquet (RAM's 4,585 names, or the first ``max_tags`` and every
+    COCO category RAM names), tagger/ (model.json + model.pth)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
@@ -74,9 +78,11 @@ def make_data(root: Path, rows: int, ram_args: dict) -> None:
 
     coco = SHARED / "data" / "coco20"
     names = [n.strip() for n in (SHARED / "ref" / "ram" / "ram_tag_list.txt").read_text().splitlines() if n.strip()]
-    index = {n: i for i, n in enumerate(names)}
     inst = json.loads((coco / "instances_train2017.json").read_text())
     cat = {c["id"]: c["name"] for c in inst["categories"]}
+    if max_tags:
+        names = [n for i, n in enumerate(names) if i < max_tags or n in set(cat.values())]
+    index = {n: i for i, n in enumerate(names)}
     tags: dict[int, set[int]] = {}
     for a in inst["annotations"]:
         if cat[a["category_id"]] in index:
@@ -98,7 +104,7 @@ def make_data(root: Path, rows: int, ram_args: dict) -> None:
 
 # -- one path over the data (runs in this tree or, for the baseline, in a copy of another commit) -------
 
-def run_path(mode: str, root: Path, workers: int) -> dict:
+def run_path(mode: str, root: Path, workers: int, threads: int) -> dict:
     """The four steps (``separate``) or evidence.v1 (``fused``) over batch.parquet; seconds exclude setup."""
     import pyarrow.parquet as pq
     import torch
@@ -107,7 +113,7 @@ def run_path(mode: str, root: Path, workers: int) -> dict:
     import stages.vision as vision
     from pipeline.stage import StageContext
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     counts = {"n": 0}
     for mod in (vision, pl_mod):  # older code calls the copy its module imported
         if hasattr(mod, "open_image"):
@@ -151,10 +157,11 @@ def run_path(mode: str, root: Path, workers: int) -> dict:
             "regions": regions, "decodes_per_image": round(counts["n"] / batch.num_rows, 3)}
 
 
-def _run_in(code: Path, mode: str, root: Path, workers: int) -> dict:
+def _run_in(code: Path, mode: str, root: Path, workers: int, threads: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(code)}
     out = subprocess.run([sys.executable, __file__, "--path", mode, "--data", str(root), "--code", str(code),
-                          "--workers", str(workers)], env=env, capture_output=True, text=True, cwd=str(code))
+                          "--workers", str(workers), "--threads", str(threads)],
+                         env=env, capture_output=True, text=True, cwd=str(code))
     if out.returncode:
         raise SystemExit(f"bench/vision.py: the {mode} path in {code} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -199,13 +206,13 @@ def standin_busy(rows: list[dict], workers: int, prepare, per_batch: float) -> f
     return busy / (time.perf_counter() - t0)
 
 
-def model_rate(root: Path, rows: list[dict]) -> float:
+def model_rate(root: Path, rows: list[dict], threads: int) -> float:
     import torch
 
     from stages.vision import BaseTagger, Decoder, ImageLimits, TaggerConfig
     from tagset.tagset import TagSet
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     names = TagSet.load(root / "vocab").names
     tagger = BaseTagger.load(TaggerConfig(batch_size=MODEL_BATCH), {"tagger": str(root / "tagger")}, names)
     pixels = [x for _, _, _, x in Decoder(1, None, ImageLimits()).decode(rows[:2 * MODEL_BATCH], tagger.prepare)]
@@ -215,10 +222,11 @@ def model_rate(root: Path, rows: list[dict]) -> float:
     return len(pixels) / (time.perf_counter() - t0)
 
 
-def precision_agreement() -> dict:
+def precision_agreement(max_photos: int | None = None) -> dict:
     """bf16 autocast vs fp32 on the CPU with golden set A's official tiny RAM and RAM++ (224 px, 50 classes,
-    its threshold file): the share of (photo, tag) pairs of the 20 coco20 photos whose thresholded tag
-    (score >= the tag's threshold) is the same, and the largest score difference."""
+    its threshold file): the share of (photo, tag) pairs of the 20 coco20 photos (or the first
+    ``max_photos``) whose thresholded tag (score >= the tag's threshold) is the same, and the largest score
+    difference."""
     import numpy as np
 
     from model.ram import create_model
@@ -227,7 +235,7 @@ def precision_agreement() -> dict:
     g = SHARED / "ref" / "ram" / "golden"
     thresholds = [float(x) for x in (g / "ram_tag_list_threshold.txt").read_text().split()]
     photos = [{"image_id": p.stem, "image_bytes": p.read_bytes()}
-              for p in sorted((SHARED / "data" / "coco20" / "images").glob("*.jpg"))]
+              for p in sorted((SHARED / "data" / "coco20" / "images").glob("*.jpg"))[:max_photos]]
     out = {}
     for name, ckpt in (("ram_test", "tiny_ram.pth"), ("ram_plus_test", "tiny_ram_plus.pth")):
         model = create_model(name, pretrained=str(g / ckpt)).eval()
@@ -253,17 +261,18 @@ def main(argv=None) -> int:
     ap.add_argument("--baseline-rows", type=int, default=None, help="rows the baseline runs on (default --rows; "
                     "fewer when it is slow: the speedup is then per image, and says so)")
     ap.add_argument("--workers", type=int, default=2, help="decode workers")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads of the model")
     ap.add_argument("--out", default=str(REPO / "bench" / "out" / "vision.json"))
     ap.add_argument("--path", choices=["separate", "fused"], help=argparse.SUPPRESS)  # one path, in a subprocess
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--code", help=argparse.SUPPRESS)
     ap.add_argument("--smoke", action="store_true", help="8 rows, the model at 64 px: checks the script")
     args = ap.parse_args(argv)
-    if args.smoke:
-        args.rows, args.baseline_rows = 8, None
+    if args.smoke:  # one thread: a busy machine's other work stalls two threads that wait on each other
+        args.rows, args.baseline_rows, args.threads = 8, None, 1
     if args.path:
         sys.path.insert(0, args.code)
-        print(json.dumps(run_path(args.path, Path(args.data), args.workers)))
+        print(json.dumps(run_path(args.path, Path(args.data), args.workers, args.threads)))
         return 0
     sys.path.insert(0, str(REPO))
     if not (SHARED / "data" / "coco20").exists():
@@ -273,7 +282,7 @@ def main(argv=None) -> int:
         root, bcode, broot = Path(tmp) / "data", Path(tmp) / "baseline", Path(tmp) / "baseline_data"
         root.mkdir()
         ram_args = SMOKE_RAM if args.smoke else BENCH_RAM
-        make_data(root, args.rows, ram_args)
+        make_data(root, args.rows, ram_args, SMOKE_TAGS if args.smoke else None)
         broot.mkdir()
         if args.baseline_rows and args.baseline_rows < args.rows:  # the same photos, weights and tagset, fewer rows
             import pyarrow.parquet as pq
@@ -289,7 +298,7 @@ def main(argv=None) -> int:
         from model.preprocess import to_uint8
         from model.ram import RamConfig
 
-        emit({"bf16_vs_fp32_cpu_autocast": precision_agreement(),
+        emit({"bf16_vs_fp32_cpu_autocast": precision_agreement(4 if args.smoke else None),
               "how": "golden set A tiny RAM / RAM++, 20 coco20 photos, tags thresholded by the golden threshold file"})
         rows = pq.read_table(root / "batch.parquet").to_pylist()
         cfg = RamConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ram_args.items()})
@@ -307,17 +316,19 @@ def main(argv=None) -> int:
         busy = {str(w): round(standin_busy(rows, w, prepare, per_batch), 3) for w in sorted({1, args.workers})}
         emit({"gpu_standin": "SIMULATION: sleep per batch, no GPU", "per_batch_s": round(per_batch, 4),
               "standin_img_per_s": round(MODEL_BATCH / per_batch, 1), "busy_share": busy})
-        emit({"model_img_per_s": round(model_rate(root, rows), 2), "model": f"RAM {cfg.image_size} px, 4,585 "
-              f"classes, reduced width ({'SMOKE_RAM' if args.smoke else 'BENCH_RAM'}), fp32, 2 threads",
+        classes = pq.read_metadata(root / "vocab" / "tagset.parquet").num_rows
+        emit({"model_img_per_s": round(model_rate(root, rows, args.threads), 2),
+              "model": f"RAM {cfg.image_size} px, {classes:,} classes, reduced width "
+                       f"({'SMOKE_RAM' if args.smoke else 'BENCH_RAM'}), fp32, {args.threads} threads",
               "batch": MODEL_BATCH})
-        before = _run_in(bcode, "separate", broot, args.workers)
+        before = _run_in(bcode, "separate", broot, args.workers, args.threads)
         emit({"end_to_end": before, "code": f"baseline {args.baseline}"})
-        separate = _run_in(REPO, "separate", root, args.workers)
+        separate = _run_in(REPO, "separate", root, args.workers, args.threads)
         emit({"end_to_end": separate, "code": "this tree, four steps"})
-        fused = _run_in(REPO, "fused", root, args.workers)
+        fused = _run_in(REPO, "fused", root, args.workers, args.threads)
         emit({"end_to_end": fused, "code": f"this tree, evidence.v1, {args.workers} decode workers"})
         if args.workers != 1:  # on a CPU the decode threads share the cores with the model's
-            one = _run_in(REPO, "fused", root, 1)
+            one = _run_in(REPO, "fused", root, 1, args.threads)
             emit({"end_to_end": one, "code": "this tree, evidence.v1, 1 decode worker"})
     emit({"decodes_per_image": {"before": before["decodes_per_image"], "after": fused["decodes_per_image"]},
           "fused_vs_four_steps_same_code": round(separate["seconds"] / fused["seconds"], 2)})
