@@ -21,7 +21,7 @@ that ran an earlier step's tasks carries that peak along). Not a test. The last 
 ``driver_rss_growth_4x: X.XX`` (the larger of the two workloads' driver peak RSS at 4N / at N, the
 process's own ``getrusage`` peak), ``worker_rss_growth_4x: X.XX`` (the same for the largest worker) and
 ``time_ratio_4x: X.XX`` (total wall time of both workloads at 4N / at N; linear is 4.0). ``--smoke``:
-shards of 50 rows, 2 and 8 of them; it checks the script (tests/test_bench_smoke.py), its figures mean
+shards of 50 rows, 1 and 4 of them; it checks the script (tests/test_bench_smoke.py), its figures mean
 nothing.
 """
 from __future__ import annotations
@@ -151,14 +151,14 @@ def main() -> None:
     ap.add_argument("--caption-shard-rows", type=int, default=1000, help="rows per shard, caption workload")
     ap.add_argument("--region-shard-rows", type=int, default=5000, help="images per shard, simulated regions")
     ap.add_argument("--out", default=str(REPO / "bench" / "out" / "scale.json"))
-    ap.add_argument("--smoke", action="store_true", help="shards of 50 rows, 2 and 8 of them: checks the script")
+    ap.add_argument("--smoke", action="store_true", help="shards of 50 rows, 1 and 4 of them: checks the script")
     ap.add_argument("--child", nargs=4, metavar=("KIND", "SHARDS", "SHARD_ROWS", "DIR"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         print(json.dumps(child(a.child[0], int(a.child[1]), int(a.child[2]), Path(a.child[3]))))
         return
     if a.smoke:
-        a.shards, a.caption_shard_rows, a.region_shard_rows = 2, 50, 50
+        a.shards, a.caption_shard_rows, a.region_shard_rows = 1, 50, 50
     kinds = [("regions", a.region_shard_rows)]
     if (SHARED / "data" / "captions").is_dir():
         kinds.insert(0, ("captions", a.caption_shard_rows))
