@@ -1,10 +1,11 @@
 """Benchmark: training steps of the base tagger (cnn_tagger_tiny) with channels-last vs contiguous
 (NCHW) weights and batches, same run, same random batch, same optimiser.
 
-    python bench/cnn_train.py [--steps 30] [--batch 32] [--size 64] [--classes 60]
+    python bench/cnn_train.py [--steps 30] [--batch 32] [--size 64] [--classes 60] [--smoke]
 
 Alternates the two layouts in rounds so that both see the same machine state. The last line is
-``cnn_train_channels_last_speedup: X.XX`` (time per step, contiguous / channels-last).
+``cnn_train_channels_last_speedup: X.XX`` (time per step, contiguous / channels-last). ``--smoke``: two
+steps of batch 4, one round; it checks the script (tests/test_bench_smoke.py), its figure means nothing.
 """
 from __future__ import annotations
 
@@ -53,7 +54,10 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--classes", type=int, default=60)
     ap.add_argument("--out", default=str(REPO / "bench/out/cnn_train.json"))
+    ap.add_argument("--smoke", action="store_true", help="two steps of batch 4, one round: checks the script")
     args = ap.parse_args()
+    if args.smoke:
+        args.steps, args.rounds, args.batch = 2, 1, 4
     times: dict[str, list[float]] = {"nchw": [], "channels_last": []}
     for _ in range(args.rounds):
         for name in times:

@@ -11,11 +11,12 @@ in the same run on the same crops:
   0.75 x the image around the box, at the model's 64 px input) through the inference form. The run's
   default takes two views per candidate.
 
-    python bench/crops.py [--images 300] [--batch 128]
+    python bench/crops.py [--images 300] [--batch 128] [--smoke]
 
 Crops are the boxes of real scene-world objects (128 px images, seed 0). Single-threaded, as one
 Ray worker of the run is. The last lines are the ratios against ``model_size`` (and, for a view,
-against ``native_fast``: what a view costs next to the crop score every region gets).
+against ``native_fast``: what a view costs next to the crop score every region gets). ``--smoke``: 4
+images, one round; it checks the script (tests/test_bench_smoke.py), its figures mean nothing.
 """
 from __future__ import annotations
 
@@ -46,7 +47,10 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=str(REPO / "bench/out/crops.json"))
+    ap.add_argument("--smoke", action="store_true", help="4 images, one round: checks the script")
     args = ap.parse_args()
+    if args.smoke:
+        args.images, args.rounds = 4, 1
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = create_model("cnn_tagger_tiny", num_classes=60, image_size=64, pool="lse").eval()

@@ -1,6 +1,6 @@
 """Benchmark: planning and reading a RAM training json far larger than memory would allow whole.
 
-    python bench/readers.py [--gb 3.5] [--dir /tmp] [--out bench/out/readers.json] [--keep]
+    python bench/readers.py [--gb 3.5] [--dir /tmp] [--out bench/out/readers.json] [--keep] [--smoke]
 
 Writes a RAM-format json (``image_path, caption, union_label_id, parse_label_id``) of ``--gb`` GB from
 the real captions in ../shared/data/captions (replicated with unique paths; label ids drawn from
@@ -9,7 +9,9 @@ pass), reads its first, middle and last shards, and measures the peak Python mem
 and the process's peak RSS growth. ``json.loads`` of one 20,000-record block gives what loading the
 whole file would hold per byte, for comparison. The last line is ``whole_load_vs_plan_peak: X``
 (the memory a whole-file load would need over the plan's measured peak).
-Not a test: the numbers vary with the machine and what else runs on it.
+Not a test: the numbers vary with the machine and what else runs on it. ``--smoke``: a file of about 2 MB
+from blocks of 1,000 records, in ranges of 100; it checks the script (tests/test_bench_smoke.py), its
+figures mean nothing.
 """
 from __future__ import annotations
 
@@ -70,13 +72,16 @@ def main() -> int:
     ap.add_argument("--shard-rows", type=int, default=1000)
     ap.add_argument("--out", default=str(REPO / "bench/out/readers.json"))
     ap.add_argument("--keep", action="store_true", help="keep the generated file")
+    ap.add_argument("--smoke", action="store_true", help="a ~2 MB file: checks the script")
     args = ap.parse_args()
+    per_block = 20_000
+    if args.smoke:
+        args.gb, args.shard_rows, per_block = 0.002, 100, 1_000
 
     from pipeline.stage import StageContext
     from stages.sources_json import RamJson
 
     caps = real_captions()
-    per_block = 20_000
     blk = block(caps, per_block, seed=0)
     path = Path(args.dir) / f"ram_train_bench_{args.gb:g}gb.json"
     t0 = time.perf_counter()

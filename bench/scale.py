@@ -1,9 +1,10 @@
-"""Benchmark: how the engine's cost grows from N to 4N rows, per step, driver apart from the workers.
+"""Benchmark: how the engine's cost grows from N to 4N shards of a fixed size, per step, driver apart from
+the workers.
 
-    python bench/scale.py [--captions 8000] [--images 40000] [--out bench/out/scale.json]
+    python bench/scale.py [--shards 8] [--caption-shard-rows 1000] [--region-shard-rows 5000] [--smoke]
 
-Two workloads run through the real runner (Ray, local, 2 CPUs), each at N and 4N, each size in its own
-process so peak memories are that run's alone:
+Two workloads run through the real runner (Ray, local, 2 CPUs), each at N and 4N shards, each size in its
+own process so peak memories are that run's alone:
 
 * captions: real captions (../shared/data/captions, CC3M + Flickr30k, replicated with unique ids) as
   a CC3M tsv -> parse -> vocab -> label -> export (workflow ``caption_labels``);
@@ -11,10 +12,17 @@ process so peak memories are that run's alone:
   from a Zipf law over 4,585 tags, the evidence columns decide and report read) -> cluster -> decide
   -> report (workflow ``regions_simulated``). No image exists in this part.
 
-Per step: wall seconds, the driver process's peak resident memory while the step ran, and the largest
-Ray worker's (sampled from /proc every 0.1 s). Not a test. The last lines are
-``driver_rss_growth_4x: X.XX`` (the larger of the two workloads' peak driver RSS at 4N / at N) and
-``time_ratio_4x: X.XX`` (total wall time of both workloads at 4N / at N; linear is 4.0).
+The shard size stays fixed and the shard count grows, as a corpus does: what grows with the number of
+shards (the driver's plans, stats and merges) shows in the driver's memory, and a worker, which holds
+one shard at a time, should stay flat. Per step: wall seconds, the driver process's peak resident
+memory while the step ran (sampled every 0.1 s), and the largest worker's peak RSS (each worker's
+``getrusage`` peak at the end of each of its shards and calls, from the step's manifest; a Ray worker
+that ran an earlier step's tasks carries that peak along). Not a test. The last lines are
+``driver_rss_growth_4x: X.XX`` (the larger of the two workloads' driver peak RSS at 4N / at N, the
+process's own ``getrusage`` peak), ``worker_rss_growth_4x: X.XX`` (the same for the largest worker) and
+``time_ratio_4x: X.XX`` (total wall time of both workloads at 4N / at N; linear is 4.0). ``--smoke``:
+shards of 50 rows, 1 and 4 of them; it checks the script (tests/test_bench_smoke.py), its figures mean
+nothing.
 """
 from __future__ import annotations
 
@@ -33,27 +41,18 @@ sys.path.insert(0, str(REPO))
 SHARED = Path(os.environ.get("RAM_SHARED_DIR", REPO.parent / "shared"))
 
 
-def rss_kb(pid: int | str = "self") -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
+def rss_kb() -> int:
+    """This process's resident memory now (KiB)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
     return 0
 
 
-def ray_workers() -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                cmd = (d / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if cmd.startswith(b"ray::"):
-                out.append(int(d.name))
-    return out
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def write_captions(path: Path, n: int) -> None:
@@ -79,37 +78,40 @@ vocab: {{min_count: 2}}
     "regions": """workflow: regions_simulated
 seed: 0
 ray: {{num_cpus: 2, progress: false}}
-input: {{images: {n}, tags: 4585, dim: 512, shard_rows: {shard}, resources: {{pool_size: 2}}}}
+input: {{images: {rows}, tags: 4585, dim: 512, shard_rows: {shard}, resources: {{pool_size: 2}}}}
 cluster: {{fit_buckets: 16, resources: {{pool_size: 2}}}}
 decide: {{resources: {{pool_size: 2}}}}
 """,
 }
 
 
-def child(kind: str, n: int, work: Path) -> dict:
-    """One run in this process: per-step seconds, peak driver RSS and peak worker RSS (MB)."""
+def worker_peak_mb(step_dir: Path) -> float:
+    """The largest worker peak RSS a step's manifest records: its shards' and its prepare calls'."""
+    m = json.loads((step_dir / "_manifest.json").read_text())
+    return max(m.get("worker_peak_rss_mb", 0.0), m.get("prepare_worker_peak_rss_mb", 0.0))
+
+
+def child(kind: str, shards: int, shard_rows: int, work: Path) -> dict:
+    """One run in this process: per-step seconds, peak driver RSS (sampled) and the largest worker's (MiB)."""
     from pipeline.config import load_run_config
     from pipeline.workflow import Runner
 
     work.mkdir(parents=True, exist_ok=True)
+    rows = shards * shard_rows
     data = work / "captions.tsv"
     if kind == "captions":
-        write_captions(data, n)
-    shard = max(500, n // 8)
+        write_captions(data, rows)
     cfg_path = work / f"{kind}.yaml"
-    cfg_path.write_text(CONFIGS[kind].format(data=data, n=n, shard=shard))
+    cfg_path.write_text(CONFIGS[kind].format(data=data, rows=rows, shard=shard_rows))
     runner = Runner(load_run_config(cfg_path), work / "run")
     steps = [s.name for s in runner.cfg.steps]
-    peaks = {s: {"driver_mb": 0.0, "worker_mb": 0.0} for s in steps}
+    driver = {s: 0.0 for s in steps}
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
             cur = steps[min(len(runner.reports), len(steps) - 1)]
-            p = peaks[cur]
-            p["driver_mb"] = max(p["driver_mb"], rss_kb() / 1024)
-            for pid in ray_workers():
-                p["worker_mb"] = max(p["worker_mb"], rss_kb(pid) / 1024)
+            driver[cur] = max(driver[cur], rss_kb() / 1024)
             time.sleep(0.1)
 
     t = threading.Thread(target=sample, daemon=True)
@@ -120,58 +122,74 @@ def child(kind: str, n: int, work: Path) -> dict:
     wall = time.perf_counter() - t0
     stop.set()
     t.join()
-    return {"kind": kind, "n": n, "wall_s": round(wall, 2), "driver_base_mb": round(base, 1),
-            "driver_peak_mb": round(max(p["driver_mb"] for p in peaks.values()), 1),
-            "steps": {r.step: {"seconds": r.seconds, "rows": r.rows_out, **{k: round(v, 1) for k, v in
-                                                                            peaks[r.step].items()}} for r in reports}}
+    per_step = {r.step: {"seconds": r.seconds, "rows": r.rows_out, "shards": r.extra.get("shards"),
+                         "driver_mb": round(driver[r.step], 1),
+                         "worker_mb": round(worker_peak_mb(runner.out_dir / r.step), 1)} for r in reports}
+    return {"kind": kind, "shards": shards, "shard_rows": shard_rows, "rows": rows, "wall_s": round(wall, 2),
+            "driver_base_mb": round(base, 1), "driver_peak_mb": round(peak_rss_mb(), 1),
+            "worker_peak_mb": max(v["worker_mb"] for v in per_step.values()), "steps": per_step}
+
+
+def run_sizes(kinds: list[tuple[str, int]], shards: int) -> list[dict]:
+    """Each workload at ``shards`` and 4x ``shards``, each run in a fresh process."""
+    results = []
+    with tempfile.TemporaryDirectory(prefix="scale-") as tmp:
+        for kind, shard_rows in kinds:
+            for mult in (1, 4):
+                env = dict(os.environ, PYTHONPATH=str(REPO))  # the driver's and Ray's workers' imports
+                res = subprocess.run([sys.executable, __file__, "--child", kind, str(shards * mult), str(shard_rows),
+                                      str(Path(tmp) / f"{kind}-{mult}")], env=env, capture_output=True, text=True)
+                if res.returncode != 0:
+                    sys.exit(f"{kind} at {shards * mult} shards: failed\n{res.stderr[-4000:]}")
+                results.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    return results
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--captions", type=int, default=8000, help="N for the caption workload")
-    ap.add_argument("--images", type=int, default=40000, help="N (images) for the simulated region workload")
+    ap.add_argument("--shards", type=int, default=8, help="N: shards at the smaller size (4N at the larger)")
+    ap.add_argument("--caption-shard-rows", type=int, default=1000, help="rows per shard, caption workload")
+    ap.add_argument("--region-shard-rows", type=int, default=5000, help="images per shard, simulated regions")
     ap.add_argument("--out", default=str(REPO / "bench" / "out" / "scale.json"))
-    ap.add_argument("--child", nargs=3, metavar=("KIND", "N", "DIR"), help=argparse.SUPPRESS)
+    ap.add_argument("--smoke", action="store_true", help="shards of 50 rows, 1 and 4 of them: checks the script")
+    ap.add_argument("--child", nargs=4, metavar=("KIND", "SHARDS", "SHARD_ROWS", "DIR"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        print(json.dumps(child(a.child[0], int(a.child[1]), Path(a.child[2]))))
+        print(json.dumps(child(a.child[0], int(a.child[1]), int(a.child[2]), Path(a.child[3]))))
         return
-    kinds = [("regions", a.images)]
+    if a.smoke:
+        a.shards, a.caption_shard_rows, a.region_shard_rows = 1, 50, 50
+    kinds = [("regions", a.region_shard_rows)]
     if (SHARED / "data" / "captions").is_dir():
-        kinds.insert(0, ("captions", a.captions))
+        kinds.insert(0, ("captions", a.caption_shard_rows))
     else:
         print(f"(captions part skipped: {SHARED / 'data/captions'} not found)")
-    results = []
-    with tempfile.TemporaryDirectory(prefix="scale-") as tmp:
-        for kind, n in kinds:
-            for mult in (1, 4):
-                env = dict(os.environ, PYTHONPATH=str(REPO))
-                res = subprocess.run([sys.executable, __file__, "--child", kind, str(n * mult),
-                                      str(Path(tmp) / f"{kind}-{mult}")], env=env, capture_output=True, text=True)
-                if res.returncode != 0:
-                    sys.exit(f"{kind} at {n * mult}: failed\n{res.stderr[-4000:]}")
-                results.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    results = run_sizes(kinds, a.shards)
     print("SIMULATION NOTE: the regions workload's embeddings are random (source.synthetic_regions.v1); "
           "nothing here measures tagging quality or GPU work.")
-    print(f"{'workload':<9} {'rows':>7} {'step':<8} {'sec':>7} {'driver MB':>10} {'worker MB':>10}")
+    print(f"{'workload':<9} {'shards':>6} {'rows':>7} {'step':<8} {'sec':>7} {'driver MB':>10} {'worker MB':>10}")
     for r in results:
         for s, v in r["steps"].items():
-            print(f"{r['kind']:<9} {r['n']:>7} {s:<8} {v['seconds']:>7.2f} {v['driver_mb']:>10.1f} "
+            print(f"{r['kind']:<9} {r['shards']:>6} {r['rows']:>7} {s:<8} {v['seconds']:>7.2f} {v['driver_mb']:>10.1f} "
                   f"{v['worker_mb']:>10.1f}")
-        print(f"{r['kind']:<9} {r['n']:>7} {'(all)':<8} {r['wall_s']:>7.2f} {r['driver_peak_mb']:>10.1f}")
-    by = {(r["kind"], r["n"]): r for r in results}
-    growth, t1, t4 = [], 0.0, 0.0
-    for kind, n in kinds:
-        small, big = by[(kind, n)], by[(kind, 4 * n)]
-        growth.append(big["driver_peak_mb"] / small["driver_peak_mb"])
+        print(f"{r['kind']:<9} {r['shards']:>6} {r['rows']:>7} {'(peak)':<8} {r['wall_s']:>7.2f} "
+              f"{r['driver_peak_mb']:>10.1f} {r['worker_peak_mb']:>10.1f}")
+    by = {(r["kind"], r["shards"]): r for r in results}
+    driver, worker, t1, t4 = [], [], 0.0, 0.0
+    for kind, _ in kinds:
+        small, big = by[(kind, a.shards)], by[(kind, 4 * a.shards)]
+        driver.append(big["driver_peak_mb"] / small["driver_peak_mb"])
+        worker.append(big["worker_peak_mb"] / small["worker_peak_mb"])
         t1 += small["wall_s"]
         t4 += big["wall_s"]
-        print(f"{kind}: driver peak {small['driver_peak_mb']:.0f} -> {big['driver_peak_mb']:.0f} MB "
-              f"({growth[-1]:.2f}x), time {small['wall_s']:.1f} -> {big['wall_s']:.1f} s "
-              f"({big['wall_s'] / small['wall_s']:.2f}x)")
+        print(f"{kind}: {a.shards} -> {4 * a.shards} shards of {small['shard_rows']} rows: driver peak "
+              f"{small['driver_peak_mb']:.0f} -> {big['driver_peak_mb']:.0f} MB ({driver[-1]:.2f}x), largest worker "
+              f"{small['worker_peak_mb']:.0f} -> {big['worker_peak_mb']:.0f} MB ({worker[-1]:.2f}x), time "
+              f"{small['wall_s']:.1f} -> {big['wall_s']:.1f} s ({big['wall_s'] / small['wall_s']:.2f}x)")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"simulated": "regions workload", "runs": results}, indent=1) + "\n")
-    print(f"driver_rss_growth_4x: {max(growth):.2f}")
+    print(f"driver_rss_growth_4x: {max(driver):.2f}")
+    print(f"worker_rss_growth_4x: {max(worker):.2f}")
     print(f"time_ratio_4x: {t4 / t1:.2f}")
 
 

@@ -2,10 +2,12 @@
 model/infer.Inference: what pseudolabel runs) vs an official-style one-image-at-a-time fp32 loop, same
 run, same images.
 
-    python bench/tagging.py [--model ram_swin_l_384] [--images 48] [--batch 16] [--precision auto]
+    python bench/tagging.py [--model ram_swin_l_384] [--images 48] [--batch 16] [--precision auto] [--smoke]
 
 Images are the 20 COCO photos beside the project (../shared/data/coco20), repeated; random weights
-(speed does not depend on them). The last line is ``tagging_speedup_vs_per_image: X.XX``.
+(speed does not depend on them). The last line is ``tagging_speedup_vs_per_image: X.XX``. ``--smoke``:
+a tiny RAM (Swin 8 wide, 20 classes) at 64 px on 4 images; it checks the script (tests/test_bench_smoke.py),
+its figure means nothing.
 """
 from __future__ import annotations
 
@@ -19,6 +21,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 SHARED = Path(os.environ.get("RAM_SHARED_DIR", REPO.parent / "shared"))
+SMOKE_RAM = {"num_classes": 20, "image_size": 64, "window_size": 4, "embed_dim": 8, "depths": [2, 2, 2],
+             "num_heads": [1, 2, 4], "head_hidden": 32, "head_heads": 2, "head_intermediate": 64,
+             "label_dim": 16}
 
 
 def main() -> int:
@@ -39,7 +44,10 @@ def main() -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     ap.add_argument("--out", default=str(REPO / "bench/out/tagging.json"))
+    ap.add_argument("--smoke", action="store_true", help="a tiny RAM on 4 images: checks the script")
     args = ap.parse_args()
+    if args.smoke:
+        args.images, args.batch, args.model_args = 4, 2, json.dumps(SMOKE_RAM)
     photos = sorted((SHARED / "data/coco20/images").glob("*.jpg"))
     if not photos:
         print(f"needs photos in {SHARED}/data/coco20/images (set RAM_SHARED_DIR)", file=sys.stderr)

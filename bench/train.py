@@ -2,7 +2,7 @@
 same run (the main job's CNN base tagger at 64 px, batch 32 per worker, images decoded every epoch);
 and the train step's driver peak memory at N and 4N export rows.
 
-    python bench/train.py [--images 960] [--epochs 3] [--rounds 2] [--rss-images 600]
+    python bench/train.py [--images 960] [--epochs 3] [--rounds 2] [--rss-images 600] [--smoke]
 
 Each worker reserves one CPU, so Ray gives it one intra-op thread: the ratio measures data
 parallelism, not threads. Samples/s counts the epochs after the first (warm-up) from the workers' own
@@ -14,12 +14,16 @@ worker, one epoch) on exports of N and 4N rows in shards of 200, each in a fresh
 RSS (``getrusage``: the driver alone; Ray's own processes and the worker are others) is the figure.
 Flat (~1.0x) is the target: the driver streams the image_id column and holds the bounded evaluation
 sample (64 rows here), never a row list.
+
+``--smoke``: 64 images, 2 epochs, one round, driver memory at 40 and 160 rows; it checks the script
+(tests/test_bench_smoke.py), its figures mean nothing.
 """
 from __future__ import annotations
 
 import argparse
 import functools
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -28,6 +32,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+# Ray's workers import the engine from the driver's working directory, not from sys.path: this tree's
+# code must be what they run wherever the script is started from.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
 
 def write_export(root: Path, images: int, shard_rows: int | None = None) -> tuple[list[Path], int]:
@@ -133,7 +140,10 @@ def main() -> int:
     ap.add_argument("--out", default=str(REPO / "bench/out/train.json"))
     ap.add_argument("--driver-child", help=argparse.SUPPRESS)
     ap.add_argument("--classes", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--smoke", action="store_true", help="64 images, 2 epochs, one round: checks the script")
     args = ap.parse_args()
+    if args.smoke:  # two epochs: the first is the warm-up the rate leaves out
+        args.images, args.epochs, args.rounds, args.rss_images = 64, 2, 1, 40
     if args.driver_child:
         return driver_child(Path(args.driver_child), args.classes)
     with tempfile.TemporaryDirectory() as tmp:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import pickle
+import resource
 import sys
 import signal
 import time
@@ -27,6 +28,13 @@ from pipeline.stage import Resources, StageContext, StageResult
 from pipeline.store import StepDir, rejects_table, write_bytes_atomic, write_json_atomic
 
 FAULT_ENV = "PIPELINE_FAULT"  # test hook: "kill_after:<step>:<n>" SIGKILLs the driver after n shards
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB. A worker puts it in each shard's stats: the
+    largest worker's memory is what must stay flat as a corpus grows, and only the worker knows it."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(peak / (2 ** 20 if sys.platform == "darwin" else 1024), 1)
 
 
 class ShardWorker:
@@ -94,7 +102,7 @@ class ShardWorker:
                                self.step.path / "_partials" / f"part-{shard:05d}.pkl")
             stats = {"shard": shard, "fingerprint": self.fingerprint, "rows_in": table.num_rows,
                      "rows_out": table.num_rows, "rows_rejected": 0, "rejects_by_code": {},
-                     "seconds": round(time.perf_counter() - t0, 4)}
+                     "seconds": round(time.perf_counter() - t0, 4), "peak_rss_mb": peak_rss_mb()}
             write_json_atomic(stats, self.step.path / "_stats" / f"part-{shard:05d}.json")
             return stats
         if self.kind == "source":
@@ -121,6 +129,7 @@ class ShardWorker:
             "rows_rejected": row_rejects,
             "rejects_by_code": dict(sorted(codes.items())),
             "seconds": round(time.perf_counter() - t0, 4),
+            "peak_rss_mb": peak_rss_mb(),
         }
         if type(self.stage).defines("shard_summary"):
             stats["summary"] = self.stage.shard_summary(res.table, shard)
@@ -129,8 +138,8 @@ class ShardWorker:
         return stats
 
     def __call__(self, batch: dict) -> dict:
-        out = [pickle.dumps((int(s), self.process(int(s), json.loads(sp))), protocol=pickle.HIGHEST_PROTOCOL)
-               for s, sp in zip(batch["shard"], batch["spec"])]
+        out = [pickle.dumps((int(s), self.process(int(s), json.loads(sp)), peak_rss_mb()),
+                            protocol=pickle.HIGHEST_PROTOCOL) for s, sp in zip(batch["shard"], batch["spec"])]
         return {"out": out}
 
 
@@ -189,7 +198,7 @@ def run_shards(step: Step, context: StageContext, tasks: list[tuple[int, dict]],
     kwargs = _worker_kwargs(step, context, step_dir, fingerprint)
     kill_after = _fault_hook(step.name)
     stats: list[dict] = []
-    for _, st in _iter_results(step, tasks, kwargs, ray_cfg, actors=step.stage_cls.has_setup()):
+    for _, st, _ in _iter_results(step, tasks, kwargs, ray_cfg, actors=step.stage_cls.has_setup()):
         stats.append(st)
         print(f"  [{step.name}] {what} {st['shard']:>5} done ({len(stats)}/{len(tasks)}): {st['rows_out']} rows out, "
               f"{st['rows_rejected']} rejected, {st['seconds']:.2f}s", file=sys.stderr, flush=True)
@@ -199,22 +208,22 @@ def run_shards(step: Step, context: StageContext, tasks: list[tuple[int, dict]],
 
 
 def run_calls(step: Step, context: StageContext, tasks: list[tuple[int, dict]], step_dir: StepDir,
-              fingerprint: str, ray_cfg: RayConfig) -> Iterator[tuple[int, object]]:
-    """``(index, result)`` of each call task (``op: call``), in completion order; the stage is built without
-    ``setup()`` (a call prepares what setup will load)."""
+              fingerprint: str, ray_cfg: RayConfig) -> Iterator[tuple[int, object, float]]:
+    """``(index, result, the worker's peak RSS in MiB)`` of each call task (``op: call``), in completion
+    order; the stage is built without ``setup()`` (a call prepares what setup will load)."""
     kwargs = dict(_worker_kwargs(step, context, step_dir, fingerprint), setup=False)
     yield from _iter_results(step, tasks, kwargs, ray_cfg, actors=False)
 
 
 def _iter_results(step: Step, tasks: list[tuple[int, dict]], kwargs: dict, ray_cfg: RayConfig,
-                  actors: bool) -> Iterator[tuple[int, object]]:
+                  actors: bool) -> Iterator[tuple[int, object, float]]:
     items = [{"shard": i, "spec": json.dumps(spec, sort_keys=True)} for i, spec in tasks]
     if not items:
         return
     if not ray_cfg.enabled:
         worker = ShardWorker(**kwargs)
         for it in items:
-            yield it["shard"], worker.process(it["shard"], json.loads(it["spec"]))
+            yield it["shard"], worker.process(it["shard"], json.loads(it["spec"])), peak_rss_mb()
         return
     import ray
 

@@ -342,7 +342,10 @@ class Runner:
             got = json.loads(marker.read_text())
             if got.get("fingerprint") == fp:
                 return got.get("stats", {})
-        stats = stage.prepare(StepEngine(self.cfg.ray, step, ctx, sdir, fp)) or {}
+        engine = StepEngine(self.cfg.ray, step, ctx, sdir, fp)
+        stats = stage.prepare(engine) or {}
+        if engine.peak_rss_mb:
+            stats["prepare_worker_peak_rss_mb"] = engine.peak_rss_mb
         write_json_atomic({"fingerprint": fp, "stats": stats}, marker)
         return stats
 
@@ -362,11 +365,13 @@ class Runner:
 
             res = stage.merge(partials())
             rows = sum(st["rows_in"] for st in shard_stats)
+            workers = {"worker_peak_rss_mb": _peak_rss(shard_stats)}
         else:
             sdir.write_plan(fp, None)
             stage.setup()
             res = stage.run(RowSource(view=view))
             rows = view.num_rows() if view.rows else 0
+            workers = {}
         for name, table in res.tables.items():
             write_parquet_atomic(table, sdir.path / f"{name}.parquet")
         for name, data in res.files.items():
@@ -376,7 +381,8 @@ class Runner:
         for r in res.rejects:
             codes[r.code] = codes.get(r.code, 0) + 1
         # A reduce step consumes every row it is given; what it rejects is reported, not subtracted.
-        return {"rows_in": rows, "rows_out": rows, "rows_rejected": 0, "rejects_by_code": codes, **res.stats}
+        return {"rows_in": rows, "rows_out": rows, "rows_rejected": 0, "rejects_by_code": codes, **workers,
+                **res.stats}
 
 
 class StepEngine:
@@ -385,6 +391,7 @@ class StepEngine:
 
     def __init__(self, ray_cfg: RayConfig, step: Step, ctx: StageContext, sdir: StepDir, fp: str):
         self._ray, self._step, self._ctx, self._sdir, self._fp = ray_cfg, step, ctx, sdir, fp
+        self.peak_rss_mb = 0.0  # the largest peak RSS (MiB) of a worker that ran one of these calls
 
     @property
     def step_dir(self) -> Path:
@@ -396,12 +403,17 @@ class StepEngine:
     def over_shards(self, method: str, columns: list[str]):
         """``(shard, stage.<method>(input shard, shard))`` for every input shard, in completion order."""
         tasks = [(i, {"op": "call", "method": method, "columns": list(columns)}) for i in self.shards()]
-        return run_calls(self._step, self._ctx, tasks, self._sdir, self._fp, self._ray)
+        return self._results(run_calls(self._step, self._ctx, tasks, self._sdir, self._fp, self._ray))
 
     def tasks(self, method: str, args: list):
         """``(k, stage.<method>(args[k]))`` for every argument (JSON-able), in completion order."""
         tasks = [(k, {"op": "call", "method": method, "arg": a}) for k, a in enumerate(args)]
-        return run_calls(self._step, self._ctx, tasks, self._sdir, self._fp, self._ray)
+        return self._results(run_calls(self._step, self._ctx, tasks, self._sdir, self._fp, self._ray))
+
+    def _results(self, calls):
+        for k, result, rss in calls:
+            self.peak_rss_mb = max(self.peak_rss_mb, rss)
+            yield k, result
 
 
 def _sum_stats(shards: list[dict]) -> dict:
@@ -415,4 +427,10 @@ def _sum_stats(shards: list[dict]) -> dict:
         "rows_rejected": sum(s["rows_rejected"] for s in shards),
         "rejects_by_code": dict(sorted(codes.items())),
         "shard_seconds": round(sum(s["seconds"] for s in shards), 3),
+        "worker_peak_rss_mb": _peak_rss(shards),
     }
+
+
+def _peak_rss(shards: list[dict]) -> float:
+    """The largest worker peak RSS (MiB) among the shards' stats (0 for stats written before it was kept)."""
+    return max((s.get("peak_rss_mb", 0.0) for s in shards), default=0.0)
