@@ -1,8 +1,8 @@
 """Benchmark: the paper's data-engine ablation, on the SIMULATED scene world (a generated world: the only
 kind of data with a truth to judge by and to train a ceiling on).
 
-    python bench/engine_ablation.py [--seeds 0,1,2] [--config stages/clean.yaml] [--out runs/ablation]
-                                    [--set KEY=VALUE ...] [--smoke]
+    python bench/engine_ablation.py [--seeds 0,1,2] [--config stages/clean.yaml] [--runs runs/ablation]
+                                    [--set KEY=VALUE ...] [--out bench/out/engine_ablation.json] [--smoke]
 
 Per seed, one run: the main job's chain up to ``decide`` and its report, then one retrain step per arm,
 each the main job's retrain recipe (``retrain.start``: from the base tagger's weights, or from scratch) on
@@ -17,8 +17,8 @@ is not taken for what the labels add:
     d   the world's truth (the ceiling)
 
 Prints each arm's truth mAP per seed and their means, and last ``engine_gap_closed: X.XX``: the mean over
-the seeds of (c - a) / (d - a), the share of the parse-to-truth gap the engine closes. Writes
-``bench/out/engine_ablation.json``. ``--smoke``: a tiny world and one short epoch (the same code path; its
+the seeds of (c - a) / (d - a), the share of the parse-to-truth gap the engine closes. Writes the figures
+to ``--out`` (JSON). ``--smoke``: a tiny world and one short epoch (the same code path; its
 figures mean nothing), for the test that keeps this benchmark from rotting. A run directory per seed
 resumes like any run.
 """
@@ -87,17 +87,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--config", default=str(REPO / "stages" / "clean.yaml"))
-    ap.add_argument("--out", default=str(REPO / "runs" / "ablation"))
+    ap.add_argument("--runs", default=str(REPO / "runs" / "ablation"), help="run directories, one per seed")
     ap.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
     ap.add_argument("--smoke", action="store_true", help="a tiny world, one epoch: checks the code path only")
-    ap.add_argument("--json", default=str(REPO / "bench" / "out" / "engine_ablation.json"))
+    ap.add_argument("--out", default=str(REPO / "bench" / "out" / "engine_ablation.json"), help="the figures (JSON)")
     args = ap.parse_args(argv)
     overrides = (SMOKE if args.smoke else []) + args.overrides
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     print("SIMULATED data: the generated scene world (its truth judges every arm and is arm d's labels)", flush=True)
     results = []
     for seed in seeds:
-        r = run_seed(Path(args.config), seed, Path(args.out) / f"seed-{seed}", overrides)
+        r = run_seed(Path(args.config), seed, Path(args.runs) / f"seed-{seed}", overrides)
         results.append(r)
         print(f"seed {seed}: base {r['base_truth_mAP']:.4f}  " +
               "  ".join(f"{k} {v:.4f}" for k, v in r["truth_mAP"].items()) +
@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     closed = [r["gap_closed"] for r in results if r["gap_closed"] is not None]
     summary = {"simulated": True, "smoke": args.smoke, "seeds": seeds, "arms": ARMS, "runs": results,
                "mean_truth_mAP": means, "engine_gap_closed": round(statistics.fmean(closed), 4) if closed else None}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")
     print("mean truth mAP: " + "  ".join(f"{k} {v:.4f}" for k, v in means.items()))
     for arm, labels in ARMS.items():
         print(f"arm_{arm.replace(chr(39), '_prime')}_{labels}_truth_mAP: {means[arm]:.4f}")

@@ -46,6 +46,9 @@ BENCHES = [
     Bench("tagging.py", ("tagging_speedup_vs_per_image",), ("data/coco20",)),
     Bench("crops.py", ("crops_inference_form_speedup", "crops_native_speedup", "view_cost_vs_native_crop")),
     Bench("cnn_train.py", ("cnn_train_channels_last_speedup",)),
+    Bench("engine_ablation.py", ("arm_a_parse_truth_mAP", "arm_b_generated_truth_mAP", "arm_c_cleaned_truth_mAP",
+                                 "arm_c_prime_paper_truth_mAP", "arm_d_truth_truth_mAP", "engine_gap_closed"), (),
+          (pytest.mark.ray, pytest.mark.slow)),
 ]
 
 
@@ -75,6 +78,8 @@ def needs_shared(request, paths: tuple[str, ...]) -> None:
 def extra_args(bench: Bench, tmp_path: Path) -> list[str]:
     if bench.script == "readers.py":  # its generated json goes to --dir
         return ["--dir", str(tmp_path)]
+    if bench.script == "engine_ablation.py":  # one seed's run directory
+        return ["--seeds", "0", "--runs", str(tmp_path / "runs")]
     if bench.script == "vision.py":
         known = subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", f"{VISION_BASELINE}^{{commit}}"],
                                capture_output=True).returncode == 0
