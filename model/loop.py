@@ -87,7 +87,9 @@ class LocalSession:
         return torch.load(last, map_location="cpu", weights_only=True) if last.exists() else None
 
     def save(self, state: dict, metrics: dict, final_model: dict | None) -> None:
-        tmp = self.out_dir / "last.pth.tmp"
+        from pipeline.store import temp_path
+
+        tmp = temp_path(self.out_dir / "last.pth")
         torch.save(state, tmp)
         tmp.replace(self.out_dir / "last.pth")
 

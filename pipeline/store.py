@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -76,20 +78,24 @@ def rejects_table(rejects: list[Reject], stage: str) -> pa.Table:
     return pa.table(cols, schema=REJECTS_SCHEMA)
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def temp_path(path: Path) -> Path:
+    """A hidden name beside ``path`` to write before the rename that commits it. A run directory is storage
+    every node shares and a pid is unique on one host only (a retried task, a speculative copy or the
+    driver may write the same file from another node), so the name carries the host, the pid and a
+    random token; no reader globs it (``part-*`` never matches a leading dot)."""
+    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")
 
 
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
+    tmp = temp_path(path)
     pq.write_table(table, tmp, compression="zstd")
     os.replace(tmp, path)
 
 
 def write_bytes_atomic(data: bytes, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
+    tmp = temp_path(path)
     tmp.write_bytes(data)
     os.replace(tmp, path)
 
