@@ -223,10 +223,8 @@ class TrainStage(Stage):
         """The model for ``tagset``: from scratch, or from a released checkpoint in its own label space.
         Returns it, the entrypoint arguments that rebuild it, statistics of the label transfer, and the
         caption encoder of RAM++'s alignment loss (in the model's label space) when ``align_weight`` asks."""
-        import torch
-
         from model.finetune import ProjectedEncoder, transfer_labels
-        from model.ram import create_model, load_checkpoint
+        from model.ram import create_model, load_checkpoint, load_state
         from model.text import description_rows, description_texts, label_embeddings, load_descriptions, \
             make_encoder
 
@@ -240,7 +238,7 @@ class TrainStage(Stage):
         per = model.cfg.descriptions_per_class if ram and model.cfg.variant == "ram_plus" else 1
         stats: dict = {}
         if c.init_checkpoint and ram:
-            state = torch.load(c.init_checkpoint, map_location="cpu", weights_only=True)
+            state = load_state(c.init_checkpoint)
             emb = (state["model"] if isinstance(state.get("model"), dict) else state)["label_embed"]
             if not c.init_tag_list:
                 raise ValueError("train.init_tag_list: fine-tuning a RAM checkpoint needs its tag names, one a line "
@@ -261,7 +259,7 @@ class TrainStage(Stage):
                 args["label_dim"] = encoder.dim
                 model = create_model(c.model, **args)
             if c.init_checkpoint:  # a tagger without label rows (model/cnn.py): a strict load of the same shapes
-                model.load_state_dict(torch.load(c.init_checkpoint, map_location="cpu", weights_only=True)["model"])
+                model.load_state_dict(load_state(c.init_checkpoint)["model"])
             if encoder is not None:
                 emb = description_rows(encoder, tagset.names, descriptions, per) if per > 1 \
                     else label_embeddings(encoder, tagset.names)
@@ -288,6 +286,7 @@ class TrainStage(Stage):
         import torch
 
         from model.distributed import JobSpec, read_rejects, train_loop_per_worker
+        from model.ram import load_state
         from pipeline.trainer import TrainJob, run_torch_job
 
         c = self.config
@@ -308,7 +307,7 @@ class TrainStage(Stage):
                                TrainJob(c.workers, c.device == "cuda", c.cpus_per_worker, str(storage), name,
                                         c.max_failures))
         with result.checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / "model.pth", map_location="cpu", weights_only=True)["model"]
+            state = load_state(Path(d) / "model.pth")["model"]
         model.load_state_dict(state)
         return result.return_value, read_rejects(rejects_dir)
 

@@ -453,7 +453,7 @@ def _load_model(cfg: TaggerConfig, artifacts: dict[str, str], tag_names: list[st
     released checkpoint."""
     import torch
 
-    from model.ram import create_model, load_checkpoint
+    from model.ram import create_model, load_checkpoint, load_state
 
     if cfg.model is None:
         if "tagger" not in artifacts:
@@ -462,7 +462,7 @@ def _load_model(cfg: TaggerConfig, artifacts: dict[str, str], tag_names: list[st
         d = Path(artifacts["tagger"])
         spec = json.loads((d / "model.json").read_text())
         model = create_model(spec["entrypoint"], **spec["model_args"])
-        state = torch.load(d / spec["checkpoint"], map_location="cpu", weights_only=True)
+        state = load_state(d / spec["checkpoint"])
         if "label_embed" in state["model"]:  # RAM / RAM++
             n = state["model"]["label_embed"].shape[0] // (
                 model.cfg.descriptions_per_class if model.cfg.variant == "ram_plus" else 1)
@@ -477,7 +477,7 @@ def _load_model(cfg: TaggerConfig, artifacts: dict[str, str], tag_names: list[st
     else:
         if not cfg.checkpoint:
             raise ValueError(f"model {cfg.model!r} needs a local checkpoint path (checkpoint:)")
-        state = torch.load(cfg.checkpoint, map_location="cpu", weights_only=False)
+        state = load_state(cfg.checkpoint)
         sd = state.get("model", state)
         model = create_model(cfg.model, **cfg.model_args)
         if "label_embed" not in sd and not hasattr(model, "set_vocabulary"):

@@ -14,3 +14,60 @@ def test_temp_names_differ_between_writers_and_name_the_host(tmp_path):
     assert a.name.startswith(".part-00000.parquet.tmp-") and socket.gethostname() in a.name
     write_bytes_atomic(b"x", dest)
     assert [p.name for p in tmp_path.iterdir()] == ["part-00000.parquet"]
+
+
+class Payload:
+    """Stands for whatever a pickled checkpoint may carry besides tensors (unpickling it runs its class's code)."""
+
+    def __init__(self, note: str):
+        self.note = note
+
+
+def _checkpoint_with_code(path):
+    import torch
+
+    from model.ram import create_model
+
+    model = create_model("ram_test", num_classes=4, image_size=64, window_size=4, embed_dim=8, head_hidden=32,
+                         head_intermediate=64)
+    torch.save({"model": model.state_dict(), "extra": Payload("not data")}, path)
+    return path
+
+
+def test_a_checkpoint_that_pickles_code_is_refused_by_the_vision_steps_and_by_train(tmp_path):
+    """A user's checkpoint holding a pickled object (here an instance of a class of this file) is read with
+    weights_only and refused, naming the file and the class, where the vision steps load a released
+    tagger and where train starts from ``init_checkpoint``; the same weights saved alone load."""
+    import pyarrow.parquet as pq
+    import pytest
+    import torch
+
+    from model.ram import CheckpointError
+    from pipeline.stage import RowSource, StageContext
+    from stages.train import TrainStage, TrainStageConfig
+    from stages.vision import TaggerConfig, _load_model
+    from tagset.tagset import Tag, TagSet
+
+    bad = _checkpoint_with_code(tmp_path / "user.pth")
+    names = ["red", "green", "blue", "yellow"]
+    tagger = TaggerConfig(model="ram_test", checkpoint=str(bad), device="cpu",
+                          model_args={"num_classes": 4, "image_size": 64, "window_size": 4, "embed_dim": 8,
+                                      "head_hidden": 32, "head_intermediate": 64})
+    with pytest.raises(CheckpointError, match=rf"{bad}: refused: .*test_safety\.Payload"):
+        _load_model(tagger, {}, names)
+
+    vocab = tmp_path / "vocab"
+    vocab.mkdir()
+    pq.write_table(TagSet([Tag(i, n) for i, n in enumerate(names)]).to_table(), vocab / "tagset.parquet")
+    cfg = TrainStageConfig(model="ram_test", text_encoder="none", init_checkpoint=str(bad),
+                           init_tag_list=str(tmp_path / "tags.txt"),
+                           model_args={"image_size": 64, "window_size": 4, "embed_dim": 8, "head_hidden": 32,
+                                       "head_intermediate": 64})
+    stage = TrainStage(cfg, StageContext(str(tmp_path), "train", artifacts={"tagset": str(vocab)}))
+    with pytest.raises(CheckpointError, match=rf"{bad}: refused: .*test_safety\.Payload"):
+        stage.run(RowSource([]))
+
+    good = tmp_path / "weights.pth"
+    torch.save({"model": torch.load(bad, weights_only=False)["model"]}, good)  # trusted here: this test wrote it
+    model, got, _ = _load_model(tagger.model_copy(update={"checkpoint": str(good)}), {}, names)
+    assert got == names and model.cfg.num_classes == 4
