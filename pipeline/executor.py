@@ -21,7 +21,7 @@ from typing import Iterator
 
 import pyarrow as pa
 
-from pipeline import registry
+from pipeline import partials, registry
 from pipeline.config import RayConfig, Step
 from pipeline.stage import Resources, StageContext, StageResult
 from pipeline.store import StepDir, rejects_table, write_bytes_atomic, write_json_atomic
@@ -36,8 +36,8 @@ class ShardWorker:
 
     * ``shard`` (default): a source's ``read_shard(spec)`` or a map stage over input shard *i*; the shard is
       committed (rows, rejects, side tables and files, then its stats) and the stats come back;
-    * ``partial``: a reduce stage's ``partial`` of input shard *i*, pickled to ``_partials/`` and committed
-      like a shard; its stats come back;
+    * ``partial``: a reduce stage's ``partial`` of input shard *i*, written to ``_partials/`` as data
+      (``pipeline/partials.py``) and committed like a shard; its stats come back;
     * ``call``: ``stage.<method>(input shard i)`` or ``stage.<method>(arg)``; the (small) result comes back.
     """
 
@@ -90,8 +90,7 @@ class ShardWorker:
         if op == "partial":
             table = self.read_input(shard)
             part = self.stage.partial(table, shard)
-            write_bytes_atomic(pickle.dumps(part, protocol=pickle.HIGHEST_PROTOCOL),
-                               self.step.path / "_partials" / f"part-{shard:05d}.pkl")
+            write_bytes_atomic(partials.dumps(part), partials.partial_path(self.step.path, shard))
             stats = {"shard": shard, "fingerprint": self.fingerprint, "rows_in": table.num_rows,
                      "rows_out": table.num_rows, "rows_rejected": 0, "rejects_by_code": {},
                      "seconds": round(time.perf_counter() - t0, 4)}

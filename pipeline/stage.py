@@ -158,7 +158,8 @@ class Stage:
 
     # -- reduce --------------------------------------------------------------------------------
     def partial(self, table: pa.Table, shard: int) -> Any:
-        """Reduce steps: the summary of one input shard (computed in a worker, pickled to storage)."""
+        """Reduce steps: the summary of one input shard (computed in a worker, stored as data: the types
+        ``pipeline/partials.py`` encodes)."""
         raise NotImplementedError
 
     def merge(self, partials: Iterator[Any]) -> ReduceResult:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import pickle
 import inspect
 import json
 import os
@@ -13,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pipeline import __version__
+from pipeline import __version__, partials
 from pipeline.config import RayConfig, RunConfig, Step
 from pipeline.errors import ContractError
 from pipeline.executor import ray_temp_dir, run_calls, run_shards, start_ray
@@ -274,7 +273,7 @@ class Runner:
         for st in shard_stats:
             i = st["shard"]
             paths = [sdir.path / "_stats" / f"part-{i:05d}.json"]
-            paths += [sdir.path / f"part-{i:05d}.parquet"] if data else [sdir.path / "_partials" / f"part-{i:05d}.pkl"]
+            paths += [sdir.path / f"part-{i:05d}.parquet"] if data else [partials.partial_path(sdir.path, i)]
             for p in paths:
                 if not p.exists():
                     raise RuntimeError(f"step '{step.name}': a worker committed shard {i}, but the driver cannot see "
@@ -349,18 +348,19 @@ class Runner:
     def _run_reduce(self, step: Step, stage, ctx: StageContext, sdir: StepDir, fp: str, view: View) -> dict:
         if step.stage_cls.defines("partial"):
             sdir.write_plan(fp, len(view.shards()))
-            done = sdir.done_shards(fp)
+            # a partial counts as done with its file (one from before partials were data has none: redone)
+            done = {i: st for i, st in sdir.done_shards(fp).items() if partials.partial_path(sdir.path, i).exists()}
             todo = [(i, {"op": "partial"}) for i in view.shards() if i not in done]
             new = run_shards(step, ctx, todo, sdir, fp, self.cfg.ray, what="partial")
             self._check_visible(step, sdir, new, data=False)
             shard_stats = sorted([*done.values(), *new], key=lambda s: s["shard"])
             self._check_counts(step, view, shard_stats)
 
-            def partials():  # streamed: one shard's summary in memory at a time, besides the merge
+            def stream():  # one shard's summary in memory at a time, besides the merge
                 for st in shard_stats:
-                    yield pickle.loads((sdir.path / "_partials" / f"part-{st['shard']:05d}.pkl").read_bytes())
+                    yield partials.loads(partials.partial_path(sdir.path, st["shard"]).read_bytes())
 
-            res = stage.merge(partials())
+            res = stage.merge(stream())
             rows = sum(st["rows_in"] for st in shard_stats)
         else:
             sdir.write_plan(fp, None)

@@ -71,3 +71,36 @@ def test_a_checkpoint_that_pickles_code_is_refused_by_the_vision_steps_and_by_tr
     torch.save({"model": torch.load(bad, weights_only=False)["model"]}, good)  # trusted here: this test wrote it
     model, got, _ = _load_model(tagger.model_copy(update={"checkpoint": str(good)}), {}, names)
     assert got == names and model.cfg.num_classes == 4
+
+
+def test_reduce_partials_round_trip_as_data_and_merge_to_the_same_report(tmp_path):
+    """report's partial (Counters keyed by tag id, nested counts, the sheet's (priority, PNG bytes, ...)
+    tuples) and vocab's (name Counters) come back equal from their stored form, and the report merged from
+    the stored partial is the one merged from the partial in memory; an object is refused in the worker."""
+    from collections import Counter
+
+    import numpy as np
+    import pytest
+
+    from pipeline import partials
+    from test_report_plots import _shard
+
+    stage, table = _shard(tmp_path)
+    part = stage.partial(table, 0)
+    stored = partials.loads(partials.dumps(part))
+    assert stored == part and isinstance(stored["parse_tail"], Counter) and stored["parse_tail"][1] == 1
+    (items,) = stored["sheet"].values()
+    assert all(isinstance(i, tuple) and i[1][:8] == b"\x89PNG\r\n\x1a\n" for i in items)
+    direct, via_disk = stage.merge([part]), stage.merge([stored])
+    assert via_disk.files["report.json"] == direct.files["report.json"]
+    assert via_disk.files["dropped_regions.png"] == direct.files["dropped_regions.png"]
+
+    vocab = {"captions": Counter({"dog": 2}), "images": Counter({"dog": 1}), "kinds": {"dog": Counter(object=2)},
+             "odd": {(1, "a"): np.float32(0.5), "__type__": [np.arange(3, dtype=np.int16)]}}
+    back = partials.loads(partials.dumps(vocab))
+    assert back["kinds"] == vocab["kinds"] and back["odd"][(1, "a")] == 0.5
+    assert back["odd"]["__type__"][0].dtype == np.int16 and back["odd"]["__type__"][0].tolist() == [0, 1, 2]
+    with pytest.raises(TypeError, match="test_safety.Payload"):
+        partials.dumps({"counts": Counter(), "sample": [Payload("x")]})
+    with pytest.raises(ValueError, match="unknown encoded type 'pickle'"):
+        partials.loads(b'{"__type__": "pickle", "data": ""}')
