@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from pipeline import partials, registry
 from pipeline.config import RayConfig, Step
-from pipeline.stage import Resources, StageContext, StageResult
+from pipeline.stage import StageContext, StageResult
 from pipeline.store import StepDir, rejects_table, write_bytes_atomic, write_json_atomic
 
 FAULT_ENV = "PIPELINE_FAULT"  # test hook: "kill_after:<step>:<n>" SIGKILLs the driver after n shards
@@ -47,7 +47,7 @@ class ShardWorker:
         self.context = StageContext.from_json(context_json)
         self.stage = cls(cls.Config.model_validate_json(config_json), self.context)
         if resources_json:
-            self.stage.resources = Resources.model_validate_json(resources_json)
+            self.stage.resources = cls.Resources.model_validate_json(resources_json)
         if setup:
             self.stage.setup()
         self.kind = cls.kind

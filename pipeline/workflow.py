@@ -195,8 +195,10 @@ class Runner:
                 self.current = step
                 rows_step = views[i].rows  # the step whose rows this one reads (a later round: from before round 1)
                 ctx = StageContext(str(self.out_dir), step.name, self.cfg.seed, self._artifact_map(steps, i),
-                                   views[i].to_dict())
+                                   views[i].to_dict(), self.cfg.ray.model_dump(mode="json"))
                 stage = step.stage_cls(step.config, ctx)
+                # a driver-side stage (train) runs by them; a fingerprint may resolve by them (device: auto)
+                stage.resources = step.resources
                 read = set(step.stage_cls.needs) | set(step.stage_cls.optional_needs)
                 upstream = ([rows_step] if rows_step else []) + [
                     s.name for s in steps[:i] if set(s.stage_cls.provides) & read]

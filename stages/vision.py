@@ -501,6 +501,21 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def planned_runtime(cfg: TaggerConfig, stage) -> str:
+    """Where a step's workers will compute and in what precision, resolved on the driver before they start,
+    for the step's fingerprint: ``device: auto`` is a GPU in a worker that gets one and ``precision: auto``
+    is bf16 there and fp32 on a CPU, so one config gives two results. Under Ray a worker sees a GPU when
+    the step's ``resources.num_gpus`` asks for one; in-process (``ray.enabled: false``), when the driver has
+    one."""
+    device = cfg.device
+    if device == "auto":
+        under_ray = stage.context.ray.get("enabled", True)
+        device = "cuda" if (stage.resources.num_gpus > 0 if under_ray else resolve_device("auto") == "cuda") \
+            else "cpu"
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
+    return f"device={device};precision={precision}"
+
+
 def clip_box(box, w: int, h: int) -> list[float] | None:
     """Box clipped to the image; None when nothing of it is inside (or it is degenerate)."""
     x0, y0, x1, y1 = (float(v) for v in box)
