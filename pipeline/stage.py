@@ -61,7 +61,7 @@ class StageContext:
     seed: int = 0
     artifacts: dict[str, str] = field(default_factory=dict)  # artifact name -> step directory
     view: dict = field(default_factory=dict)  # the rows this step reads (pipeline.view.View.to_dict)
-    ray: dict = field(default_factory=dict)  # the run's ``ray:`` block (pipeline.config.RayConfig)
+    ray: dict = field(default_factory=dict)  # the run's ``ray:`` block (pipeline.config.RayConfig), for a Ray Train job
 
     def artifact(self, name: str) -> Path:
         return Path(self.artifacts[name])
@@ -147,6 +147,12 @@ class Stage:
     def finalize(self, step_dir: Path) -> dict[str, Any]:
         """After every shard of a map step is committed (e.g. a JSON export). Returns manifest stats."""
         return {}
+
+    def drives_ray(self) -> bool:
+        """True when the stage submits Ray work itself from the driver (a Ray Train job): the runner then
+        starts or joins the run's Ray (its ``ray:`` block) before the step, even with ``enabled: false``,
+        which keeps only the shard workers in-process."""
+        return False
 
     @classmethod
     def defines(cls, hook: str) -> bool:

@@ -214,8 +214,9 @@ class Runner:
                 elif sdir.is_done(fp) and not self.force:
                     self.reports.append(self._skipped(step, sdir))
                 else:
-                    needs_ray = step.stage_cls.kind != "reduce" or step.stage_cls.defines("partial")
-                    if needs_ray and not ray_started and self.cfg.ray.enabled:
+                    shard_tasks = step.stage_cls.kind != "reduce" or step.stage_cls.defines("partial")
+                    needs_ray = (shard_tasks and self.cfg.ray.enabled) or stage.drives_ray()
+                    if needs_ray and not ray_started:
                         ray_started = start_ray(self.cfg.ray, self.out_dir)
                         self.local_ray = ray_started and not (self.cfg.ray.address or os.environ.get("RAY_ADDRESS"))
                     view_out = views[i].after(step.name, step.stage_cls.kind, step.stage_cls.outputs,

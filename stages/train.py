@@ -246,6 +246,9 @@ class TrainStage(Stage):
         """The config this step will train with (a retrain: its base's recipe under its own keys)."""
         return self.config
 
+    def drives_ray(self) -> bool:
+        return self.planned().backend == "ray_train"
+
     def input_fingerprint(self) -> str:
         """Where the step computes and in what precision, as resolved on this machine: the training runs
         in bf16 only on a GPU (``bf16``), and a Ray Train driver embeds label names and scores the held-out
@@ -324,6 +327,7 @@ class TrainStage(Stage):
 
         from model.distributed import JobSpec, read_rejects, train_loop_per_worker
         from model.ram import load_state
+        from pipeline.config import RayConfig
         from pipeline.trainer import TrainJob, run_torch_job
 
         c, r = self.config, self.resources
@@ -342,7 +346,8 @@ class TrainStage(Stage):
                        c.cache_images, teacher, captions, rejects_dir=str(rejects_dir))
         result = run_torch_job(train_loop_per_worker, {"spec": spec},
                                TrainJob(c.workers, c.device == "cuda", r.cpus_per_worker, str(storage), name,
-                                        r.max_failures))
+                                        r.max_failures),
+                               RayConfig.model_validate(self.context.ray), self.context.run_dir)
         with result.checkpoint.as_directory() as d:
             state = load_state(Path(d) / "model.pth")["model"]
         model.load_state_dict(state)
