@@ -26,7 +26,9 @@ from pipeline.config import RayConfig, Step
 from pipeline.stage import StageContext, StageResult
 from pipeline.store import StepDir, rejects_table, write_bytes_atomic, write_json_atomic
 
-FAULT_ENV = "PIPELINE_FAULT"  # test hook: "kill_after:<step>:<n>" SIGKILLs the driver after n shards
+# test hook: "kill_after:<step>:<n>" SIGKILLs the driver after n shards of a step, "kill_after:<step>.<method>:<n>"
+# after n calls of a stage method a prepare() runs through the workers (e.g. cluster.sample_shard)
+FAULT_ENV = "PIPELINE_FAULT"
 
 
 class ShardWorker:
@@ -202,7 +204,12 @@ def run_calls(step: Step, context: StageContext, tasks: list[tuple[int, dict]], 
     """``(index, result)`` of each call task (``op: call``), in completion order; the stage is built without
     ``setup()`` (a call prepares what setup will load)."""
     kwargs = dict(_worker_kwargs(step, context, step_dir, fingerprint), setup=False)
-    yield from _iter_results(step, tasks, kwargs, ray_cfg, actors=False)
+    methods = {spec.get("method") for _, spec in tasks}
+    kill_after = _fault_hook(f"{step.name}.{methods.pop()}") if len(methods) == 1 else None
+    for n, item in enumerate(_iter_results(step, tasks, kwargs, ray_cfg, actors=False), start=1):
+        if kill_after is not None and n >= kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield item
 
 
 def _iter_results(step: Step, tasks: list[tuple[int, dict]], kwargs: dict, ray_cfg: RayConfig,

@@ -13,7 +13,9 @@ and beside the steps ``<run>/_run.json`` (the chain and config of the run that l
 ``<run>/_error.json`` (the last failure, cleared by a run that succeeds), which ``status`` reads.
 
 A shard counts as done only when its stats file exists and carries the step's fingerprint, so a
-killed run resumes shard by shard, and a changed config never mixes with old shards.
+killed run resumes shard by shard, and a changed config never mixes with old shards. Whatever else a
+step keeps in its directory (partials, samples, fits, checkpoints) is cleared with it when the plan or a
+shard names another fingerprint (``holds_other_fingerprint``).
 """
 from __future__ import annotations
 
@@ -163,7 +165,13 @@ class StepDir:
                 out[int(f.stem.split("-")[1])] = st
         return out
 
-    def has_foreign_shards(self, fingerprint: str) -> bool:
+    def holds_other_fingerprint(self, fingerprint: str) -> bool:
+        """Whether anything here was written under another fingerprint: a shard's stats, or the plan a step
+        writes as it starts, before any side state of its own (a cluster's sample and fits, a training job's
+        checkpoints), so a run killed before its first shard and then changed upstream starts clean."""
+        plan = self.plan()
+        if plan is not None and plan.get("fingerprint") != fingerprint:
+            return True
         for f in (self.path / "_stats").glob("part-*.json"):
             if json.loads(f.read_text()).get("fingerprint") != fingerprint:
                 return True

@@ -287,8 +287,8 @@ class Runner:
     def _run_step(self, step: Step, stage, ctx: StageContext, sdir: StepDir, fp: str,
                   rows_step: str | None, view_out: View) -> StepReport:
         t0 = time.perf_counter()
-        if self.force or sdir.manifest() is not None or sdir.has_foreign_shards(fp):
-            sdir.reset()  # stale or forced: never mix shards of two fingerprints
+        if self.force or sdir.manifest() is not None or sdir.holds_other_fingerprint(fp):
+            sdir.reset()  # stale or forced: never mix shards, partials or side state of two fingerprints
         sdir.path.mkdir(parents=True, exist_ok=True)
         view_in = ctx.rows()
         if step.stage_cls.kind != "source":
