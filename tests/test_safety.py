@@ -23,15 +23,17 @@ class Payload:
         self.note = note
 
 
-def _checkpoint_with_code(path):
+def _checkpoints(folder):
+    """The same tiny RAM's weights saved alone, and saved beside a pickled object."""
     import torch
 
     from model.ram import create_model
 
     model = create_model("ram_test", num_classes=4, image_size=64, window_size=4, embed_dim=8, head_hidden=32,
                          head_intermediate=64)
-    torch.save({"model": model.state_dict(), "extra": Payload("not data")}, path)
-    return path
+    torch.save({"model": model.state_dict()}, folder / "weights.pth")
+    torch.save({"model": model.state_dict(), "extra": Payload("not data")}, folder / "user.pth")
+    return folder / "weights.pth", folder / "user.pth"
 
 
 def test_a_checkpoint_that_pickles_code_is_refused_by_the_vision_steps_and_by_train(tmp_path):
@@ -40,7 +42,6 @@ def test_a_checkpoint_that_pickles_code_is_refused_by_the_vision_steps_and_by_tr
     tagger and where train starts from ``init_checkpoint``; the same weights saved alone load."""
     import pyarrow.parquet as pq
     import pytest
-    import torch
 
     from model.ram import CheckpointError
     from pipeline.stage import RowSource, StageContext
@@ -48,7 +49,7 @@ def test_a_checkpoint_that_pickles_code_is_refused_by_the_vision_steps_and_by_tr
     from stages.vision import TaggerConfig, _load_model
     from tagset.tagset import Tag, TagSet
 
-    bad = _checkpoint_with_code(tmp_path / "user.pth")
+    good, bad = _checkpoints(tmp_path)
     names = ["red", "green", "blue", "yellow"]
     tagger = TaggerConfig(model="ram_test", checkpoint=str(bad), device="cpu",
                           model_args={"num_classes": 4, "image_size": 64, "window_size": 4, "embed_dim": 8,
@@ -67,8 +68,6 @@ def test_a_checkpoint_that_pickles_code_is_refused_by_the_vision_steps_and_by_tr
     with pytest.raises(CheckpointError, match=rf"{bad}: refused: .*test_safety\.Payload"):
         stage.run(RowSource([]))
 
-    good = tmp_path / "weights.pth"
-    torch.save({"model": torch.load(bad, weights_only=False)["model"]}, good)  # trusted here: this test wrote it
     model, got, _ = _load_model(tagger.model_copy(update={"checkpoint": str(good)}), {}, names)
     assert got == names and model.cfg.num_classes == 4
 
