@@ -61,7 +61,9 @@ class StageContext:
     seed: int = 0
     artifacts: dict[str, str] = field(default_factory=dict)  # artifact name -> step directory
     view: dict = field(default_factory=dict)  # the rows this step reads (pipeline.view.View.to_dict)
-    ray: dict = field(default_factory=dict)  # the run's ``ray:`` block (pipeline.config.RayConfig), for a Ray Train job
+    # the run's ``ray:`` block (pipeline.config.RayConfig): the Ray a Ray Train job joins, and whether workers
+    # run under Ray at all (what ``device: auto`` resolves to)
+    ray: dict = field(default_factory=dict)
 
     def artifact(self, name: str) -> Path:
         return Path(self.artifacts[name])
