@@ -104,7 +104,7 @@ def driver_child(export: Path, classes: int) -> int:
              _temp_dir=str(root / f"ray-{export.name}"))
     cfg = TrainStageConfig(model="cnn_tagger_tiny", model_args={"image_size": 64, "pool": "lse"}, text_encoder="none",
                            loss="bce", epochs=1, batch_size=32, lr=3e-3, warmup_steps=10, val_fraction=0.05,
-                           eval_max_images=64, backend="ray_train", workers=1, cpus_per_worker=1)
+                           eval_max_images=64, backend="ray_train", workers=1)
     res = TrainStage(cfg, StageContext(str(root / f"run-{export.name}"), "train", seed=0,
                                        artifacts={"tagset": str(vocab)})).run(RowSource(files))
     ray.shutdown()

@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import torch
 
+from model.ram import load_state
 from model.train import BatchLoss, ExportDataset, TrainConfig, make_loader
 from pipeline.errors import Reject
 
@@ -103,7 +104,7 @@ def _build(spec: JobSpec, device: torch.device):
     from model.ram import create_model
 
     model = create_model(spec.entrypoint, **spec.model_args)  # the arguments give the tagset's shapes
-    model.load_state_dict(torch.load(spec.init_state, map_location="cpu", weights_only=True)["model"])
+    model.load_state_dict(load_state(spec.init_state)["model"])
     if hasattr(model, "label_embed"):
         model.label_embed.requires_grad_(spec.label_embed_trainable)
     return model.to(device)
@@ -157,7 +158,7 @@ class RaySession:
         if ck is None:
             return None
         with ck.as_directory() as d:
-            return torch.load(Path(d) / "state.pth", map_location="cpu", weights_only=True)
+            return load_state(Path(d) / "state.pth")
 
     def save(self, state: dict, metrics: dict, final_model: dict | None) -> None:
         import ray.train

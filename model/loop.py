@@ -28,6 +28,7 @@ from typing import Callable
 
 import torch
 
+from model.ram import load_state
 from model.train import (TrainConfig, accumulation_steps, batches, evaluate, lr_lambda, make_loader, model_device,
                          optimizer_step)
 
@@ -84,10 +85,12 @@ class LocalSession:
 
     def restore(self) -> dict | None:
         last = self.out_dir / "last.pth"
-        return torch.load(last, map_location="cpu", weights_only=True) if last.exists() else None
+        return load_state(last) if last.exists() else None
 
     def save(self, state: dict, metrics: dict, final_model: dict | None) -> None:
-        tmp = self.out_dir / "last.pth.tmp"
+        from pipeline.store import temp_path
+
+        tmp = temp_path(self.out_dir / "last.pth")
         torch.save(state, tmp)
         tmp.replace(self.out_dir / "last.pth")
 

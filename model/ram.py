@@ -266,11 +266,31 @@ def checkpoint_filter_fn(state_dict: dict, model: RAM) -> dict:
     return out
 
 
+def load_state(path) -> dict:
+    """A checkpoint file read as data: ``torch.load(weights_only=True)``, which rebuilds tensors and plain
+    containers only. A file that pickles anything else (a class, a function: unpickling it could run
+    code) is refused with an error naming the file and what it holds. Every state this project writes
+    (weights, AdamW and LambdaLR state, the loop's position) and the released RAM / RAM++ files are made
+    of those, so no type is allow-listed (``torch.serialization.add_safe_globals``)."""
+    import pickle
+    import re
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f"an object of {found.group(1)}" if found else "Python objects beyond tensors and plain containers"
+        raise CheckpointError(f"{path}: refused: the checkpoint pickles {what}, and loading it could run code; "
+                              f"only tensors, numbers, strings, lists and dicts are read. Re-save the weights "
+                              f"alone where you trust the file: torch.save({{'model': model.state_dict()}}, "
+                              f"path)") from None
+
+
 def load_checkpoint(model: RAM, path_or_state, strict: bool = True) -> RAM:
     """Filter, check every key and shape, then ``load_state_dict(strict=True)``."""
     state = path_or_state
     if not isinstance(state, dict):
-        state = torch.load(path_or_state, map_location="cpu", weights_only=True)
+        state = load_state(path_or_state)
     sd = checkpoint_filter_fn(state, model)
     own = model.state_dict()
     if "label_embed" not in sd:

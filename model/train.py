@@ -299,9 +299,9 @@ class TrainConfig:
     # images per optimizer step over all workers; a multiple of batch_size x workers, reached by
     # accumulating gradients over several batches (None: one batch per step)
     global_batch_size: int | None = None
-    # batches each loader worker decodes ahead (num_workers > 0). A run with workers is another run than
-    # one without: the persistent workers keep one iterator (the shuffle generator is drawn once less per
-    # epoch) and the sampler runs ahead of the flips that draw from the same generator
+    # batches each loader worker decodes ahead (num_workers > 0). Loader workers change nothing trained:
+    # each epoch's order and each batch's draws come from their own seeds, not from how far a loader runs
+    # ahead (tests/test_train.py: test_loader_workers_decode_the_same_batches)
     prefetch_factor: int = 2
 
 

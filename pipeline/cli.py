@@ -56,6 +56,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _cmd_stages(args: argparse.Namespace) -> int:
     from pipeline import registry
+    from pipeline.stage import Resources
 
     for name in registry.names():
         cls = registry.get(name)
@@ -66,7 +67,8 @@ def _cmd_stages(args: argparse.Namespace) -> int:
         doc = (cls.__doc__ or "").strip().splitlines()
         if doc:
             print(f"    {doc[0]}")
-        for fname, f in cls.Config.model_fields.items():
+        own = {k: f for k, f in cls.Resources.model_fields.items() if k not in Resources.model_fields}
+        for fname, f in [*cls.Config.model_fields.items(), *((f"resources.{k}", f) for k, f in own.items())]:
             default = "required" if f.is_required() else repr(f.default)
             desc = f" — {f.description}" if f.description else ""
             print(f"    {fname}: {default}{desc}")

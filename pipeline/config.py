@@ -240,7 +240,11 @@ def _build_step(name: str, section: Any, default_use: str, file: str, round_: in
         stage_cls = registry.get(str(use))
     except KeyError as e:
         raise ConfigError(file, f"{name}.use", str(e.args[0])) from None
-    resources = validate_model(Resources, section.pop("resources", None), file, f"{name}.resources")
+    for key, now in stage_cls.Resources.moved_from_config.items():
+        if key in section:
+            raise ConfigError(file, f"{name}.{key}", f"says how the step runs, not what it computes, so it is not "
+                              f"part of the step's fingerprint: set it as {name}.resources.{now}")
+    resources = validate_model(stage_cls.Resources, section.pop("resources", None), file, f"{name}.resources")
     cfg = validate_model(stage_cls.Config, section, file, name)
     return Step(name, stage_cls, cfg, resources, round_)  # type: ignore[arg-type]
 

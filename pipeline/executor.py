@@ -22,12 +22,14 @@ from typing import Iterator
 
 import pyarrow as pa
 
-from pipeline import registry
+from pipeline import partials, registry
 from pipeline.config import RayConfig, Step
-from pipeline.stage import Resources, StageContext, StageResult
+from pipeline.stage import StageContext, StageResult
 from pipeline.store import StepDir, rejects_table, write_bytes_atomic, write_json_atomic
 
-FAULT_ENV = "PIPELINE_FAULT"  # test hook: "kill_after:<step>:<n>" SIGKILLs the driver after n shards
+# test hook: "kill_after:<step>:<n>" SIGKILLs the driver after n shards of a step, "kill_after:<step>.<method>:<n>"
+# after n calls of a stage method a prepare() runs through the workers (e.g. cluster.sample_shard)
+FAULT_ENV = "PIPELINE_FAULT"
 
 
 def peak_rss_mb() -> float:
@@ -44,8 +46,8 @@ class ShardWorker:
 
     * ``shard`` (default): a source's ``read_shard(spec)`` or a map stage over input shard *i*; the shard is
       committed (rows, rejects, side tables and files, then its stats) and the stats come back;
-    * ``partial``: a reduce stage's ``partial`` of input shard *i*, pickled to ``_partials/`` and committed
-      like a shard; its stats come back;
+    * ``partial``: a reduce stage's ``partial`` of input shard *i*, written to ``_partials/`` as data
+      (``pipeline/partials.py``) and committed like a shard; its stats come back;
     * ``call``: ``stage.<method>(input shard i)`` or ``stage.<method>(arg)``; the (small) result comes back.
     """
 
@@ -55,7 +57,7 @@ class ShardWorker:
         self.context = StageContext.from_json(context_json)
         self.stage = cls(cls.Config.model_validate_json(config_json), self.context)
         if resources_json:
-            self.stage.resources = Resources.model_validate_json(resources_json)
+            self.stage.resources = cls.Resources.model_validate_json(resources_json)
         if setup:
             self.stage.setup()
         self.kind = cls.kind
@@ -98,8 +100,7 @@ class ShardWorker:
         if op == "partial":
             table = self.read_input(shard)
             part = self.stage.partial(table, shard)
-            write_bytes_atomic(pickle.dumps(part, protocol=pickle.HIGHEST_PROTOCOL),
-                               self.step.path / "_partials" / f"part-{shard:05d}.pkl")
+            write_bytes_atomic(partials.dumps(part), partials.partial_path(self.step.path, shard))
             stats = {"shard": shard, "fingerprint": self.fingerprint, "rows_in": table.num_rows,
                      "rows_out": table.num_rows, "rows_rejected": 0, "rejects_by_code": {},
                      "seconds": round(time.perf_counter() - t0, 4), "peak_rss_mb": peak_rss_mb()}
@@ -212,7 +213,12 @@ def run_calls(step: Step, context: StageContext, tasks: list[tuple[int, dict]], 
     """``(index, result, the worker's peak RSS in MiB)`` of each call task (``op: call``), in completion
     order; the stage is built without ``setup()`` (a call prepares what setup will load)."""
     kwargs = dict(_worker_kwargs(step, context, step_dir, fingerprint), setup=False)
-    yield from _iter_results(step, tasks, kwargs, ray_cfg, actors=False)
+    methods = {spec.get("method") for _, spec in tasks}
+    kill_after = _fault_hook(f"{step.name}.{methods.pop()}") if len(methods) == 1 else None
+    for n, item in enumerate(_iter_results(step, tasks, kwargs, ray_cfg, actors=False), start=1):
+        if kill_after is not None and n >= kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield item
 
 
 def _iter_results(step: Step, tasks: list[tuple[int, dict]], kwargs: dict, ray_cfg: RayConfig,

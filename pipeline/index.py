@@ -27,6 +27,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.store import temp_path
+
 INDEX_NAME = "_id_index.parquet"
 SCHEMA = pa.schema([("image_id", pa.string()), ("shard", pa.int32())])
 ROW_GROUP = 1 << 16  # ids per row group: what a lookup reads
@@ -44,7 +46,7 @@ def _rows(run: Path) -> Iterator[tuple[str, int]]:
 
 def _merge(runs: list[Path], dest: Path, row_group: int) -> int:
     """Merge sorted runs into ``dest`` (written under a temp name and renamed); returns its rows."""
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    tmp = temp_path(dest)
     n = 0
     with pq.ParquetWriter(tmp, SCHEMA, compression="zstd") as w:
         ids: list[str] = []

@@ -36,9 +36,14 @@ class StageConfig(BaseModel):
 
 
 class Resources(BaseModel):
-    """How a step runs, apart from what it does (never part of the output fingerprint)."""
+    """How a step runs, apart from what it does (never part of the output fingerprint). A stage whose
+    steps have more such keys (train: its Ray Train workers' CPUs, checkpoints, restarts) declares a
+    subclass as its ``Resources``, so another step's block still rejects them."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # keys the stage's config had before they moved here -> their names here: a config that still sets
+    # one at the step's top level is told where it went
+    moved_from_config: ClassVar[dict[str, str]] = {}
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     pool_size: int = Field(1, ge=1, description="actors (or concurrent tasks) for this step")
@@ -56,6 +61,9 @@ class StageContext:
     seed: int = 0
     artifacts: dict[str, str] = field(default_factory=dict)  # artifact name -> step directory
     view: dict = field(default_factory=dict)  # the rows this step reads (pipeline.view.View.to_dict)
+    # the run's ``ray:`` block (pipeline.config.RayConfig): the Ray a Ray Train job joins, and whether workers
+    # run under Ray at all (what ``device: auto`` resolves to)
+    ray: dict = field(default_factory=dict)
 
     def artifact(self, name: str) -> Path:
         return Path(self.artifacts[name])
@@ -103,6 +111,7 @@ class Stage:
     kind: ClassVar[str] = "map"
     registry_name: ClassVar[str] = ""
     Config: ClassVar[type[StageConfig]] = StageConfig
+    Resources: ClassVar[type[Resources]] = Resources  # what its steps' ``resources:`` block may set
     inputs: ClassVar[tuple[str, ...]] = ()
     optional_inputs: ClassVar[tuple[str, ...]] = ()  # read when an earlier step wrote them
     outputs: ClassVar[tuple[str, ...]] = ()
@@ -112,7 +121,8 @@ class Stage:
     optional_needs: ClassVar[tuple[str, ...]] = ()
     provides: ClassVar[tuple[str, ...]] = ()  # artifacts this step's directory holds for later steps
     replaces_columns: ClassVar[bool] = False  # output rows hold only image_id + outputs
-    resources: Resources = Resources()  # how this step runs (set by the worker before setup; not its output)
+    # how this step runs (set by the runner on the driver and by the worker before setup; not its output)
+    resources: Resources = Resources()
 
     def __init__(self, config: StageConfig, context: StageContext):
         self.config = config
@@ -140,6 +150,12 @@ class Stage:
         """After every shard of a map step is committed (e.g. a JSON export). Returns manifest stats."""
         return {}
 
+    def drives_ray(self) -> bool:
+        """True when the stage submits Ray work itself from the driver (a Ray Train job): the runner then
+        starts or joins the run's Ray (its ``ray:`` block) before the step, even with ``enabled: false``,
+        which keeps only the shard workers in-process."""
+        return False
+
     @classmethod
     def defines(cls, hook: str) -> bool:
         """True when the stage overrides an optional hook (``prepare``, ``partial``, ``shard_summary``)."""
@@ -158,7 +174,8 @@ class Stage:
 
     # -- reduce --------------------------------------------------------------------------------
     def partial(self, table: pa.Table, shard: int) -> Any:
-        """Reduce steps: the summary of one input shard (computed in a worker, pickled to storage)."""
+        """Reduce steps: the summary of one input shard (computed in a worker, stored as data: the types
+        ``pipeline/partials.py`` encodes)."""
         raise NotImplementedError
 
     def merge(self, partials: Iterator[Any]) -> ReduceResult:

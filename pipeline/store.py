@@ -13,13 +13,17 @@ and beside the steps ``<run>/_run.json`` (the chain and config of the run that l
 ``<run>/_error.json`` (the last failure, cleared by a run that succeeds), which ``status`` reads.
 
 A shard counts as done only when its stats file exists and carries the step's fingerprint, so a
-killed run resumes shard by shard, and a changed config never mixes with old shards.
+killed run resumes shard by shard, and a changed config never mixes with old shards. Whatever else a
+step keeps in its directory (partials, samples, fits, checkpoints) is cleared with it when the plan or a
+shard names another fingerprint (``holds_other_fingerprint``).
 """
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -76,20 +80,24 @@ def rejects_table(rejects: list[Reject], stage: str) -> pa.Table:
     return pa.table(cols, schema=REJECTS_SCHEMA)
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def temp_path(path: Path) -> Path:
+    """A hidden name beside ``path`` to write before the rename that commits it. A run directory is storage
+    every node shares and a pid is unique on one host only (a retried task, a speculative copy or the
+    driver may write the same file from another node), so the name carries the host, the pid and a
+    random token; no reader globs it (``part-*`` never matches a leading dot)."""
+    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")
 
 
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
+    tmp = temp_path(path)
     pq.write_table(table, tmp, compression="zstd")
     os.replace(tmp, path)
 
 
 def write_bytes_atomic(data: bytes, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
+    tmp = temp_path(path)
     tmp.write_bytes(data)
     os.replace(tmp, path)
 
@@ -157,7 +165,13 @@ class StepDir:
                 out[int(f.stem.split("-")[1])] = st
         return out
 
-    def has_foreign_shards(self, fingerprint: str) -> bool:
+    def holds_other_fingerprint(self, fingerprint: str) -> bool:
+        """Whether anything here was written under another fingerprint: a shard's stats, or the plan a step
+        writes as it starts, before any side state of its own (a cluster's sample and fits, a training job's
+        checkpoints), so a run killed before its first shard and then changed upstream starts clean."""
+        plan = self.plan()
+        if plan is not None and plan.get("fingerprint") != fingerprint:
+            return True
         for f in (self.path / "_stats").glob("part-*.json"):
             if json.loads(f.read_text()).get("fingerprint") != fingerprint:
                 return True

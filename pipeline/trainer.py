@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from pipeline.config import RayConfig
+
 
 @dataclass(frozen=True)
 class TrainJob:
@@ -25,18 +27,31 @@ class TrainJob:
     keep_checkpoints: int = 2
 
 
-def run_torch_job(loop: Callable[[dict], Any], config: dict, job: TrainJob):
+def run_torch_job(loop: Callable[[dict], Any], config: dict, job: TrainJob, ray_cfg: RayConfig | None = None,
+                  run_dir: str | Path | None = None):
     """Run ``loop(config)`` on ``job.workers`` workers (DDP process group: NCCL on GPUs, gloo on CPUs).
     Returns Ray Train's ``Result`` (``return_value``: what rank 0's loop returned; ``checkpoint``: the
-    latest reported). Starts a local Ray when none is running."""
+    latest reported). Runs on the Ray this process has joined (the runner's, started from the run's
+    ``ray:`` block); when there is none, starts or joins one as the runner would from ``ray_cfg`` (its
+    ``address``, or a local Ray of ``num_cpus`` with its temp dir under ``run_dir``) and stops it after."""
     import ray
+
+    from pipeline.executor import start_ray
+
+    started = start_ray(ray_cfg or RayConfig(progress=False), Path(run_dir or job.storage_path))
+    try:
+        return _trainer(loop, config, job).fit()
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _trainer(loop: Callable[[dict], Any], config: dict, job: TrainJob):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False, include_dashboard=False, logging_level="ERROR")
     Path(job.storage_path).mkdir(parents=True, exist_ok=True)
-    trainer = TorchTrainer(
+    return TorchTrainer(
         loop, train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if job.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=job.use_gpu,
@@ -45,4 +60,3 @@ def run_torch_job(loop: Callable[[dict], Any], config: dict, job: TrainJob):
         run_config=RunConfig(name=job.name, storage_path=job.storage_path,
                              failure_config=FailureConfig(max_failures=job.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=job.keep_checkpoints)))
-    return trainer.fit()

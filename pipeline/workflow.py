@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import pickle
 import inspect
 import json
 import os
@@ -13,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pipeline import __version__
+from pipeline import __version__, partials
 from pipeline.config import RayConfig, RunConfig, Step
 from pipeline.errors import ContractError
 from pipeline.executor import ray_temp_dir, run_calls, run_shards, start_ray
@@ -196,8 +195,10 @@ class Runner:
                 self.current = step
                 rows_step = views[i].rows  # the step whose rows this one reads (a later round: from before round 1)
                 ctx = StageContext(str(self.out_dir), step.name, self.cfg.seed, self._artifact_map(steps, i),
-                                   views[i].to_dict())
+                                   views[i].to_dict(), self.cfg.ray.model_dump(mode="json"))
                 stage = step.stage_cls(step.config, ctx)
+                # a driver-side stage (train) runs by them; a fingerprint may resolve by them (device: auto)
+                stage.resources = step.resources
                 read = set(step.stage_cls.needs) | set(step.stage_cls.optional_needs)
                 upstream = ([rows_step] if rows_step else []) + [
                     s.name for s in steps[:i] if set(s.stage_cls.provides) & read]
@@ -213,8 +214,9 @@ class Runner:
                 elif sdir.is_done(fp) and not self.force:
                     self.reports.append(self._skipped(step, sdir))
                 else:
-                    needs_ray = step.stage_cls.kind != "reduce" or step.stage_cls.defines("partial")
-                    if needs_ray and not ray_started and self.cfg.ray.enabled:
+                    shard_tasks = step.stage_cls.kind != "reduce" or step.stage_cls.defines("partial")
+                    needs_ray = (shard_tasks and self.cfg.ray.enabled) or stage.drives_ray()
+                    if needs_ray and not ray_started:
                         ray_started = start_ray(self.cfg.ray, self.out_dir)
                         self.local_ray = ray_started and not (self.cfg.ray.address or os.environ.get("RAY_ADDRESS"))
                     view_out = views[i].after(step.name, step.stage_cls.kind, step.stage_cls.outputs,
@@ -274,7 +276,7 @@ class Runner:
         for st in shard_stats:
             i = st["shard"]
             paths = [sdir.path / "_stats" / f"part-{i:05d}.json"]
-            paths += [sdir.path / f"part-{i:05d}.parquet"] if data else [sdir.path / "_partials" / f"part-{i:05d}.pkl"]
+            paths += [sdir.path / f"part-{i:05d}.parquet"] if data else [partials.partial_path(sdir.path, i)]
             for p in paths:
                 if not p.exists():
                     raise RuntimeError(f"step '{step.name}': a worker committed shard {i}, but the driver cannot see "
@@ -285,8 +287,8 @@ class Runner:
     def _run_step(self, step: Step, stage, ctx: StageContext, sdir: StepDir, fp: str,
                   rows_step: str | None, view_out: View) -> StepReport:
         t0 = time.perf_counter()
-        if self.force or sdir.manifest() is not None or sdir.has_foreign_shards(fp):
-            sdir.reset()  # stale or forced: never mix shards of two fingerprints
+        if self.force or sdir.manifest() is not None or sdir.holds_other_fingerprint(fp):
+            sdir.reset()  # stale or forced: never mix shards, partials or side state of two fingerprints
         sdir.path.mkdir(parents=True, exist_ok=True)
         view_in = ctx.rows()
         if step.stage_cls.kind != "source":
@@ -352,18 +354,19 @@ class Runner:
     def _run_reduce(self, step: Step, stage, ctx: StageContext, sdir: StepDir, fp: str, view: View) -> dict:
         if step.stage_cls.defines("partial"):
             sdir.write_plan(fp, len(view.shards()))
-            done = sdir.done_shards(fp)
+            # a partial counts as done with its file (one from before partials were data has none: redone)
+            done = {i: st for i, st in sdir.done_shards(fp).items() if partials.partial_path(sdir.path, i).exists()}
             todo = [(i, {"op": "partial"}) for i in view.shards() if i not in done]
             new = run_shards(step, ctx, todo, sdir, fp, self.cfg.ray, what="partial")
             self._check_visible(step, sdir, new, data=False)
             shard_stats = sorted([*done.values(), *new], key=lambda s: s["shard"])
             self._check_counts(step, view, shard_stats)
 
-            def partials():  # streamed: one shard's summary in memory at a time, besides the merge
+            def stream():  # one shard's summary in memory at a time, besides the merge
                 for st in shard_stats:
-                    yield pickle.loads((sdir.path / "_partials" / f"part-{st['shard']:05d}.pkl").read_bytes())
+                    yield partials.loads(partials.partial_path(sdir.path, st["shard"]).read_bytes())
 
-            res = stage.merge(partials())
+            res = stage.merge(stream())
             rows = sum(st["rows_in"] for st in shard_stats)
             workers = {"worker_peak_rss_mb": _peak_rss(shard_stats)}
         else:

@@ -34,7 +34,7 @@ from stages.pseudolabel import (GroundConfig, GroundFields, GroundStage, PseudoL
                                 PseudoLabelStage, VisionConfig, _checkpoint_fingerprint, decoder)
 from stages.regions import (CropConfig, CropFields, EmbedStage, VerifyConfig, VerifyStage, ViewFields,
                             _embed_array)
-from stages.vision import IMAGE_COLUMNS, BaseTagger, pseudo_type, region_types
+from stages.vision import IMAGE_COLUMNS, BaseTagger, planned_runtime, pseudo_type, region_types
 
 PARTS = ("pseudolabel", "ground", "crops", "verify")
 
@@ -89,7 +89,8 @@ class EvidenceStage(Stage):
 
     def input_fingerprint(self) -> str:
         c = self.config
-        return _checkpoint_fingerprint(c) + (f";{c.ground.detector}" if c.ground.detector else "")
+        return f"{_checkpoint_fingerprint(c)};{planned_runtime(c, self)}" + (
+            f";{c.ground.detector}" if c.ground.detector else "")
 
     def __call__(self, batch: pa.Table) -> StageResult:
         score_t, region_t, embed_t = region_types()

@@ -16,7 +16,7 @@ from pydantic import Field
 from pipeline.errors import Reject
 from pipeline.registry import register
 from pipeline.stage import Stage, StageConfig, StageResult
-from pipeline.store import write_bytes_atomic
+from pipeline.store import temp_path, write_bytes_atomic
 
 EXPORT_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("image_path", pa.string()), ("caption", pa.list_(pa.string())),
@@ -128,7 +128,7 @@ def stitch_json(step_dir: Path, dest: Path) -> int:
     Lines become list entries by turning every newline into ``,\\n`` and cutting the last comma;
     a shard whose line count differs from its Parquet rows fails the step. Written to a temp name and
     renamed, so a reader never sees half a file. Returns the number of records."""
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    tmp = temp_path(dest)
     total = 0
     with open(tmp, "wb") as out:
         out.write(b"[\n")

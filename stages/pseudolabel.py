@@ -16,7 +16,7 @@ from pydantic import Field
 from pipeline.registry import register
 from pipeline.stage import Stage, StageConfig, StageResult
 from stages.vision import (IMAGE_COLUMNS, BaseTagger, Decoder, ImageLimits, TaggerConfig, attention_box, clip_box,
-                           pseudo_type, region_types, resolve_device)
+                           planned_runtime, pseudo_type, region_types, resolve_device)
 
 
 class VisionConfig(TaggerConfig, ImageLimits):
@@ -79,7 +79,7 @@ class PseudoLabelStage(Stage):
                                       self.tagset.thresholds())
 
     def input_fingerprint(self) -> str:
-        return _checkpoint_fingerprint(self.config)
+        return f"{_checkpoint_fingerprint(self.config)};{planned_runtime(self.config, self)}"
 
     def __call__(self, batch: pa.Table) -> StageResult:
         keep, _, rejects, pixels = load_images(self, batch, self.tagger.prepare)
@@ -175,7 +175,8 @@ class GroundStage(Stage):
             self.detector = OriginalGroundingDino(c.detector, resolve_device(c.device))
 
     def input_fingerprint(self) -> str:
-        return _checkpoint_fingerprint(self.config) + (f";{self.config.detector}" if self.config.detector else "")
+        return f"{_checkpoint_fingerprint(self.config)};{planned_runtime(self.config, self)}" + (
+            f";{self.config.detector}" if self.config.detector else "")
 
     def __call__(self, batch: pa.Table) -> StageResult:
         _, region_t, _ = region_types()

@@ -18,7 +18,7 @@ from pydantic import Field
 from pipeline.registry import register
 from pipeline.stage import Stage, StageConfig, StageResult
 from stages.pseudolabel import VisionConfig, _checkpoint_fingerprint, decoder, load_images
-from stages.vision import IMAGE_COLUMNS, BaseTagger, crop, native_crop, region_types
+from stages.vision import IMAGE_COLUMNS, BaseTagger, crop, native_crop, planned_runtime, region_types
 
 
 class CropFields(StageConfig):
@@ -58,7 +58,7 @@ class _CropStage(Stage):
         self.native = self.config.crop_size == "native" or (self.config.crop_size == "auto" and fc)
 
     def input_fingerprint(self) -> str:
-        return _checkpoint_fingerprint(self.config)
+        return f"{_checkpoint_fingerprint(self.config)};{planned_runtime(self.config, self)}"
 
     def crops(self, batch: pa.Table):
         """(kept row indices, rejects, [(row position, tag_id, crop pixels)], the kept rows' images)."""

@@ -193,6 +193,9 @@ class RetrainStage(TrainStage):
                                  f"({outcome['gain_points']:+.2f} points)")
         return fitted
 
+    def planned(self) -> RetrainConfig:
+        return self.recipe(self.context.artifact("tagger"))
+
     def recipe(self, base: Path) -> RetrainConfig:
         """The base's recipe (its ``recipe.json``) with the keys this step's section sets on top, so a
         retrain is the same training unless the config says otherwise."""

@@ -5,14 +5,14 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
 from pipeline.errors import Reject
 
 from pipeline.registry import register
-from pipeline.stage import ReduceResult, RowSource, Stage, StageConfig
+from pipeline.stage import ReduceResult, Resources, RowSource, Stage, StageConfig
 
 
 class TrainStageConfig(StageConfig):
@@ -51,9 +51,8 @@ class TrainStageConfig(StageConfig):
                                 "models: ~1.2x faster on CPU; numerically a different run)")
     cache_images: bool = Field(False, description="opt-in for tiny corpora: keep decoded, resized images in "
                                "memory after the first epoch (a 64 px image is 48 KiB as a tensor; with "
-                               "num_workers > 0 each loader process keeps its own copy). Off: every epoch decodes")
-    num_workers: int = Field(0, ge=0, description="DataLoader processes decoding ahead of the model (0: in process)")
-    prefetch_factor: int = Field(2, ge=1, description="batches each loader process decodes ahead")
+                               "resources.loader_workers > 0 each loader process keeps its own copy). Off: every "
+                               "epoch decodes")
     bf16: bool = Field(True, description="bf16 autocast on CUDA (a CPU always trains in fp32)")
     grad_clip: float | None = Field(None, gt=0, description="clip the global gradient norm before each step")
     global_batch_size: int | None = Field(None, ge=1, description="images per optimizer step over all workers, "
@@ -69,11 +68,9 @@ class TrainStageConfig(StageConfig):
     distill_weight: float = Field(1.0, ge=0, description="weight of the distillation term")
     backend: Literal["local", "ray_train"] = Field("local", description="local: the loop in this process; "
                                                    "ray_train: a Ray Train job (DDP, each worker its own rows)")
-    workers: int = Field(1, ge=1, description="ray_train: training workers (device cuda: one GPU each)")
-    cpus_per_worker: float = Field(1.0, gt=0, description="ray_train: CPUs each worker reserves (its loader too)")
-    checkpoint_every_steps: int = Field(0, ge=0, description="ray_train: a checkpoint every N optimizer steps "
-                                        "besides each epoch's end (0: epoch ends only)")
-    max_failures: int = Field(2, ge=0, description="ray_train: worker-group restarts from the latest checkpoint")
+    workers: int = Field(1, ge=1, description="ray_train: training workers (device cuda: one GPU each). What "
+                         "is trained, not only how: each worker takes batch_size images a step from its own share "
+                         "of every epoch, so the global batch, the step count and the weights depend on it")
     calibrate_precision: float = Field(0.9, gt=0, le=1, description="per-class thresholds: the lowest score "
                                        "whose held-out precision (vs the labels) reaches this; 1.0 if none does")
     calibrate_min_hits: int = Field(3, ge=1, description="a threshold needs this many held-out true hits above it")
@@ -83,6 +80,27 @@ class TrainStageConfig(StageConfig):
         if self.teacher != "none" and not self.teacher_weights:
             raise ValueError(f"teacher {self.teacher!r} needs teacher_weights: a local path (nothing is downloaded)")
         return self
+
+
+class TrainResources(Resources):
+    """How a train step runs, not what it trains, so a change re-runs nothing: a job resumes from any
+    checkpoint bit for bit, loader processes decode the very batches the loop would, and a restart limit
+    only decides whether a failure ends the job (tests/test_train.py, tests/test_train_ray.py). The CPUs a
+    worker gets set its thread count, which can move the last bits of float sums, as another machine's
+    cores do. What the job computes, ``workers`` included, is the stage's config."""
+
+    moved_from_config: ClassVar[dict[str, str]] = {
+        "cpus_per_worker": "cpus_per_worker", "max_failures": "max_failures",
+        "checkpoint_every_steps": "checkpoint_every_steps", "num_workers": "loader_workers",
+        "prefetch_factor": "prefetch_factor"}
+    cpus_per_worker: float = Field(1.0, gt=0, description="ray_train: CPUs each training worker reserves (its "
+                                   "loader processes too)")
+    max_failures: int = Field(2, ge=0, description="ray_train: worker-group restarts from the latest checkpoint")
+    checkpoint_every_steps: int = Field(0, ge=0, description="ray_train: a checkpoint every N optimizer steps "
+                                        "besides each epoch's end (0: epoch ends only)")
+    loader_workers: int = Field(0, ge=0, description="DataLoader processes decoding ahead of the model in each "
+                                "training worker and in evaluation (0: in process)")
+    prefetch_factor: int = Field(2, ge=1, description="batches each loader process decodes ahead")
 
 
 def truth_map(scores, image_ids: list[str], truth_by_id: dict, id_names: dict[int, set[str]]) -> tuple[float, float]:
@@ -185,6 +203,8 @@ class TrainStage(Stage):
 
     kind = "reduce"
     Config = TrainStageConfig
+    Resources = TrainResources
+    resources = TrainResources()
     inputs = ("image_id", "union_label_id")
     optional_inputs = ("image_path", "image", "image_bytes", "caption", "captions", "parse_label_id")
     needs = ("tagset",)
@@ -197,8 +217,9 @@ class TrainStage(Stage):
         from stages.world.score import names_for_ids, truth_by_image
 
         truth = truth_by_image(StepDir(self.context.artifact("truth")).read(name="truth"))
-        scores, _, index = predict_all(model, make_loader(val_set, 64, model_device(model), self.config.num_workers,
-                                                          self.config.prefetch_factor))
+        r = self.resources
+        scores, _, index = predict_all(model, make_loader(val_set, 64, model_device(model), r.loader_workers,
+                                                          r.prefetch_factor))
         ids = [val_set.image_id(int(i)) for i in index]
         m, chance = truth_map(scores, ids, truth, names_for_ids(tagset))
         return {"val_truth_mAP_after": round(m, 4), "val_truth_chance_mAP": round(chance, 4)}
@@ -206,27 +227,44 @@ class TrainStage(Stage):
     def _calibrate(self, model, val_set, n: int) -> list[float]:
         from model.train import make_loader, model_device, predict_arrays
 
-        scores, labels = predict_arrays(model, make_loader(val_set, 64, model_device(model), self.config.num_workers,
-                                                           self.config.prefetch_factor))
+        r = self.resources
+        scores, labels = predict_arrays(model, make_loader(val_set, 64, model_device(model), r.loader_workers,
+                                                           r.prefetch_factor))
         return calibrate(scores, labels, self.config.calibrate_precision, self.config.calibrate_min_hits)
 
-    def _device(self) -> str:
+    def _device(self, c: TrainStageConfig | None = None) -> str:
         """Where this process computes: ``device``, except that a Ray Train driver only orchestrates (its
         workers get the GPUs), so it scores the held-out sample on a GPU only when it has one."""
         import torch
 
-        if self.config.backend == "ray_train":
+        c = c or self.config
+        if c.backend == "ray_train":
             return "cuda" if torch.cuda.is_available() else "cpu"
-        return self.config.device
+        return c.device
+
+    def planned(self) -> TrainStageConfig:
+        """The config this step will train with (a retrain: its base's recipe under its own keys)."""
+        return self.config
+
+    def drives_ray(self) -> bool:
+        return self.planned().backend == "ray_train"
+
+    def input_fingerprint(self) -> str:
+        """Where the step computes and in what precision, as resolved on this machine: the training runs
+        in bf16 only on a GPU (``bf16``), and a Ray Train driver embeds label names and scores the held-out
+        sample (calibration) on a GPU, in bf16, only when it has one; the same config on a CPU is another
+        result."""
+        c = self.planned()
+        driver = self._device(c)
+        return json.dumps({"train": [c.device, "bf16" if c.device == "cuda" and c.bf16 else "fp32"],
+                           "driver": [driver, "bf16" if driver == "cuda" else "fp32"]}, sort_keys=True)
 
     def _build_model(self, tagset):
         """The model for ``tagset``: from scratch, or from a released checkpoint in its own label space.
         Returns it, the entrypoint arguments that rebuild it, statistics of the label transfer, and the
         caption encoder of RAM++'s alignment loss (in the model's label space) when ``align_weight`` asks."""
-        import torch
-
         from model.finetune import ProjectedEncoder, transfer_labels
-        from model.ram import create_model, load_checkpoint
+        from model.ram import create_model, load_checkpoint, load_state
         from model.text import description_rows, description_texts, label_embeddings, load_descriptions, \
             make_encoder
 
@@ -240,7 +278,7 @@ class TrainStage(Stage):
         per = model.cfg.descriptions_per_class if ram and model.cfg.variant == "ram_plus" else 1
         stats: dict = {}
         if c.init_checkpoint and ram:
-            state = torch.load(c.init_checkpoint, map_location="cpu", weights_only=True)
+            state = load_state(c.init_checkpoint)
             emb = (state["model"] if isinstance(state.get("model"), dict) else state)["label_embed"]
             if not c.init_tag_list:
                 raise ValueError("train.init_tag_list: fine-tuning a RAM checkpoint needs its tag names, one a line "
@@ -261,7 +299,7 @@ class TrainStage(Stage):
                 args["label_dim"] = encoder.dim
                 model = create_model(c.model, **args)
             if c.init_checkpoint:  # a tagger without label rows (model/cnn.py): a strict load of the same shapes
-                model.load_state_dict(torch.load(c.init_checkpoint, map_location="cpu", weights_only=True)["model"])
+                model.load_state_dict(load_state(c.init_checkpoint)["model"])
             if encoder is not None:
                 emb = description_rows(encoder, tagset.names, descriptions, per) if per > 1 \
                     else label_embeddings(encoder, tagset.names)
@@ -288,9 +326,11 @@ class TrainStage(Stage):
         import torch
 
         from model.distributed import JobSpec, read_rejects, train_loop_per_worker
+        from model.ram import load_state
+        from pipeline.config import RayConfig
         from pipeline.trainer import TrainJob, run_torch_job
 
-        c = self.config
+        c, r = self.config, self.resources
         storage = out / "ray_train"
         storage.mkdir(parents=True, exist_ok=True)
         torch.save({"model": model.state_dict()}, storage / "init.pth")
@@ -302,13 +342,14 @@ class TrainStage(Stage):
         rejects_dir = storage / "rejects" / name
         spec = JobSpec(c.model, args, str(storage / "init.pth"), not c.freeze_label_embed, source, len(tagset),
                        dataclasses.asdict(tc), functools.partial(held_out, fraction=c.val_fraction),
-                       frozenset(), val_ids, list(tagset.names), c.checkpoint_every_steps,
+                       frozenset(), val_ids, list(tagset.names), r.checkpoint_every_steps,
                        c.cache_images, teacher, captions, rejects_dir=str(rejects_dir))
         result = run_torch_job(train_loop_per_worker, {"spec": spec},
-                               TrainJob(c.workers, c.device == "cuda", c.cpus_per_worker, str(storage), name,
-                                        c.max_failures))
+                               TrainJob(c.workers, c.device == "cuda", r.cpus_per_worker, str(storage), name,
+                                        r.max_failures),
+                               RayConfig.model_validate(self.context.ray), self.context.run_dir)
         with result.checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / "model.pth", map_location="cpu", weights_only=True)["model"]
+            state = load_state(Path(d) / "model.pth")["model"]
         model.load_state_dict(state)
         return result.return_value, read_rejects(rejects_dir)
 
@@ -319,8 +360,8 @@ class TrainStage(Stage):
         return TrainConfig(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, weight_decay=c.weight_decay,
                            warmup_steps=c.warmup_steps, min_lr_ratio=c.min_lr_ratio, seed=seed, loss=c.loss,
                            hflip=c.hflip, caption_weight=c.caption_weight, distill_weight=c.distill_weight,
-                           channels_last=c.channels_last, num_workers=c.num_workers,
-                           prefetch_factor=c.prefetch_factor, bf16=c.bf16, grad_clip=c.grad_clip,
+                           channels_last=c.channels_last, num_workers=self.resources.loader_workers,
+                           prefetch_factor=self.resources.prefetch_factor, bf16=c.bf16, grad_clip=c.grad_clip,
                            global_batch_size=c.global_batch_size, align_weight=c.align_weight)
 
     def run(self, rows: RowSource) -> ReduceResult:
@@ -418,7 +459,7 @@ class TrainStage(Stage):
                  "held_out_images": split.held_out - held_rejected, "val_images": eval_rows - held_rejected,
                  "rejected_images": len(rejects), "rejected_by_code": dict(sorted(by_code.items())),
                  "train_labels": split.train_labels, "train_labels_sha1": split.train_labels_sha1,
-                 "steps": res["steps"],
+                 "steps": res["steps"], "resumed_at": res.get("resumed_at"),
                  "loss_first_epoch": hist[1]["loss"], "loss_last_epoch": hist[-1]["loss"],
                  "val_mAP_before": round(hist[0]["mAP"], 4), "val_mAP_after": round(hist[-1]["mAP"], 4),
                  "val_chance_mAP": round(hist[-1]["chance_mAP"], 4),

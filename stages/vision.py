@@ -453,7 +453,7 @@ def _load_model(cfg: TaggerConfig, artifacts: dict[str, str], tag_names: list[st
     released checkpoint."""
     import torch
 
-    from model.ram import create_model, load_checkpoint
+    from model.ram import create_model, load_checkpoint, load_state
 
     if cfg.model is None:
         if "tagger" not in artifacts:
@@ -462,7 +462,7 @@ def _load_model(cfg: TaggerConfig, artifacts: dict[str, str], tag_names: list[st
         d = Path(artifacts["tagger"])
         spec = json.loads((d / "model.json").read_text())
         model = create_model(spec["entrypoint"], **spec["model_args"])
-        state = torch.load(d / spec["checkpoint"], map_location="cpu", weights_only=True)
+        state = load_state(d / spec["checkpoint"])
         if "label_embed" in state["model"]:  # RAM / RAM++
             n = state["model"]["label_embed"].shape[0] // (
                 model.cfg.descriptions_per_class if model.cfg.variant == "ram_plus" else 1)
@@ -477,7 +477,7 @@ def _load_model(cfg: TaggerConfig, artifacts: dict[str, str], tag_names: list[st
     else:
         if not cfg.checkpoint:
             raise ValueError(f"model {cfg.model!r} needs a local checkpoint path (checkpoint:)")
-        state = torch.load(cfg.checkpoint, map_location="cpu", weights_only=False)
+        state = load_state(cfg.checkpoint)
         sd = state.get("model", state)
         model = create_model(cfg.model, **cfg.model_args)
         if "label_embed" not in sd and not hasattr(model, "set_vocabulary"):
@@ -499,6 +499,21 @@ def resolve_device(device: str) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def planned_runtime(cfg: TaggerConfig, stage) -> str:
+    """Where a step's workers will compute and in what precision, resolved on the driver before they start,
+    for the step's fingerprint: ``device: auto`` is a GPU in a worker that gets one and ``precision: auto``
+    is bf16 there and fp32 on a CPU, so one config gives two results. Under Ray a worker sees a GPU when
+    the step's ``resources.num_gpus`` asks for one; in-process (``ray.enabled: false``), when the driver has
+    one."""
+    device = cfg.device
+    if device == "auto":
+        under_ray = stage.context.ray.get("enabled", True)
+        device = "cuda" if (stage.resources.num_gpus > 0 if under_ray else resolve_device("auto") == "cuda") \
+            else "cpu"
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
+    return f"device={device};precision={precision}"
 
 
 def clip_box(box, w: int, h: int) -> list[float] | None:

@@ -69,14 +69,14 @@ class VocabStage(Stage):
         counts = TagCounts()
         for parsed in table.column("parsed").to_pylist():
             counts.add_image(parsed or [])
-        return counts
+        return {"captions": counts.captions, "images": counts.images, "kinds": counts.kinds}
 
     def merge(self, partials: Iterator) -> ReduceResult:
         from tagset.vocab import TagCounts
 
         counts = TagCounts()
         for p in partials:
-            counts.merge(p)
+            counts.merge(TagCounts(**p))
         return self.finish(counts)
 
     def run(self, rows: RowSource) -> ReduceResult:
