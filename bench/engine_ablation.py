@@ -42,7 +42,7 @@ DEFAULT = ["retrain.start=scratch", "retrain.epochs=null", "retrain.warmup_steps
 SMOKE = ["input.images=240", "input.shard_rows=120", "train.epochs=1", "evidence.resources.batch_size=64"]
 
 
-def ablation_config(config: Path, seed: int, overrides: list[str]) -> dict:
+def ablation_config(config: Path, seed: int, overrides: list[str], arms: tuple[str, ...] = tuple(ARMS)) -> dict:
     """The main job's run config as a chain of its own: its workflow up to its report (the workflow's retrain
     step is arm c), then a retrain step for each other arm, each with the retrain section's recipe."""
     from pipeline.config import apply_overrides, load_workflows
@@ -53,7 +53,7 @@ def ablation_config(config: Path, seed: int, overrides: list[str]) -> dict:
     raw.pop("export", None)
     recipe = {k: v for k, v in (raw.get("retrain") or {}).items() if v is not None}  # null: the base's value
     for arm, labels in ARMS.items():
-        if arm == "c" or (arm == "a" and recipe.get("start") == "scratch"):
+        if arm == "c" or arm not in arms or (arm == "a" and recipe.get("start") == "scratch"):
             continue
         steps["retrain_" + labels] = "retrain.ram.v1"
         raw["retrain_" + labels] = {**recipe, "labels": labels}
@@ -63,12 +63,12 @@ def ablation_config(config: Path, seed: int, overrides: list[str]) -> dict:
             "description": "SIMULATED data-engine ablation (bench/engine_ablation.py)"}
 
 
-def run_seed(config: Path, seed: int, out: Path, overrides: list[str]) -> dict:
+def run_seed(config: Path, seed: int, out: Path, overrides: list[str], arms: tuple[str, ...]) -> dict:
     from pipeline.cli import main as cli
 
     out.mkdir(parents=True, exist_ok=True)
     cfg = out / "ablation.yaml"
-    cfg.write_text(yaml.safe_dump(ablation_config(config, seed, overrides), sort_keys=False))
+    cfg.write_text(yaml.safe_dump(ablation_config(config, seed, overrides, arms), sort_keys=False))
     t0 = time.perf_counter()
     code = cli(["run", str(cfg), "--out", str(out)])
     if code not in (0, None):
@@ -78,11 +78,11 @@ def run_seed(config: Path, seed: int, out: Path, overrides: list[str]) -> dict:
                if (out / name / "outcome.json").exists()}
     mAP = {arm: o["retrained_truth_mAP"] for arm, o in outcome.items()}
     mAP.setdefault("a", outcome["c"]["base_truth_mAP"])  # from scratch, arm a is the base tagger
-    mAP = {arm: mAP[arm] for arm in ARMS}
-    a, c, d = mAP["a"], mAP["c"], mAP["d"]
+    mAP = {arm: mAP[arm] for arm in ARMS if arm in mAP}
+    a, c, d = mAP["a"], mAP["c"], mAP.get("d")
     report = json.loads((out / "report.json").read_text())
     return {"seed": seed, "truth_mAP": mAP, "base_truth_mAP": outcome["c"]["base_truth_mAP"],
-            "gap_closed": round((c - a) / (d - a), 4) if d > a else None,
+            "gap_closed": round((c - a) / (d - a), 4) if d is not None and d != a else None,
             "main_job_gain_points": report["model_outcome"]["gain_points"],
             "targets_met": report.get("targets", {}).get("met"), "label_f1": report["quality"]["final"]["f1"],
             "eval_images": outcome["c"]["eval_images"], "start": outcome["c"]["start"],
@@ -96,29 +96,35 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", default=str(REPO / "runs" / "ablation"), help="run directories, one per seed")
     ap.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
     ap.add_argument("--smoke", action="store_true", help="a tiny world, one epoch: checks the code path only")
+    ap.add_argument("--arms", default=",".join(ARMS), help="which arms to train (a, c and d give the gap closed)")
     ap.add_argument("--out", default=str(REPO / "bench" / "out" / "engine_ablation.json"), help="the figures (JSON)")
     args = ap.parse_args(argv)
     own_start = any(o.startswith("retrain.start=") for o in args.overrides)  # then the config's retrain recipe
     overrides = ([] if own_start else DEFAULT) + (SMOKE if args.smoke else []) + args.overrides
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
+    if not {"a", "c"} <= set(arms) or set(arms) - set(ARMS):
+        ap.error(f"--arms: a subset of {', '.join(ARMS)} that holds a and c, got {args.arms!r}")
     print("SIMULATED data: the generated scene world (its truth judges every arm and is arm d's labels)", flush=True)
     results = []
     for seed in seeds:
-        r = run_seed(Path(args.config), seed, Path(args.runs) / f"seed-{seed}", overrides)
+        r = run_seed(Path(args.config), seed, Path(args.runs) / f"seed-{seed}", overrides, arms)
         results.append(r)
         print(f"seed {seed}: base {r['base_truth_mAP']:.4f}  " +
               "  ".join(f"{k} {v:.4f}" for k, v in r["truth_mAP"].items()) +
               f"  gap closed {r['gap_closed']}  main job gain {r['main_job_gain_points']:+.2f}  "
               f"targets met {r['targets_met']}  ({r['seconds']:.0f} s)", flush=True)
-    means = {k: round(statistics.fmean(r["truth_mAP"][k] for r in results), 4) for k in ARMS}
+    means = {k: round(statistics.fmean(r["truth_mAP"][k] for r in results), 4) for k in arms}
     closed = [r["gap_closed"] for r in results if r["gap_closed"] is not None]
-    summary = {"simulated": True, "smoke": args.smoke, "seeds": seeds, "arms": ARMS, "runs": results,
+    summary = {"simulated": True, "smoke": args.smoke, "seeds": seeds, "arms": {a: ARMS[a] for a in arms},
+               "overrides": overrides, "runs": results,
                "mean_truth_mAP": means, "engine_gap_closed": round(statistics.fmean(closed), 4) if closed else None}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")
     print("mean truth mAP: " + "  ".join(f"{k} {v:.4f}" for k, v in means.items()))
     for arm, labels in ARMS.items():
-        print(f"arm_{arm.replace(chr(39), '_prime')}_{labels}_truth_mAP: {means[arm]:.4f}")
+        if arm in means:
+            print(f"arm_{arm.replace(chr(39), '_prime')}_{labels}_truth_mAP: {means[arm]:.4f}")
     print(f"engine_gap_closed: {summary['engine_gap_closed']:.2f}" if closed else "engine_gap_closed: nan")
     return 0
 
