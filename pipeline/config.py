@@ -48,7 +48,8 @@ class RayConfig(BaseModel):
     enabled: bool = Field(True, description="false runs the same shard workers in-process")
     address: str | None = Field(None, description="'auto' or ray://...; RAY_ADDRESS also works")
     num_cpus: int | None = Field(None, ge=1, description="local Ray only; default: all cores")
-    progress: bool = True
+    progress: bool = Field(True, description="a live bar per step where stderr is a terminal (plain lines "
+                           "at every tenth of a step's shards otherwise, and in <run>/run.log)")
 
 
 class RoundsConfig(BaseModel):

@@ -24,6 +24,7 @@ import pyarrow as pa
 
 from pipeline import partials, registry
 from pipeline.config import RayConfig, Step
+from pipeline.progress import RunLog, StepProgress
 from pipeline.stage import StageContext, StageResult
 from pipeline.store import StepDir, rejects_table, write_bytes_atomic, write_json_atomic
 
@@ -171,7 +172,9 @@ def start_ray(cfg: RayConfig, run_dir: Path) -> bool:
     else:
         ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, _temp_dir=ray_temp_dir(run_dir), **common)
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = cfg.progress
+    # the step's own bar (pipeline/progress.py) replaces Ray Data's per-operator bars, which would
+    # interleave with it and count blocks rather than shards and rows
+    ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     return True
 
@@ -192,33 +195,47 @@ def _worker_kwargs(step: Step, context: StageContext, step_dir: StepDir, fingerp
 
 
 def run_shards(step: Step, context: StageContext, tasks: list[tuple[int, dict]], step_dir: StepDir,
-               fingerprint: str, ray_cfg: RayConfig, what: str = "shard") -> list[dict]:
+               fingerprint: str, ray_cfg: RayConfig, what: str = "shard", log: RunLog | None = None) -> list[dict]:
     """Run the shard tasks of one step; returns their stats. Commits happen inside the workers."""
     if not tasks:
         return []
     kwargs = _worker_kwargs(step, context, step_dir, fingerprint)
     kill_after = _fault_hook(step.name)
     stats: list[dict] = []
-    for _, st, _ in _iter_results(step, tasks, kwargs, ray_cfg, actors=step.stage_cls.has_setup()):
-        stats.append(st)
-        print(f"  [{step.name}] {what} {st['shard']:>5} done ({len(stats)}/{len(tasks)}): {st['rows_out']} rows out, "
-              f"{st['rows_rejected']} rejected, {st['seconds']:.2f}s", file=sys.stderr, flush=True)
-        if kill_after is not None and len(stats) >= kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
+    progress = StepProgress(step.name, len(tasks), what, live=_live(ray_cfg), log=log)
+    try:
+        for _, st, _ in _iter_results(step, tasks, kwargs, ray_cfg, actors=step.stage_cls.has_setup()):
+            stats.append(st)
+            progress.update(st["rows_out"])
+            if kill_after is not None and len(stats) >= kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+    finally:
+        progress.close()
     return stats
 
 
 def run_calls(step: Step, context: StageContext, tasks: list[tuple[int, dict]], step_dir: StepDir,
-              fingerprint: str, ray_cfg: RayConfig) -> Iterator[tuple[int, object, float]]:
+              fingerprint: str, ray_cfg: RayConfig, log: RunLog | None = None) -> Iterator[tuple[int, object, float]]:
     """``(index, result, the worker's peak RSS in MiB)`` of each call task (``op: call``), in completion
     order; the stage is built without ``setup()`` (a call prepares what setup will load)."""
     kwargs = dict(_worker_kwargs(step, context, step_dir, fingerprint), setup=False)
     methods = {spec.get("method") for _, spec in tasks}
-    kill_after = _fault_hook(f"{step.name}.{methods.pop()}") if len(methods) == 1 else None
-    for n, item in enumerate(_iter_results(step, tasks, kwargs, ray_cfg, actors=False), start=1):
-        if kill_after is not None and n >= kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
-        yield item
+    method = methods.pop() if len(methods) == 1 else None
+    kill_after = _fault_hook(f"{step.name}.{method}") if method else None
+    progress = StepProgress(step.name, len(tasks), f"{method or 'call'} call", live=_live(ray_cfg), log=log)
+    try:
+        for n, item in enumerate(_iter_results(step, tasks, kwargs, ray_cfg, actors=False), start=1):
+            progress.update()  # a call returns what its method returns: no rows to count
+            if kill_after is not None and n >= kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+            yield item
+    finally:
+        progress.close()
+
+
+def _live(ray_cfg: RayConfig) -> bool | None:
+    """A live bar where stderr is a terminal (StepProgress decides), never where ``ray.progress`` is off."""
+    return None if ray_cfg.progress else False
 
 
 def _iter_results(step: Step, tasks: list[tuple[int, dict]], kwargs: dict, ray_cfg: RayConfig,
