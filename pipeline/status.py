@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pipeline.progress import LOG_FILE
 from pipeline.store import StepDir
 from pipeline.workflow import ERROR_FILE, RUN_FILE
 
@@ -88,7 +89,9 @@ def run_status(run_dir: str | Path) -> dict:
         steps.append({**step_status(root / name), "in_run": False} if record else step_status(root / name))
     if not steps:
         raise RunDirError(f"{root}: not a run directory (no {RUN_FILE} and no step directories)")
-    return {"run_dir": str(root), "run": record, "steps": steps, "error": _read_json(root / ERROR_FILE)}
+    log = root / LOG_FILE
+    return {"run_dir": str(root), "run": record, "steps": steps, "error": _read_json(root / ERROR_FILE),
+            "log": str(log) if log.is_file() else None}
 
 
 def _cell(v: object) -> str:
@@ -103,6 +106,8 @@ def format_status(st: dict) -> str:
         lines.append(f"config {run['config']} ({chain}{only}), started {run['started_at']}")
     else:
         lines.append(f"no {RUN_FILE} (a run from before it was written): steps ordered from their manifests")
+    if st.get("log"):
+        lines.append(f"log {st['log']} (each run's steps, progress and errors)")
     head = ["step", "stage", "status", "shards", "rows in", "rows out", "rejected", "rejects by code"]
     rows = []
     for s in st["steps"]:

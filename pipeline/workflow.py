@@ -17,6 +17,7 @@ from pipeline.config import RayConfig, RunConfig, Step
 from pipeline.errors import ContractError
 from pipeline.executor import ray_temp_dir, run_calls, run_shards, start_ray
 from pipeline.fingerprint import code_hash
+from pipeline.progress import LOG_FILE, RunLog
 from pipeline.stage import RowSource, StageContext
 from pipeline.store import (StepDir, rejects_table, run_dir_path, write_bytes_atomic, write_json_atomic,
                             write_parquet_atomic)
@@ -123,6 +124,7 @@ class Runner:
         self.reports: list[StepReport] = []
         self.current: Step | None = None  # the step running now: what a failure is recorded against
         self.local_ray = False
+        self.log = RunLog(self.out_dir / LOG_FILE)
 
     # -- planning ----------------------------------------------------------------------------
     def _fingerprint(self, step: Step, upstream: list[str], extra: str = "") -> str:
@@ -153,12 +155,18 @@ class Runner:
     def run(self) -> list[StepReport]:
         check_contract(self.cfg)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self._run_record(), self.out_dir / RUN_FILE)
+        record = self._run_record()
+        write_json_atomic(record, self.out_dir / RUN_FILE)
+        self.log.write(self._log_header(record))
         try:
             self._run_steps()
         except (Exception, KeyboardInterrupt) as e:
             self._record_error(e)
+            where = f"in step '{self.current.name}'" if self.current else "before any step"
+            what = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
+            self.log.write(f"FAILED {where}: {what} (traceback: {self.out_dir / ERROR_FILE})")
             raise
+        self.log.write(f"run done: {len(self.reports)} step(s)")
         (self.out_dir / ERROR_FILE).unlink(missing_ok=True)  # the run went through: no failure stands
         return self.reports
 
@@ -170,6 +178,17 @@ class Runner:
                 "description": cfg.description, "seed": cfg.seed, "force": self.force,
                 "only": None if len(only) == len(cfg.steps) else only, "started_at": _now(),
                 "steps": [{"name": s.name, "use": s.use} for s in cfg.steps]}
+
+    def _log_header(self, record: dict) -> str:
+        chain = f"workflow {record['workflow']}" if record["workflow"] else "its own steps"
+        steps = ", ".join(s["name"] for s in record["steps"])
+        flags = (f"; only {', '.join(record['only'])}" if record["only"] else "") + ("; force" if self.force else "")
+        return f"=== run {record['config']} ({chain}): steps {steps}{flags}"
+
+    def _log_result(self, r: StepReport) -> None:
+        summary = f"; {r.extra['summary']}" if r.extra.get("summary") else ""
+        self.log.write(f"[{r.step}] {r.status}: rows in {r.rows_in}, out {r.rows_out}, rejected {r.rows_rejected}, "
+                       f"{r.seconds:.2f}s{summary}")
 
     def _record_error(self, e: BaseException) -> None:
         step = self.current
@@ -214,6 +233,7 @@ class Runner:
                 elif sdir.is_done(fp) and not self.force:
                     self.reports.append(self._skipped(step, sdir))
                 else:
+                    self.log.write(f"[{step.name}] start ({step.use})")
                     shard_tasks = step.stage_cls.kind != "reduce" or step.stage_cls.defines("partial")
                     needs_ray = (shard_tasks and self.cfg.ray.enabled) or stage.drives_ray()
                     if needs_ray and not ray_started:
@@ -222,6 +242,7 @@ class Runner:
                     view_out = views[i].after(step.name, step.stage_cls.kind, step.stage_cls.outputs,
                                               step.stage_cls.replaces_columns)
                     self.reports.append(self._run_step(step, stage, ctx, sdir, fp, rows_step, view_out))
+                self._log_result(self.reports[-1])
                 last_of_round = step.round and (i + 1 == len(steps) or steps[i + 1].round != step.round)
                 if last_of_round and self._rounds_done(step, steps):
                     steps = [s for s in steps if s.round <= step.round]
@@ -306,7 +327,7 @@ class Runner:
                 stats_prep = {}
             done = sdir.done_shards(fp)
             todo = [(i, spec) for i, spec in zip(shard_ids, specs) if i not in done]
-            new = run_shards(step, ctx, todo, sdir, fp, self.cfg.ray)
+            new = run_shards(step, ctx, todo, sdir, fp, self.cfg.ray, log=self.log)
             self._check_visible(step, sdir, new, data=True)
             shard_stats = sorted([*done.values(), *new], key=lambda s: s["shard"])
             if step.stage_cls.kind == "map":
@@ -344,7 +365,7 @@ class Runner:
             got = json.loads(marker.read_text())
             if got.get("fingerprint") == fp:
                 return got.get("stats", {})
-        engine = StepEngine(self.cfg.ray, step, ctx, sdir, fp)
+        engine = StepEngine(self.cfg.ray, step, ctx, sdir, fp, self.log)
         stats = stage.prepare(engine) or {}
         if engine.peak_rss_mb:
             stats["prepare_worker_peak_rss_mb"] = engine.peak_rss_mb
@@ -357,7 +378,7 @@ class Runner:
             # a partial counts as done with its file (one from before partials were data has none: redone)
             done = {i: st for i, st in sdir.done_shards(fp).items() if partials.partial_path(sdir.path, i).exists()}
             todo = [(i, {"op": "partial"}) for i in view.shards() if i not in done]
-            new = run_shards(step, ctx, todo, sdir, fp, self.cfg.ray, what="partial")
+            new = run_shards(step, ctx, todo, sdir, fp, self.cfg.ray, what="partial", log=self.log)
             self._check_visible(step, sdir, new, data=False)
             shard_stats = sorted([*done.values(), *new], key=lambda s: s["shard"])
             self._check_counts(step, view, shard_stats)
@@ -392,8 +413,10 @@ class StepEngine:
     """What a map stage's ``prepare()`` may run in the workers: calls over its input shards and plain tasks.
     Results are small (counts, statistics); large results are written by the stage under ``step_dir``."""
 
-    def __init__(self, ray_cfg: RayConfig, step: Step, ctx: StageContext, sdir: StepDir, fp: str):
+    def __init__(self, ray_cfg: RayConfig, step: Step, ctx: StageContext, sdir: StepDir, fp: str,
+                 log: RunLog | None = None):
         self._ray, self._step, self._ctx, self._sdir, self._fp = ray_cfg, step, ctx, sdir, fp
+        self._log = log
         self.peak_rss_mb = 0.0  # the largest peak RSS (MiB) of a worker that ran one of these calls
 
     @property
@@ -406,12 +429,12 @@ class StepEngine:
     def over_shards(self, method: str, columns: list[str]):
         """``(shard, stage.<method>(input shard, shard))`` for every input shard, in completion order."""
         tasks = [(i, {"op": "call", "method": method, "columns": list(columns)}) for i in self.shards()]
-        return self._results(run_calls(self._step, self._ctx, tasks, self._sdir, self._fp, self._ray))
+        return self._results(run_calls(self._step, self._ctx, tasks, self._sdir, self._fp, self._ray, self._log))
 
     def tasks(self, method: str, args: list):
         """``(k, stage.<method>(args[k]))`` for every argument (JSON-able), in completion order."""
         tasks = [(k, {"op": "call", "method": method, "arg": a}) for k, a in enumerate(args)]
-        return self._results(run_calls(self._step, self._ctx, tasks, self._sdir, self._fp, self._ray))
+        return self._results(run_calls(self._step, self._ctx, tasks, self._sdir, self._fp, self._ray, self._log))
 
     def _results(self, calls):
         for k, result, rss in calls:
