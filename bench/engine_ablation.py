@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     print("mean truth mAP: " + "  ".join(f"{k} {v:.4f}" for k, v in means.items()))
     for arm, labels in ARMS.items():
         if arm in means:
-            print(f"arm_{arm.replace(chr(39), '_prime')}_{labels}_truth_mAP: {means[arm]:.4f}")
+            print(f"arm_{arm.replace(chr(39), '_prime')}_{labels}_truth_map: {means[arm]:.4f}")
     print(f"engine_gap_closed: {summary['engine_gap_closed']:.2f}" if closed else "engine_gap_closed: nan")
     return 0
 
