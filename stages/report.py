@@ -379,7 +379,8 @@ def _outcome_markdown(o: dict) -> list[str]:
              f"{o['judge_note']}, over {o['judged_tags']} tags: the base, trained on the parse labels, and the "
              f"retrained one, trained on the cleaned labels ({'from scratch' if o['start'] == 'scratch' else 'from the base weights'}).",
              "", f"mAP {cell(o[f'base_{j}_mAP'])} -> {cell(o[f'retrained_{j}_mAP'])}: "
-             f"{o['gain_points']:+.2f} points.", "",
+             + ("no held-out image to judge by." if o["gain_points"] is None else f"{o['gain_points']:+.2f} points."),
+             "",
              "| | base | retrained |", "|---|---|---|"]
     b, n = o["base"], o["retrained"]
     for k in ("mAP", "precision", "recall", "f1"):

@@ -187,10 +187,10 @@ class RetrainStage(TrainStage):
         res.files["recipe.json"] = (recipe.model_dump_json(indent=1) + "\n").encode()
         res.files["outcome.json"] = (json.dumps(outcome, indent=1, sort_keys=True) + "\n").encode()
         res.stats["model_outcome"] = outcome
-        j = outcome["judge"]
+        j, gain = outcome["judge"], outcome["gain_points"]
         res.stats["summary"] += (f"; {outcome['eval_images']} held-out images, judged by {j}: mAP base "
                                  f"{outcome[f'base_{j}_mAP']} -> retrained {outcome[f'retrained_{j}_mAP']} "
-                                 f"({outcome['gain_points']:+.2f} points)")
+                                 f"({'no held-out image to judge by' if gain is None else f'{gain:+.2f} points'})")
         return fitted
 
     def planned(self) -> RetrainConfig:

@@ -161,3 +161,15 @@ def test_report_judges_each_dropped_crop_in_the_worker_and_draws_the_plots(tmp_p
         k: v for k, v in stage.context.artifacts.items() if k != "truth"}))
     (items,) = without_truth.partial(table, 0)["sheet"].values()
     assert {verdict for *_, verdict in items} == {None}
+
+
+def test_outcome_section_without_held_out_images_says_so():
+    """A run whose held-out sample is empty has no mAP to compare: the report says so instead of failing."""
+    from stages.report import _outcome_markdown
+
+    empty = {"mAP": None, "precision": 0.0, "recall": 0.0, "f1": 0.0, "by_kind": {}, "by_frequency": {}}
+    o = {"judge": "labels", "judge_note": "no truth", "eval_images": 0, "judged_tags": 0, "start": "base",
+         "base_labels_mAP": None, "retrained_labels_mAP": None, "gain_points": None,
+         "base": empty, "retrained": empty}
+    text = "\n".join(_outcome_markdown(o))
+    assert "no held-out image to judge by" in text and "| mAP | - | - |" in text
