@@ -53,7 +53,6 @@ class LabelledRows(RowSource):
     def __init__(self, view, labels: str, truth_dir: str | None = None, names: dict[int, set[str]] | None = None):
         super().__init__(view=view)
         self.labels, self.truth_dir, self.names = labels, truth_dir, names
-        self.rows = RowSource(view=view)
         if labels == "truth" and truth_dir is None:
             raise ValueError("retrain.labels: 'truth' needs a scene world's truth (its input step provides it); "
                              "this run has none")
@@ -63,7 +62,7 @@ class LabelledRows(RowSource):
 
         cols = list(columns)
         if "union_label_id" not in cols or self.labels == "cleaned":
-            yield from self.rows.iter_tables_with_base(cols)
+            yield from super().iter_tables_with_base(cols)
             return
         extra = [] if self.labels == "truth" else ["stage_labels"]
         view = self.view
