@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from pydantic import Field, ValidationError, model_validator
 
 from pipeline.errors import Reject
