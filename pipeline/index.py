@@ -13,6 +13,9 @@ Why one merged index rather than one per shard: a lookup then opens one small fi
 the step has. Why the shards' own ``image_id`` column rather than a side table the workers write: it is
 the same ids, already written once. An id two shards both hold (a source judges duplicates per range)
 is listed once per shard, lowest shard first, the order a scan of the shards would meet them.
+
+The input step builds one too and fails when ``duplicates`` finds an id listed twice: the sorted index
+puts both places side by side, so the check costs one streamed pass and holds one batch.
 """
 from __future__ import annotations
 
@@ -90,6 +93,31 @@ def write_id_index(step_dir: Path, fan_in: int = 64, row_group: int = ROW_GROUP)
     n = _merge(runs, index_path(step_dir), row_group)
     shutil.rmtree(work)
     return n
+
+
+def duplicates(step_dir: Path, limit: int = 5) -> tuple[int, list[tuple[str, list[int]]]]:
+    """Ids the step's index lists more than once: how many, and the first ``limit`` with their shards.
+
+    One pass over the sorted index in batches; what it keeps is the current id's shards and the examples."""
+    count, examples = 0, []
+    cur: str | None = None
+    shards: list[int] = []
+
+    def close() -> None:
+        nonlocal count
+        if len(shards) > 1:
+            count += 1
+            if len(examples) < limit:
+                examples.append((cur, list(shards)))
+
+    for b in pq.ParquetFile(index_path(step_dir)).iter_batches(batch_size=_BATCH):
+        for iid, shard in zip(b.column("image_id").to_pylist(), b.column("shard").to_pylist()):
+            if iid != cur or not shards:
+                close()
+                cur, shards = iid, []
+            shards.append(shard)
+    close()
+    return count, examples
 
 
 def find_shards(step_dir: Path, image_id: str) -> list[int] | None:

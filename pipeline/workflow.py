@@ -17,6 +17,7 @@ from pipeline.config import RayConfig, RunConfig, Step
 from pipeline.errors import ContractError
 from pipeline.executor import ray_temp_dir, run_calls, run_shards, start_ray
 from pipeline.fingerprint import code_hash
+from pipeline.index import duplicates, write_id_index
 from pipeline.progress import LOG_FILE, RunLog
 from pipeline.stage import RowSource, StageContext
 from pipeline.store import (StepDir, rejects_table, run_dir_path, write_bytes_atomic, write_json_atomic,
@@ -304,6 +305,22 @@ class Runner:
                                        f"{p}; on a cluster the run directory must be storage every node shares "
                                        f"(a shared mount, given as an absolute path)")
 
+    def _check_unique_ids(self, step: Step, sdir: StepDir, specs: list[dict]) -> dict:
+        """Fail the input step when an image_id is in two places. Every later step joins its columns by
+        image_id and export names image files by it, so two images of one id would share labels and
+        pixels. A reader judges repeats within its range; this sees across ranges and inputs through the
+        step's id index (an external sort: the driver holds one shard's ids, never the corpus's)."""
+        rows = write_id_index(sdir.path)
+        count, examples = duplicates(sdir.path)
+        if count:
+            shown = "; ".join(_places(iid, shards, specs) for iid, shards in examples)
+            raise RuntimeError(
+                f"step '{step.name}': {count} image id(s) are in more than one place, e.g. {shown}. Two rows of "
+                f"one id would share labels and exported pixels. Give each input its own source in "
+                f"source.multi.v1 (its name prefixes its ids), or sort a record file by image so that a repeat "
+                f"falls in one range, where it is rejected (docs/data.md, 'Image ids')")
+        return {"id_index_rows": rows}
+
     # -- running -----------------------------------------------------------------------------
     def _run_step(self, step: Step, stage, ctx: StageContext, sdir: StepDir, fp: str,
                   rows_step: str | None, view_out: View) -> StepReport:
@@ -336,6 +353,8 @@ class Runner:
             stats["shards"] = len(shard_stats)
             stats["shards_resumed"] = len(done)
             stats.update(stats_prep)
+            if step.stage_cls.kind == "source":
+                stats.update(self._check_unique_ids(step, sdir, specs))
             if step.stage_cls.defines("shard_summary"):
                 stats.update(stage.merge_summaries([s.get("summary") for s in shard_stats]))
             stats.update(stage.finalize(sdir.path))
@@ -440,6 +459,20 @@ class StepEngine:
         for k, result, rss in calls:
             self.peak_rss_mb = max(self.peak_rss_mb, rss)
             yield k, result
+
+
+def _places(image_id: str, shards: list[int], specs: list[dict]) -> str:
+    where = " and ".join(f"shard {i} ({_where(specs[i])})" for i in sorted(set(shards)))
+    return f"{image_id!r} in {where}" + (" (twice in one shard)" if len(set(shards)) < len(shards) else "")
+
+
+def _where(spec: dict) -> str:
+    """A source shard's input, from its read spec: the source's name, the file, the range."""
+    parts = [f"source {spec['name']}"] if "name" in spec else []
+    parts += [str(spec["file"])] if "file" in spec else []
+    if "start" in spec and "stop" in spec:
+        parts.append(f"{'bytes' if 'format' in spec else 'rows'} {spec['start']}-{spec['stop']}")
+    return ", ".join(parts) or json.dumps(spec, sort_keys=True)[:200]
 
 
 def _sum_stats(shards: list[dict]) -> dict:

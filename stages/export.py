@@ -75,15 +75,18 @@ class ExportStage(Stage):
 
     def _image_path(self, row: dict, step_dir: Path) -> str | None:
         """A local path as the source gave it; else the inline bytes written out (a URL cannot be opened
-        by a trainer, so img2dataset rows, which carry both, get their bytes written)."""
+        by a trainer, so img2dataset rows, which carry both, get their bytes written).
+
+        The file is written every time, never taken as it is found: a file already there was left by a
+        killed attempt or another image of the same name, and its bytes are not this row's to vouch for.
+        (A step's fingerprint change clears its directory; the input step fails on a repeated id.)"""
         path, data = row.get("image"), row.get("image_bytes")
         if path and (data is None or _is_local(path)):
             return path
         if data is None:
             return None
         rel = image_file(row["image_id"], _ext(data))
-        if not (step_dir / rel).exists():  # a resumed shard does not rewrite its images
-            write_bytes_atomic(data, step_dir / rel)
+        write_bytes_atomic(data, step_dir / rel)
         return rel
 
     def __call__(self, batch: pa.Table) -> StageResult:

@@ -1,7 +1,8 @@
 """Readers that map other corpora onto ``image_id, image, image_bytes, captions``.
 
-Image ids come from the source's own key (file stem, COCO/img2dataset key, URL hash), never from a
-row's position. A missing or unreadable input file becomes an ``input``-level reject and the run
+Image ids come from the source's own key (a path relative to the image root, an img2dataset key, a URL's
+hash: ``stages/readers/ids.py``), never from a row's position; ``source.multi.v1`` prefixes each source's
+ids with its name. A missing or unreadable input file becomes an ``input``-level reject and the run
 goes on with the other files. Inputs are plain paths or fsspec URIs (``stages/readers/fs.py``).
 
 Record files stream (``stages/readers/ranged.py``): the Karpathy json and the CC3M tsv here, RAM's
@@ -11,8 +12,8 @@ listed whole.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-import hashlib
 import json
 import os
 import tarfile
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field, ValidationError, model_validator
 
@@ -29,6 +31,7 @@ from pipeline.registry import register
 from pipeline.stage import Stage, StageConfig, StageResult
 from stages.columns import ROWS_SCHEMA
 from stages.readers import fs
+from stages.readers.ids import NAME, SEP, path_id, prefixed, url_id
 from stages.readers.ranged import (Entry, Parsed, RangeReader, RangeReaderConfig, ReaderConfig, dedupe,
                                    merge_by_key, missing_input, rows_table, text_of, unreadable_input,
                                    url_only_rejects)
@@ -96,7 +99,9 @@ def _cached_records(use: str, config_json: str, path: str) -> tuple[list[dict], 
 
 @register("source.coco.v1")
 class CocoCaptions(_RecordReader):
-    """COCO captions json (``images`` + ``annotations``); image_id is the file name's stem.
+    """COCO captions json (``images`` + ``annotations``); image_id is the file name relative to ``image_dir``
+    without extension (COCO's own names have no folder: the stem). A file name listed twice is one image:
+    the later entry is rejected (``row_duplicate_id``).
 
     The two arrays are joined by id and the rows sorted by file name, so the file is parsed whole
     (once per process): memory follows the annotation file's size, not the shard's."""
@@ -114,9 +119,10 @@ class CocoCaptions(_RecordReader):
                 rejects.append(Reject(str(im.get("id")), "row_no_image", "image entry without file_name",
                                       payload=json.dumps(im)[:2000]))
                 continue
-            recs.append({"image_id": Path(name).stem, "image": self.image_path(name, path),
+            recs.append({"image_id": path_id(name, self.config.image_dir), "image": self.image_path(name, path),
                          "captions": caps.get(im["id"], [])})
-        return recs, rejects
+        recs, dups = dedupe(recs)
+        return recs, rejects + dups
 
 
 def _json_array(head: bytes, what: str) -> Literal["json"]:
@@ -158,10 +164,10 @@ class Flickr30kKarpathy(RangeReader):
         if not name or not isinstance(name, str):
             return Reject(None, "row_bad_record", f"{where}: record without image_name", payload=json.dumps(item)[:2000])
         caps = item.get("captions") or []
+        iid = path_id(name, self.config.image_dir)
         if not _string_list(caps):
-            return Reject(Path(name).stem, "row_bad_record", f"{where}: captions is not a list of strings",
+            return Reject(iid, "row_bad_record", f"{where}: captions is not a list of strings",
                           payload=json.dumps(item)[:2000])
-        iid = Path(name).stem
         return Entry(iid, {"image_id": iid, "image": self.image_path(name, path), "captions": list(caps)})
 
 
@@ -192,7 +198,7 @@ class Cc3mTsv(RangeReader):
         if len(parts) != 2 or not parts[1].strip():
             return Reject(None, "row_bad_record", f"{where}: expected caption<TAB>url", payload=line[:2000])
         url = parts[1].strip()
-        return Entry(url, {"image_id": hashlib.sha1(url.encode()).hexdigest()[:16], "image": url,
+        return Entry(url, {"image_id": url_id(url), "image": url,
                            "captions": [parts[0]]})
 
     def combine(self, entries: list[Entry]) -> tuple[list[dict], list[Reject]]:
@@ -371,12 +377,15 @@ class ProjectParquet(_PerFileReader):
 
 
 class MultiConfig(StageConfig):
-    sources: list[dict] = Field(..., min_length=1, description="list of {use: <source stage>, ...its config}")
+    sources: list[dict] = Field(..., min_length=1, description="list of {use: <source stage>, name: <id prefix>, "
+                                "...its config}; name defaults to the reader's (source.img2dataset.v1 -> "
+                                "img2dataset) and must differ between sources")
 
     @model_validator(mode="after")
     def _check_sources(self) -> "MultiConfig":
         from pipeline import registry
 
+        named: dict[str, int] = {}
         for i, spec in enumerate(self.sources):
             spec = dict(spec)
             use = spec.pop("use", None)
@@ -386,6 +395,15 @@ class MultiConfig(StageConfig):
                 raise ValueError(f"sources[{i}].use: {e.args[0]}") from None
             if cls.kind != "source" or cls is MultiSource:
                 raise ValueError(f"sources[{i}].use: {use} is not a plain source stage")
+            name = source_name(use, spec.pop("name", None))
+            if not isinstance(name, str) or not NAME.fullmatch(name):
+                raise ValueError(f"sources[{i}].name: {name!r} is not a name (a letter or digit, then letters, "
+                                 f"digits, '_', '.' or '-'): it is the prefix of this source's image ids")
+            if name in named:
+                raise ValueError(f"sources[{i}].name: sources[{named[name]}] is named {name!r} too (a source's "
+                                 f"name defaults to its reader's); give each its own name: it prefixes its "
+                                 f"image ids, so two outputs that number their keys alike stay apart")
+            named[name] = i
             try:
                 cls.Config.model_validate(spec)
             except ValidationError as e:
@@ -394,30 +412,56 @@ class MultiConfig(StageConfig):
         return self
 
 
+def source_name(use: str, name: object = None) -> object:
+    """A multi source's name: as given, else its reader's (``source.img2dataset.v1`` -> ``img2dataset``)."""
+    return name if name is not None else use.split(".")[1] if use.count(".") >= 2 else use
+
+
 @register("source.multi.v1")
 class MultiSource(Stage):
-    """Several sources as one input (e.g. CC3M tsv + Flickr30k json for one vocabulary)."""
+    """Several sources as one input (e.g. CC3M tsv + Flickr30k json for one vocabulary). Each source's
+    image ids (and its rejects' ids) get its name as a prefix, ``name/key``, so two img2dataset outputs
+    that both start at ``000000000`` stay two sets of images."""
 
     kind = "source"
     Config = MultiConfig
     outputs = ("image", "image_bytes", "captions")
 
-    def _subs(self) -> list[Stage]:
+    def _subs(self) -> list[tuple[str, Stage]]:
         from pipeline import registry
 
         subs = []
         for spec in self.config.sources:
             spec = dict(spec)
-            cls = registry.get(spec.pop("use"))
-            subs.append(cls(cls.Config.model_validate(spec), self.context))
+            use = spec.pop("use")
+            name = source_name(use, spec.pop("name", None))
+            cls = registry.get(use)
+            subs.append((name, cls(cls.Config.model_validate(spec), self.context)))
         return subs
 
     def input_fingerprint(self) -> str:
-        return "||".join(getattr(s, "input_fingerprint", lambda: "")() for s in self._subs())
+        return "||".join(getattr(s, "input_fingerprint", lambda: "")() for _, s in self._subs())
 
     def plan(self) -> list[dict]:
-        return [{"source": i, **spec} for i, sub in enumerate(self._subs()) for spec in sub.plan()]
+        return [{"source": i, "name": name, **spec} for i, (name, sub) in enumerate(self._subs())
+                for spec in sub.plan()]
 
     def read_shard(self, spec: dict) -> StageResult:
         spec = dict(spec)
-        return self._subs()[spec.pop("source")].read_shard(spec)
+        name, sub = self._subs()[spec.pop("source")]
+        spec.pop("name", None)
+        res = sub.read_shard(spec)
+        return StageResult(_prefix_ids(res.table, name), [_prefix_reject(r, name) for r in res.rejects],
+                           {k: _prefix_ids(t, name) for k, t in res.side.items()}, res.files)
+
+
+def _prefix_ids(table: pa.Table, name: str) -> pa.Table:
+    if "image_id" not in table.column_names:
+        return table
+    i = table.column_names.index("image_id")
+    ids = pc.binary_join_element_wise(pa.scalar(name), table.column(i).cast(pa.string()), SEP)
+    return table.set_column(i, table.schema.field(i).with_type(pa.string()), ids)
+
+
+def _prefix_reject(r: Reject, name: str) -> Reject:
+    return r if r.image_id is None else dataclasses.replace(r, image_id=prefixed(name, str(r.image_id)))

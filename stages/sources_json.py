@@ -7,10 +7,7 @@ first with img2dataset); ``urls: keep`` keeps such rows for workflows that read 
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-from pathlib import PurePosixPath
 from typing import Literal
 
 import pyarrow as pa
@@ -20,6 +17,7 @@ from pipeline.errors import Reject
 from pipeline.registry import register
 from stages.columns import ROWS_SCHEMA
 from stages.readers import fs
+from stages.readers.ids import path_id, stem_id, url_id
 from stages.readers.ranged import Entry, Parsed, RangeReader, RangeReaderConfig, dedupe, merge_by_key, text_of
 
 _INT32 = 2**31
@@ -28,9 +26,10 @@ _INT32 = 2**31
 class JsonListConfig(RangeReaderConfig):
     format: Literal["auto", "json", "jsonl"] = Field("auto", description="auto: a JSON array if the file starts "
                                                                          "with '[', else JSON lines")
-    image_id: Literal["stem", "path"] = Field("stem", description="stem: the image file's name without extension; "
-                                                                  "path: its whole path without extension (when "
-                                                                  "stems collide across folders)")
+    image_id: Literal["path", "stem"] = Field("path", description="path: the image's path relative to image_dir, "
+                                                                  "without extension (VG_100K/1); stem: its file "
+                                                                  "name without extension (1), which collides "
+                                                                  "across folders")
     urls: Literal["reject", "keep"] = Field("reject", description="rows whose image is only an http(s) URL: reject "
                                                                   "(download them first, with img2dataset) or keep")
 
@@ -59,12 +58,11 @@ class _JsonListReader(RangeReader):
         return item
 
     def image_id(self, image: str) -> str:
-        """The stem (or path) of a file name; a URL's id is a hash of it, as for CC3M."""
+        """The path relative to the image root (or the stem) of a file name; a URL's id is a hash of it, as
+        for CC3M (``stages/readers/ids.py``)."""
         if fs.is_http_url(image):
-            return hashlib.sha1(image.encode()).hexdigest()[:16]
-        if self.config.image_id == "path":
-            return os.path.splitext(image.lstrip("/"))[0]
-        return PurePosixPath(image).stem
+            return url_id(image)
+        return path_id(image, self.config.image_dir) if self.config.image_id == "path" else stem_id(image)
 
     def resolve(self, image: str, path: str) -> str:
         return image if fs.is_http_url(image) else self.image_path(image, path)
@@ -96,8 +94,9 @@ class RamJson(_JsonListReader):
     ``source_union_label_id`` / ``source_parse_label_id`` (ids into the tag list the file was built with,
     RAM's 4,585 tags for the released files); null when the record has none.
 
-    image_id is the path's stem (``image_id: path`` for the whole path): a second record of an id in
-    the same range, or right after it, is rejected (``row_duplicate_id``, its captions kept as payload).
+    image_id is the path relative to ``image_dir`` without extension (``image_id: stem``: the file name):
+    a second record of an id in the same range, or right after it, is rejected (``row_duplicate_id``,
+    its captions kept as payload); one in another range fails the input step.
     """
 
     outputs = ("image", "image_bytes", "captions", "source_union_label_id", "source_parse_label_id")
@@ -129,8 +128,10 @@ class CaptionJson(_JsonListReader):
     web-caption files name the image ``url``). Records of one image in a row are merged into one row
     with all their captions, across range boundaries too. Records of an image that are not
     consecutive are merged when they fall in the same range; in different ranges they give two rows
-    of one image_id, so sort such a file by image first (``jq 'sort_by(.image)'``). Two different
-    images with one stem: the later is rejected (``row_duplicate_id``; ``image_id: path`` keeps both).
+    of one image_id, which fails the input step, so sort such a file by image first
+    (``jq 'sort_by(.image)'``). image_id is the path relative to ``image_dir`` without extension; with
+    ``image_id: stem``, two different images with one stem in a range: the later is rejected
+    (``row_duplicate_id``).
     """
 
     def parse(self, raw: bytes, where: str, path: str) -> Parsed:
@@ -148,4 +149,4 @@ class CaptionJson(_JsonListReader):
         return Entry(name, {"image_id": iid, "image": self.resolve(name, path), "captions": caps})
 
     def combine(self, entries: list[Entry]) -> tuple[list[dict], list[Reject]]:
-        return dedupe(merge_by_key(entries), "this shard's range of the file (another image with this stem)")
+        return dedupe(merge_by_key(entries), "this shard's range of the file (another image with this id)")

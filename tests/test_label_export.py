@@ -213,3 +213,15 @@ def test_inline_bytes_win_over_a_url_but_not_over_a_local_path(tmp_path):
     assert res.table.column("image_path").to_pylist() == [image_file("u", ".png"), "/data/p.jpg"]
     assert (tmp_path / "export" / image_file("u", ".png")).exists()
     assert not (tmp_path / "export" / image_file("p", ".png")).exists()
+
+
+def test_export_writes_its_own_bytes_over_a_file_it_finds(tmp_path):
+    """A file already at an image's path (a killed attempt's, another image's of the same name) is never
+    taken for this row's: export writes the row's bytes every time."""
+    stage = _stage(tmp_path)
+    found = tmp_path / "export" / image_file("a", ".png")
+    found.parent.mkdir(parents=True)
+    found.write_bytes(b"\x89PNG\r\n\x1a\nsomeone else's pixels")
+    res = stage(_export_rows(["a"]))
+    assert res.table.column("image_path").to_pylist() == [image_file("a", ".png")]
+    assert found.read_bytes() == b"\x89PNG\r\n\x1a\na"

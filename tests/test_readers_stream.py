@@ -48,8 +48,9 @@ def ram_records(n: int, seed: int = 0) -> list[dict]:
 
 
 def expected_ram_rows(recs: list[dict], image_dir: str) -> list[dict]:
-    """What a whole-file parse gives: one row per record, the released labels carried along."""
-    return [{"image_id": Path(r["image_path"]).stem, "image": f"{image_dir}/{r['image_path']}", "image_bytes": None,
+    """What a whole-file parse gives: one row per record (its id the path without extension), the released
+    labels carried along."""
+    return [{"image_id": str(Path(r["image_path"]).with_suffix("")), "image": f"{image_dir}/{r['image_path']}", "image_bytes": None,
              "captions": r["caption"], "source_union_label_id": r["union_label_id"],
              "source_parse_label_id": r["parse_label_id"]} for r in recs]
 
@@ -111,17 +112,23 @@ def test_ram_json_bad_records_and_duplicates_are_rejected_with_where(tmp_path):
     text += ',\n{"image_path": "z/img_000000.jpg", "caption": ["same stem as the first"]}'
     text += ",\n{oops not json}"
     text += ",\n" + ",\n".join(json.dumps(r) for r in recs[2:])
+    text += ',\n{"image_path": "/imgs/set0/img_000000.jpg", "caption": ["the first, spelt absolute"]}'
     p = tmp_path / "ram.json"
     p.write_text("[\n" + text + "\n]\n")
     rows, rejects, _ = read_all(make(RamJson, path=str(p), image_dir="/imgs", shard_rows=100))
-    assert rows == expected_ram_rows(recs, "/imgs")
+    # ids are paths relative to image_dir: z/img_000000 is another image than set0/img_000000
+    assert [r["image_id"] for r in rows][:3] == ["set0/img_000000", "set1/img_000001", "z/img_000000"]
+    assert [r for r in rows if r["image_id"] != "z/img_000000"] == expected_ram_rows(recs, "/imgs")
     assert [(r.code, r.reason.split(":")[0]) for r in rejects] == [
         ("row_bad_record", "line 4 (element 2)"), ("row_bad_record", "line 5 (element 3)"),
         ("row_bad_record", "line 6 (element 4)"), ("row_bad_record", "line 8 (element 6)"),
         ("row_duplicate_id", "image_id seen earlier in this shard's range of the file")]
+    assert rejects[-1].image_id == "set0/img_000000"  # an absolute path under image_dir is the same image
     assert all(r.level == "row" for r in rejects)
-    by_path = read_all(make(RamJson, path=str(p), image_dir="/imgs", shard_rows=100, image_id="path"))[0]
-    assert [r["image_id"] for r in by_path][:3] == ["set0/img_000000", "set1/img_000001", "z/img_000000"]
+    by_stem, stem_rejects, _ = read_all(make(RamJson, path=str(p), image_dir="/imgs", shard_rows=100, image_id="stem"))
+    assert [r["image_id"] for r in by_stem][:3] == ["img_000000", "img_000001", "img_000002"]
+    assert [(r.image_id, r.code) for r in stem_rejects if r.code == "row_duplicate_id"] == [
+        ("img_000000", "row_duplicate_id")] * 2  # the stem opt-in makes the two folders' files one id
 
 
 def test_a_repeated_record_right_after_its_first_is_rejected_once_whatever_the_ranges(tmp_path):
@@ -131,7 +138,7 @@ def test_a_repeated_record_right_after_its_first_is_rejected_once_whatever_the_r
     for shard_rows in (1, 2, 3, 100):
         rows, rejects, _ = read_all(make(RamJson, path=str(p), image_dir="/imgs", shard_rows=shard_rows))
         assert rows == expected_ram_rows(recs, "/imgs"), shard_rows
-        assert [(r.image_id, r.code) for r in rejects] == [("img_000001", "row_duplicate_id")] * 2
+        assert [(r.image_id, r.code) for r in rejects] == [("set1/img_000001", "row_duplicate_id")] * 2
 
 
 def test_plan_never_decodes_a_record(tmp_path):
@@ -194,7 +201,7 @@ def test_caption_json_merges_one_images_records_across_range_boundaries(tmp_path
     for i in range(40):  # 1 to 4 consecutive records per image, as BLIP's coco_karpathy_train.json has them
         caps = [f"{TRICKY[(i + j) % len(TRICKY)]} {i}.{j}" for j in range(1 + i % 4)]
         recs += [{"image": f"val2014/COCO_{i:03d}.jpg", "caption": c, "image_id": f"coco_{i}"} for c in caps]
-        expected.append({"image_id": f"COCO_{i:03d}", "image": f"/coco/val2014/COCO_{i:03d}.jpg", "image_bytes": None,
+        expected.append({"image_id": f"val2014/COCO_{i:03d}", "image": f"/coco/val2014/COCO_{i:03d}.jpg", "image_bytes": None,
                          "captions": caps})
     p = tmp_path / "coco_karpathy_train.json"
     p.write_text(json.dumps(recs))
@@ -205,18 +212,19 @@ def test_caption_json_merges_one_images_records_across_range_boundaries(tmp_path
     assert len(specs) == 1
 
 
-def test_caption_json_non_adjacent_records_merge_within_a_range_and_stems_collide(tmp_path):
+def test_caption_json_non_adjacent_records_merge_within_a_range_and_only_stems_collide(tmp_path):
     recs = [{"image": "a/x.jpg", "caption": ["one", "two"]}, {"image": "b.jpg", "caption": "three"},
             {"image": "a/x.jpg", "caption": "four"}, {"image": "c/x.jpg", "caption": "other folder, same stem"},
             {"image": "d.jpg"}, {"image": "e.jpg", "caption": {"not": "a caption"}}]
     p = tmp_path / "caps.json"
     p.write_text(json.dumps(recs))
     rows, rejects, _ = read_all(make(CaptionJson, path=str(p), image_dir="/i"))
-    assert [(r["image_id"], r["captions"]) for r in rows] == [("x", ["one", "two", "four"]), ("b", ["three"]),
-                                                              ("d", [])]
+    assert [(r["image_id"], r["captions"]) for r in rows] == [
+        ("a/x", ["one", "two", "four"]), ("b", ["three"]), ("c/x", ["other folder, same stem"]), ("d", [])]
+    assert [(r.image_id, r.code) for r in rejects] == [("e", "row_bad_record")]
+    rows, rejects, _ = read_all(make(CaptionJson, path=str(p), image_dir="/i", image_id="stem"))
+    assert [r["image_id"] for r in rows] == ["x", "b", "d"]
     assert [(r.image_id, r.code) for r in rejects] == [("e", "row_bad_record"), ("x", "row_duplicate_id")]
-    rows, rejects, _ = read_all(make(CaptionJson, path=str(p), image_dir="/i", image_id="path"))
-    assert [r["image_id"] for r in rows] == ["a/x", "b", "c/x", "d"]
 
 
 def test_url_only_images_are_rejected_with_the_download_hint_unless_kept(tmp_path):
@@ -324,5 +332,5 @@ def test_ram_json_labels_travel_with_the_rows_through_a_run(tmp_path):
     assert main(["run", str(cfg), "--out", str(tmp_path / "run")]) == 0
     labelled = read_step(tmp_path / "run" / "label").to_pylist()  # label's rows carry the input's columns
     assert sorted((r["image_id"], r["source_union_label_id"], r["source_parse_label_id"]) for r in labelled) == [
-        (str(i), [i, 7], [[i]]) for i in range(5)]
+        (f"coco/{i}", [i, 7], [[i]]) for i in range(5)]
     assert StepDir(tmp_path / "run" / "input").rejects().column("code").to_pylist() == ["row_image_url_only"]

@@ -143,3 +143,53 @@ def test_multi_source_concatenates_and_validates(tmp_path):
     assert [r["captions"] for r in rows] == [["a dog"], ["a cat"]]
     with pytest.raises(ValueError, match="sources\\[0\\].path"):
         MultiSource.Config(sources=[{"use": "source.cc3m_tsv.v1"}])
+
+
+# -- ids that cannot collide (stages/readers/ids.py) ---------------------------------------------------
+def test_multi_source_prefixes_each_sources_ids_and_rejects_with_its_name(tmp_path):
+    """Two img2dataset outputs both number their keys from 000000000: the names keep them apart."""
+    for out, pixels in (("a", b"\xff\xd8A"), ("b", b"\xff\xd8B")):
+        (tmp_path / out).mkdir()
+        _tar(tmp_path / out / "00000.tar", [("000000000.jpg", pixels), ("000000000.txt", b"a kite"),
+                                            ("000000001.txt", b"no image")])
+    stage = make(MultiSource, sources=[{"use": "source.img2dataset.v1", "name": "laion_a", "path": str(tmp_path / "a/*.tar")},
+                                       {"use": "source.img2dataset.v1", "name": "laion_b", "path": str(tmp_path / "b/*.tar")}])
+    rows, rejects = read_all(stage)
+    assert [(r["image_id"], r["image_bytes"]) for r in rows] == [("laion_a/000000000", b"\xff\xd8A"),
+                                                                 ("laion_b/000000000", b"\xff\xd8B")]
+    assert [(r.image_id, r.code) for r in rejects] == [("laion_a/000000001", "row_no_image"),
+                                                       ("laion_b/000000001", "row_no_image")]
+
+
+def test_multi_source_names_default_to_the_reader_and_must_differ(tmp_path):
+    a = tmp_path / "a.tsv"
+    a.write_text("a dog\thttp://x/1.jpg\n")
+    b = tmp_path / "b.json"
+    b.write_text(json.dumps([{"image_name": "1.jpg", "captions": ["a cat"]}]))
+    rows, _ = read_all(make(MultiSource, sources=[{"use": "source.cc3m_tsv.v1", "path": str(a)},
+                                                  {"use": "source.flickr30k.v1", "path": str(b)}]))
+    assert [r["image_id"].split("/")[0] for r in rows] == ["cc3m_tsv", "flickr30k"]
+    assert rows[1]["image_id"] == "flickr30k/1"
+    twice = [{"use": "source.flickr30k.v1", "path": str(b)}, {"use": "source.flickr30k.v1", "path": str(b)}]
+    with pytest.raises(ValueError, match=r"sources\[1\].name: sources\[0\] is named 'flickr30k' too"):
+        MultiSource.Config(sources=twice)
+    with pytest.raises(ValueError, match=r"sources\[0\].name: 'a/b' is not a name"):
+        MultiSource.Config(sources=[{"use": "source.flickr30k.v1", "name": "a/b", "path": str(b)}])
+    twice[1]["name"] = "flickr_again"
+    assert len(read_all(make(MultiSource, sources=twice))[0]) == 2
+
+
+def test_ids_from_paths_are_relative_to_the_image_root_not_stems(tmp_path):
+    """VG_100K/1.jpg and other/1.jpg are two images; a COCO file listed twice is one (rejected)."""
+    data = {"images": [{"id": 1, "file_name": "VG_100K/1.jpg"}, {"id": 2, "file_name": "other/1.jpg"},
+                       {"id": 3, "file_name": "other/1.jpg"}],
+            "annotations": [{"image_id": k, "caption": f"c{k}"} for k in (1, 2, 3)]}
+    (tmp_path / "coco.json").write_text(json.dumps(data))
+    rows, rejects = read_all(make(CocoCaptions, path=str(tmp_path / "coco.json"), image_dir="/imgs"))
+    assert [(r["image_id"], r["image"]) for r in rows] == [("VG_100K/1", "/imgs/VG_100K/1.jpg"),
+                                                           ("other/1", "/imgs/other/1.jpg")]
+    assert [(r.image_id, r.code) for r in rejects] == [("other/1", "row_duplicate_id")]
+    (tmp_path / "k.json").write_text(json.dumps([{"image_name": "VG_100K/1.jpg", "captions": ["a"]},
+                                                 {"image_name": "/imgs/other/1.jpg", "captions": ["b"]}]))
+    rows, _ = read_all(make(Flickr30kKarpathy, path=str(tmp_path / "k.json"), image_dir="/imgs"))
+    assert [r["image_id"] for r in rows] == ["VG_100K/1", "other/1"]
