@@ -88,10 +88,25 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")
 
 
+# Row groups hold at most about this many bytes (in memory, the table's own measure): a reader that needs
+# a few rows of a column (the report's contact sheet, the trainer's ByteReader) reads the groups that hold
+# them, not the whole shard. A shard under it (every caption or evidence shard of the scene world) is one
+# group, as before.
+ROW_GROUP_BYTES = 16 << 20
+
+
+def row_group_rows(table: pa.Table, limit: int = ROW_GROUP_BYTES) -> int | None:
+    """Rows per row group for ``table``: None (Parquet's default, one group here) when it is under
+    ``limit``, else as many rows as fit in ``limit`` at the table's mean row size (at least one)."""
+    if table.num_rows == 0 or table.nbytes <= limit:
+        return None
+    return max(1, table.num_rows * limit // table.nbytes)
+
+
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
-    pq.write_table(table, tmp, compression="zstd")
+    pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_rows(table))
     os.replace(tmp, path)
 
 

@@ -11,9 +11,10 @@ A view names steps, not paths (``root`` is the run directory), so a run director
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -111,6 +112,28 @@ class View:
     def read(self, columns: Iterable[str] | None = None) -> pa.Table:
         tables = list(self.iter_tables(columns))
         return pa.concat_tables(tables) if tables else pa.table({})
+
+
+def read_rows(path: str | Path, column: str, rows: Sequence[int]) -> list:
+    """``column``'s values at positions ``rows`` of one Parquet file, in that order, reading only the row
+    groups that hold them, one group at a time. What a reader that needs a few rows' image bytes (the
+    report's contact sheet) reads instead of the whole column: with :func:`pipeline.store.write_parquet_atomic`
+    bounding row groups by bytes, that is a few groups' worth, not the shard."""
+    pf = pq.ParquetFile(path)
+    starts = [0]
+    for g in range(pf.metadata.num_row_groups):
+        starts.append(starts[-1] + pf.metadata.row_group(g).num_rows)
+    by_group: dict[int, list[int]] = {}
+    for k, r in enumerate(rows):
+        if not 0 <= r < starts[-1]:
+            raise IndexError(f"{path}: row {r} of {starts[-1]}")
+        by_group.setdefault(bisect.bisect_right(starts, r) - 1, []).append(k)
+    out: list = [None] * len(rows)
+    for g in sorted(by_group):
+        col = pf.read_row_group(g, columns=[column]).column(0)
+        for k in by_group[g]:
+            out[k] = col[rows[k] - starts[g]].as_py()
+    return out
 
 
 def _align(t: pa.Table, ids: pa.ChunkedArray, step: str, rows: str, i: int) -> pa.Table:

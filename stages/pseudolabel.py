@@ -16,11 +16,18 @@ from pydantic import Field
 from pipeline.registry import register
 from pipeline.stage import Stage, StageConfig, StageResult
 from stages.vision import (IMAGE_COLUMNS, BaseTagger, Decoder, ImageLimits, TaggerConfig, attention_box, clip_box,
-                           planned_runtime, pseudo_type, region_types, resolve_device)
+                           planned_runtime, pseudo_type, region_types, resolve_device, source_size, to_source_box)
 
 
 class VisionConfig(TaggerConfig, ImageLimits):
     """Base tagger + image limits, shared by every stage that looks at pixels."""
+
+    work_size: int | None = Field(
+        1333, ge=64, description="longer side, in px, each image is decoded at (aspect kept; smaller images as "
+        "they are; null: full size). Every consumer resizes anyway: the tagger to its input (384 px for RAM), "
+        "views to it, Grounding DINO to 800 / 1333 px, crops to the tagger's input; 1333 is the largest of "
+        "those, so a step's memory follows its batch size, not its photos' size. Boxes stay in the file's "
+        "pixels")
 
 
 def image_base(context) -> Path:
@@ -30,7 +37,8 @@ def image_base(context) -> Path:
 def decoder(stage: Stage) -> Decoder:
     """The stage's decode pool (``resources.decode_workers`` threads), made on first use."""
     if getattr(stage, "_decoder", None) is None:
-        stage._decoder = Decoder(stage.resources.decode_workers, image_base(stage.context), stage.config)
+        stage._decoder = Decoder(stage.resources.decode_workers, image_base(stage.context), stage.config,
+                                 work_size=stage.config.work_size)
     return stage._decoder
 
 
@@ -206,20 +214,23 @@ class GroundStage(Stage):
             rs = []
             for t, name in zip(c, [self.tagset.names[t] for t in c]):
                 best = max((d for d in dets if d["label"] == name), key=lambda d: d["score"], default=None)
-                box = clip_box(best["box"], *img.size) if best else None
+                box = clip_box(best["box"], *img.size) if best else None  # in the decoded image's pixels
                 if box is not None:
-                    rs.append({"tag_id": t, "box": box, "score": float(best["score"]), "backend": self.config.backend})
+                    rs.append({"tag_id": t, "box": to_source_box(box, img), "score": float(best["score"]),
+                               "backend": self.config.backend})
             regions.append(rs)
         return regions
 
     def boxes(self, img, cands: list[int], maps: np.ndarray) -> list[dict]:
-        """Each candidate's box from its own attention map (``maps[k]`` for ``cands[k]``)."""
+        """Each candidate's box from its own attention map (``maps[k]`` for ``cands[k]``), in the file's
+        pixels (a map covers the whole image, whatever size it was decoded at)."""
         rs = []
+        size = source_size(img)
         for t, m in zip(cands, maps):
             if self.tagger.class_of_tag[t] < 0 or not np.any(m > 0):
                 continue  # the model lacks the tag: no region (decide records no_region)
-            box, mass = attention_box(m, *img.size, rel=self.config.attention_rel)
-            box = clip_box(box, *img.size)
+            box, mass = attention_box(m, *size, rel=self.config.attention_rel)
+            box = clip_box(box, *size)
             if box is not None:
                 rs.append({"tag_id": t, "box": box, "score": mass, "backend": "attention"})
         return rs

@@ -18,7 +18,7 @@ from pydantic import Field
 from pipeline.registry import register
 from pipeline.stage import Stage, StageConfig, StageResult
 from stages.pseudolabel import VisionConfig, _checkpoint_fingerprint, decoder, load_images
-from stages.vision import IMAGE_COLUMNS, BaseTagger, crop, native_crop, planned_runtime, region_types
+from stages.vision import IMAGE_COLUMNS, BaseTagger, crop, native_crop, planned_runtime, region_types, to_work_box
 
 
 class CropFields(StageConfig):
@@ -76,11 +76,12 @@ class _CropStage(Stage):
             img, rs = job
             out = []
             for r in rs or []:
+                box = to_work_box(r["box"], img)  # a region's box is in the file's pixels
                 if self.native:
-                    c = native_crop(img, r["box"], self.config.crop_pad, size, min_side=min_side, interpolation=interp)
+                    c = native_crop(img, box, self.config.crop_pad, size, min_side=min_side, interpolation=interp)
                     out.append((r["tag_id"], self.tagger.prepare(c, native=True)))
                 else:
-                    out.append((r["tag_id"], self.tagger.prepare(crop(img, r["box"], self.config.crop_pad))))
+                    out.append((r["tag_id"], self.tagger.prepare(crop(img, box, self.config.crop_pad))))
             return out
 
         items = []
@@ -215,11 +216,12 @@ class VerifyStage(_CropStage):
                 if r["tag_id"] in have or r["tag_id"] not in self.view_tags:
                     continue
                 idx = []
+                box = to_work_box(r["box"], img)  # a region's box is in the file's pixels
                 for v in self.config.views:
-                    key = (j, v.mirror, *(round(x, 3) for x in view_window(r["box"], *img.size, v.window)))
+                    key = (j, v.mirror, *(round(x, 3) for x in view_window(box, *img.size, v.window)))
                     if key not in unique:
                         unique[key] = len(jobs)
-                        jobs.append((j, r["box"], v))
+                        jobs.append((j, box, v))
                     idx.append(unique[key])
                 items.append((j, r["tag_id"], idx))
         if not items:

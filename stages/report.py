@@ -47,6 +47,18 @@ def _add_nested(into: dict, other: dict) -> None:
             into[k] = into.get(k, 0) + v
 
 
+def boxes_of(regions: list[dict] | None) -> dict[int, list[float]]:
+    return {g["tag_id"]: g["box"] for g in regions or []}
+
+
+def _read_by_reference(view, shard: int, column: str, ids: list[str]) -> list:
+    """``column``'s values for the rows ``ids`` of shard ``shard``, from the step that wrote the column."""
+    from pipeline import view as views  # looked up per call, so a test can count what is read
+
+    path, pos = view.locate(shard, column, pa.array(ids, pa.string()))
+    return views.read_rows(path, column, pos.to_pylist())
+
+
 def _priority(*key) -> int:
     return int.from_bytes(hashlib.blake2b("\x00".join(map(str, key)).encode(), digest_size=8).digest(), "little")
 
@@ -59,8 +71,8 @@ class ReportStage(Stage):
 
     kind = "reduce"
     Config = ReportConfig
+    # no image column: a worker reads no pixel; the driver reads the few rows the contact sheet shows
     inputs = ("image_id", "union_label_id", "tag_events", "stage_labels", "regions")
-    optional_inputs = ("image", "image_bytes", "image_path")
     needs = ("decisions", "tagset")
     # a retrain step's base-vs-retrained comparison; the previous round's report (its rounds so far)
     optional_needs = ("outcome", "report")
@@ -85,7 +97,7 @@ class ReportStage(Stage):
         truth = self._truth(shard) if "truth" in self.context.artifacts else None
         if truth is not None:
             p["quality"] = self._quality_counts(t, labels, final, truth)
-        p["sheet"] = self._sheet_sample(t, events, labels, truth)
+        p["sheet"] = self._sheet_sample(t, shard, events, labels, truth)
         return p
 
     def _truth(self, shard: int) -> dict:
@@ -134,47 +146,64 @@ class ReportStage(Stage):
             c["targets"][f"recovered_{kind}"] = sum(1 for i, n in om if n in fin[i])
         return c
 
-    def _sheet_sample(self, t: pa.Table, events, labels, truth: dict | None) -> dict[str, list]:
+    def _sheet_sample(self, t: pa.Table, shard: int, events, labels, truth: dict | None) -> dict[str, list]:
         """Per drop group, the ``sheet_per_reason`` dropped regions of lowest hash priority in this shard, as
-        small crops: merged across shards, the sheet is the same however rows are sharded. Each crop carries
-        its verdict (``report_plots.drop_verdict``: right, wrong or not judged), judged here where the
-        shard's truth is, so the driver needs none."""
+        ``(priority, shard, image_id, tag, box, verdict)``: merged across shards (the lowest of the lowest),
+        the sheet is the same however rows are sharded. No pixel is read here: the driver reads the image
+        bytes of the rows the merged sheet shows, and only those (:meth:`_cut_sheet`). Each item carries its
+        verdict (``report_plots.drop_verdict``: right, wrong or not judged), judged here where the shard's
+        truth is, so the driver needs none."""
         from stages.report_plots import drop_verdict
-        from stages.vision import ImageLimits, crop, open_image
 
         per = self.config.sheet_per_reason
         regions = t.column("regions").to_pylist()
         ids = t.column("image_id").to_pylist()
         cands: dict[str, list] = {}
         for j, (evs, labs, regs) in enumerate(zip(events, labels, regions)):
-            boxes = {g["tag_id"]: g["box"] for g in regs or []}
+            boxes = boxes_of(regs)
             for tag, key in self._drops(evs or [], labs or {}):
                 if tag in boxes:
                     cands.setdefault(key, []).append((_priority(ids[j], tag, key), j, tag))
-        picked = {k: sorted(v)[:per] for k, v in cands.items()}
-        rows_needed = sorted({j for v in picked.values() for _, j, _ in v})
-        img_cols = [c for c in ("image_id", "image", "image_bytes", "image_path") if c in t.column_names]
-        images = {}
-        for j in rows_needed:
-            r = t.select(img_cols).slice(j, 1).to_pylist()[0]
-            images[j], _ = open_image(r, Path(self.context.run_dir), ImageLimits())
         out: dict[str, list] = {}
-        cell = 96
-        for key, items in picked.items():
-            for pri, j, tag in items:
-                img = images.get(j)
-                if img is None:
-                    continue
-                boxes = {g["tag_id"]: g["box"] for g in regions[j] or []}
-                buf = io.BytesIO()
-                crop(img, boxes[tag], 0.1).resize((cell - 4, cell - 4)).save(buf, "PNG")
+        for key, items in cands.items():
+            for pri, j, tag in sorted(items)[:per]:
                 known = truth.get(ids[j]) if truth is not None else None
                 verdict = drop_verdict(self.world_names.get(tag, set()), known.tags) if known is not None else None
-                out.setdefault(key, []).append((pri, buf.getvalue(), self.tagset.names[tag], ids[j], verdict))
+                out.setdefault(key, []).append((pri, shard, ids[j], tag, boxes_of(regions[j])[tag], verdict))
         return out
 
     # -- on the driver ----------------------------------------------------------------------------------
+    def _cut_sheet(self, picked: dict[str, list], view) -> dict[str, list]:
+        """The sheet's crops, ``{group: [(priority, png, tag name, image id, verdict)]}``, from the images of
+        the rows it shows: their bytes (or paths) read by reference from the step that wrote them, shard by
+        shard (``pipeline.view.read_rows``: only the row groups that hold them), one image decoded at a time."""
+        from stages.vision import IMAGE_COLUMNS, ImageLimits, crop, open_image
+
+        cell = 96
+        rows: dict[int, dict[str, list]] = {}  # shard -> image id -> [(group, item)]
+        for key, items in picked.items():
+            for item in items:
+                rows.setdefault(item[1], {}).setdefault(item[2], []).append((key, item))
+        cols = [c for c in IMAGE_COLUMNS if view.rows is not None and c in view.owners]
+        out: dict[str, list] = {key: [] for key in picked}
+        for shard in sorted(rows):
+            ids = sorted(rows[shard])
+            found = {c: _read_by_reference(view, shard, c, ids) for c in cols}
+            for k, iid in enumerate(ids):
+                img, _ = open_image({"image_id": iid, **{c: found[c][k] for c in cols}}, Path(self.context.run_dir),
+                                    ImageLimits())
+                if img is None:
+                    continue
+                for key, (pri, _, _, tag, box, verdict) in rows[shard][iid]:
+                    buf = io.BytesIO()
+                    crop(img, box, 0.1).resize((cell - 4, cell - 4)).save(buf, "PNG")
+                    out[key].append((pri, buf.getvalue(), self.tagset.names[tag], iid, verdict))
+        return {key: sorted(items) for key, items in out.items() if items}
+
     def merge(self, partials) -> ReduceResult:
+        return self._merge(partials, self.context.rows())
+
+    def _merge(self, partials, view) -> ReduceResult:
         images, added, removed = 0, 0, 0
         counts: dict = {}
         tail, parse_tail = Counter(), Counter()
@@ -191,12 +220,16 @@ class ReportStage(Stage):
                 self._merge_quality(quality, p["quality"])
             for key, items in p["sheet"].items():
                 sheet[key] = sorted(sheet.get(key, []) + items)[:self.config.sheet_per_reason]
+        sheet = self._cut_sheet(sheet, view)
         return self._write(images, added, removed, counts, tail, parse_tail, quality, sheet)
 
     def run(self, rows: RowSource) -> ReduceResult:
-        """The same reduce in one process (tests, small inputs)."""
-        cols = [*self.inputs, *self.optional_inputs]
-        return self.merge(self.partial(t, i) for i, t in enumerate(rows.iter_tables(cols)))
+        """The same reduce in one process (tests, small inputs), over a view's rows (the sheet's images are
+        read from it by reference)."""
+        if rows.view is None:
+            raise ValueError("report.v1 reads a step's rows (a view), not loose Parquet files")
+        view = rows.view
+        return self._merge((self.partial(view.read_shard(i, self.inputs), i) for i in view.shards()), view)
 
     @staticmethod
     def _merge_quality(into: dict, q: dict) -> None:

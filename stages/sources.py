@@ -30,7 +30,7 @@ from pipeline.errors import Reject
 from pipeline.registry import register
 from pipeline.stage import Stage, StageConfig, StageResult
 from stages.columns import ROWS_SCHEMA
-from stages.readers import fs
+from stages.readers import fs, splits
 from stages.readers.ids import NAME, SEP, path_id, prefixed, url_id
 from stages.readers.ranged import (Entry, Parsed, RangeReader, RangeReaderConfig, ReaderConfig, dedupe,
                                    merge_by_key, missing_input, rows_table, text_of, unreadable_input,
@@ -246,7 +246,21 @@ URLS_KEEP = Field("keep", description="'reject': rows whose image is only an htt
                                      "(row_image_url_only: download them first with img2dataset)")
 
 
-class Img2DatasetConfig(StageConfig):
+SHARD_ROWS = Field(None, ge=1, description="split an input file into shards of at most this many samples (rows); "
+                                           "null: no row limit")
+SHARD_BYTES = Field(256 << 20, ge=1, description="and of about this many bytes of it at most (a tar's samples, a "
+                    "Parquet file's uncompressed rows), so a worker's memory follows this, not the file; null: no "
+                    "byte limit. A shard is a byte or row range, read by its worker alone; at least one sample")
+
+
+class SplitConfig(StageConfig):
+    """How a per-file reader splits a large file into shards (``stages/readers/splits.py``)."""
+
+    shard_rows: int | None = SHARD_ROWS
+    shard_bytes: int | None = SHARD_BYTES
+
+
+class Img2DatasetConfig(SplitConfig):
     path: list[str] | str = Field(..., description="img2dataset shard files or globs (*.tar or *.parquet)")
     format: Literal["webdataset", "parquet"] = "webdataset"
     urls: Literal["keep", "reject"] = URLS_KEEP
@@ -254,23 +268,37 @@ class Img2DatasetConfig(StageConfig):
 
 class _PerFileReader(Stage):
     """Base for readers whose input files are the shards (one output shard per file, or per part of one:
-    a reader may plan several specs of a file and read each with ``read_spec``)."""
+    a reader may plan several specs of a file with ``file_specs`` and read each with ``read_spec``)."""
 
     kind = "source"
     outputs = ("image", "image_bytes", "captions")
     schema: ClassVar[pa.Schema] = ROWS_SCHEMA
 
-    def read_file(self, path: str) -> tuple[list[dict], list[Reject]]:
-        raise NotImplementedError
-
     def read_spec(self, spec: dict) -> tuple[list[dict], list[Reject]]:
-        return self.read_file(spec["file"])
+        """The rows of one planned spec (a file, or a range of one) and its rejects."""
+        raise NotImplementedError
 
     def input_fingerprint(self) -> str:
         return "|".join(fs.file_key(p) for p in fs.expand(self.config.path))
 
     def plan(self) -> list[dict]:
-        return [{"file": p} for p in fs.expand(self.config.path)]
+        return [spec for p in fs.expand(self.config.path) for spec in self.file_specs(p)]
+
+    def file_specs(self, path: str) -> list[dict]:
+        return [{"file": path}]
+
+    def split(self, path: str, ranges) -> list[dict]:
+        """``{"file", "start", "stop"}`` per range that ``ranges(open file)`` plans; one whole-file spec when
+        there is one range, or the file cannot be planned (missing, compressed, not what it claims: its
+        worker reports it)."""
+        if not fs.exists(path):
+            return [{"file": path}]
+        try:
+            with fs.open_input(path) as f:
+                got = ranges(f)
+        except (OSError, tarfile.TarError, pa.ArrowException, ValueError):
+            return [{"file": path}]
+        return [{"file": path}] if len(got) <= 1 else [{"file": path, "start": a, "stop": b} for a, b in got]
 
     def read_shard(self, spec: dict) -> StageResult:
         path = spec["file"]
@@ -282,29 +310,36 @@ class _PerFileReader(Stage):
             recs, rejects = self.read_spec(spec)
         except (OSError, tarfile.TarError, pa.ArrowException, ValueError) as e:
             return unreadable_input(path, e, self.schema)
-        recs, dups = dedupe(recs)
+        recs, dups = dedupe(recs, "this shard's range of the file" if "start" in spec else "this file")
         recs, urls = url_only_rejects(recs, self.config.urls)
         return StageResult(rows_table(recs, self.schema), rejects + dups + urls)
 
 
 @register("source.img2dataset.v1")
 class Img2Dataset(_PerFileReader):
-    """img2dataset output: WebDataset tars (``key.jpg/.txt/.json``) or its Parquet; one shard per file."""
+    """img2dataset output: WebDataset tars (``key.jpg/.txt/.json``) or its Parquet; one shard per file, or
+    per range of a large one (``shard_rows`` / ``shard_bytes``: a tar's byte range of whole samples, a
+    Parquet file's row range). A compressed tar is one shard."""
 
     Config = Img2DatasetConfig
 
-    def read_file(self, path: str) -> tuple[list[dict], list[Reject]]:
-        return self._read_tar(path) if self.config.format == "webdataset" else self._read_parquet(path)
+    def file_specs(self, path: str) -> list[dict]:
+        c = self.config
+        if c.shard_rows is None and c.shard_bytes is None:
+            return [{"file": path}]
+        if c.format == "webdataset":
+            return self.split(path, lambda f: splits.tar_ranges(f, c.shard_rows, c.shard_bytes))
+        return self.split(path, lambda f: splits.row_ranges(pq.ParquetFile(f).metadata, c.shard_rows, c.shard_bytes))
 
-    def _read_tar(self, path: str) -> tuple[list[dict], list[Reject]]:
+    def read_spec(self, spec: dict) -> tuple[list[dict], list[Reject]]:
+        return self._read_tar(spec) if self.config.format == "webdataset" else self._read_parquet(spec)
+
+    def _read_tar(self, spec: dict) -> tuple[list[dict], list[Reject]]:
         groups: OrderedDict[str, dict[str, bytes]] = OrderedDict()
-        with fs.open_input(path) as raw, tarfile.open(fileobj=raw) as tf:
-            for m in tf:
-                if not m.isfile():
-                    continue
+        with fs.open_input(spec["file"]) as raw:
+            for m, data in _tar_files(raw, spec):
                 key, _, ext = os.path.basename(m.name).partition(".")
-                f = tf.extractfile(m)
-                groups.setdefault(key, {})[ext.lower()] = f.read() if f else b""
+                groups.setdefault(key, {})[ext.lower()] = data
         recs, rejects = [], []
         for key, files in groups.items():
             img = next((files[e] for e in ("jpg", "jpeg", "png", "webp") if e in files), None)
@@ -317,8 +352,8 @@ class Img2Dataset(_PerFileReader):
                          "captions": [caption]})
         return recs, rejects
 
-    def _read_parquet(self, path: str) -> tuple[list[dict], list[Reject]]:
-        t = _read_parquet(path)
+    def _read_parquet(self, spec: dict) -> tuple[list[dict], list[Reject]]:
+        t = _read_parquet(spec)
         cols = set(t.column_names)
         recs, rejects = [], []
         for r in t.to_pylist():
@@ -336,9 +371,23 @@ class Img2Dataset(_PerFileReader):
         return recs, rejects
 
 
-def _read_parquet(path: str) -> pa.Table:
-    with fs.open_input(path) as f:
-        return pq.read_table(f)
+def _tar_files(raw, spec: dict):
+    """``(member, data)`` of the tar's files: the spec's byte range of whole samples (an uncompressed tar,
+    as planned), or the whole file, compressed or not."""
+    if "start" in spec:
+        yield from splits.tar_members(raw, spec["start"], spec["stop"])
+        return
+    with tarfile.open(fileobj=raw) as tf:
+        for m in tf:
+            if m.isfile():
+                f = tf.extractfile(m)
+                yield m, f.read() if f else b""
+
+
+def _read_parquet(spec: dict) -> pa.Table:
+    """A Parquet input file's rows, or those of the spec's row range."""
+    with fs.open_input(spec["file"]) as f:
+        return splits.read_row_range(f, spec["start"], spec["stop"]) if "start" in spec else pq.read_table(f)
 
 
 def _json_or_empty(data: bytes | None) -> dict:
@@ -351,19 +400,26 @@ def _json_or_empty(data: bytes | None) -> dict:
     return obj if isinstance(obj, dict) else {}
 
 
-class ParquetConfig(StageConfig):
+class ParquetConfig(SplitConfig):
     path: list[str] | str = Field(..., description="Parquet file(s) or glob(s) with image_id and captions")
     urls: Literal["keep", "reject"] = URLS_KEEP
 
 
 @register("source.parquet.v1")
 class ProjectParquet(_PerFileReader):
-    """The project's own rows Parquet (``image_id``, ``captions``, ``image`` and/or ``image_bytes``)."""
+    """The project's own rows Parquet (``image_id``, ``captions``, ``image`` and/or ``image_bytes``); one
+    shard per file, or per row range of a large one (``shard_rows`` / ``shard_bytes``)."""
 
     Config = ParquetConfig
 
-    def read_file(self, path: str) -> tuple[list[dict], list[Reject]]:
-        t = _read_parquet(path)
+    def file_specs(self, path: str) -> list[dict]:
+        c = self.config
+        if c.shard_rows is None and c.shard_bytes is None:
+            return [{"file": path}]
+        return self.split(path, lambda f: splits.row_ranges(pq.ParquetFile(f).metadata, c.shard_rows, c.shard_bytes))
+
+    def read_spec(self, spec: dict) -> tuple[list[dict], list[Reject]]:
+        t = _read_parquet(spec)
         if "image_id" not in t.column_names or "captions" not in t.column_names:
             raise ValueError("needs columns image_id and captions")
         recs, rejects = [], []

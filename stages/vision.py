@@ -46,11 +46,16 @@ class ImageLimits(StageConfig):
     max_pixels: int = Field(64_000_000, ge=1, description="larger images are rejected (image_too_large)")
 
 
-def open_image(row: dict, base: Path | None, limits: ImageLimits) -> tuple[Image.Image | None, Reject | None]:
+def open_image(row: dict, base: Path | None, limits: ImageLimits,
+               work_size: int | None = None) -> tuple[Image.Image | None, Reject | None]:
     """RGB image of a row (path or inline bytes), or a reject with a stable code.
 
     16-bit grey, CMYK, palette and alpha images are converted to RGB (alpha over white): they are
     usable, so they are not rejected. An EXIF orientation is applied (boxes live in the upright image).
+    With ``work_size``, an image whose longer side exceeds it comes back at the working size
+    (:func:`work_dims`; a JPEG is decoded straight at a reduced scale, so a 64 MP photo is never held
+    whole) and :func:`source_size` gives its upright size in the file; smaller images come back as before.
+    The limits judge the file's own size.
     """
     iid = row.get("image_id")
     data, path = row.get("image_bytes"), row.get("image") or row.get("image_path")
@@ -74,7 +79,12 @@ def open_image(row: dict, base: Path | None, limits: ImageLimits) -> tuple[Image
         if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
             return None, Reject(iid, "image_too_large", f"{w}x{h} exceeds Pillow's decompression-bomb limit of "
                                 f"{Image.MAX_IMAGE_PIXELS} pixels", payload=str(path) if path else None)
+        work = work_dims(w, h, work_size)
+        # a JPEG decodes at 1/2, 1/4 or 1/8 scale, never below the working size (other formats: no-op)
+        draft = img.draft(None, work) if work != (w, h) else None
         img.load()
+        if draft is not None:  # to the working size; the box is the whole image in the reduced pixels
+            img = img.resize(work, Image.BILINEAR, box=draft[1])
     except Image.DecompressionBombError as e:
         return None, Reject(iid, "image_too_large", str(e)[:300], payload=str(path) if path else None)
     except OSError as e:
@@ -82,10 +92,53 @@ def open_image(row: dict, base: Path | None, limits: ImageLimits) -> tuple[Image
         return None, Reject(iid, code, _reason(e), payload=str(path) if path else None)
     except (ValueError, SyntaxError) as e:
         return None, Reject(iid, "image_decode_failed", _reason(e), payload=str(path) if path else None)
+    source = (h, w) if img.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (w, h)  # upright: 90 degrees turn it
     img = upright(img)
-    if min(img.size) < limits.min_side:
-        return None, Reject(iid, "image_too_small", f"{img.size[0]}x{img.size[1]} < min_side {limits.min_side}")
-    return to_rgb(img), None
+    if min(source) < limits.min_side:
+        return None, Reject(iid, "image_too_small", f"{source[0]}x{source[1]} < min_side {limits.min_side}")
+    img = to_rgb(img)
+    if source == work_dims(*source, work_size):
+        return img, None  # under the working size: the image as it always was
+    if img.size != work_dims(*source, work_size):  # not reduced while decoding (a PNG, a WebP, ...)
+        img = img.resize(work_dims(*source, work_size), Image.BILINEAR)
+    img.info[SOURCE_SIZE] = source
+    return img, None
+
+
+# ``Image.info`` key of an image decoded at a working size: its upright size in the file, (w, h)
+SOURCE_SIZE = "source_size"
+
+
+def work_dims(w: int, h: int, work_size: int | None) -> tuple[int, int]:
+    """The size a ``w`` x ``h`` image is worked at: unchanged when its longer side is at most ``work_size``
+    (or there is none), else scaled, aspect kept, so that the longer side is ``work_size``."""
+    if work_size is None or max(w, h) <= work_size:
+        return w, h
+    s = work_size / max(w, h)
+    return max(1, round(w * s)), max(1, round(h * s))
+
+
+def source_size(img: Image.Image) -> tuple[int, int]:
+    """The upright size of a decoded image in its file (:func:`open_image`): where its boxes live."""
+    return img.info.get(SOURCE_SIZE, img.size)
+
+
+def to_work_box(box, img: Image.Image) -> list[float]:
+    """A box in the file's coordinates (a region, as stored) in the pixels of ``img`` as decoded."""
+    (sw, sh), (w, h) = source_size(img), img.size
+    if (sw, sh) == (w, h):
+        return list(box)
+    fx, fy = w / sw, h / sh
+    return [box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy]
+
+
+def to_source_box(box, img: Image.Image) -> list[float]:
+    """A box in the pixels of ``img`` as decoded in the file's coordinates (what a region stores)."""
+    (sw, sh), (w, h) = source_size(img), img.size
+    if (sw, sh) == (w, h):
+        return list(box)
+    fx, fy = sw / w, sh / h
+    return [box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy]
 
 
 def _reason(e: Exception) -> str:
@@ -124,12 +177,14 @@ class Decoder:
     forward pass (which releases it too): each vision actor keeps ``resources.decode_workers`` images
     in flight while its model computes. ``prepare`` (e.g. the resize to the model's input, as uint8)
     runs in the same thread. Rejects are exactly :func:`open_image`'s: same codes, same order.
-    ``workers`` 1 decodes in the calling thread, as before there was a pool.
+    ``workers`` 1 decodes in the calling thread, as before there was a pool. ``work_size``: images come
+    back at most that large (:func:`open_image`), so what a batch holds is bounded by its length.
     """
 
     def __init__(self, workers: int = 1, base: Path | None = None, limits: ImageLimits | None = None,
-                 ahead: int | None = None):
+                 ahead: int | None = None, work_size: int | None = None):
         self.workers, self.base, self.limits = max(1, int(workers)), base, limits or ImageLimits()
+        self.work_size = work_size
         self.ahead = ahead or 4 * self.workers  # tasks queued beyond the one being read
         self._pool = None
 
@@ -158,7 +213,7 @@ class Decoder:
 
         def one(item):
             i, row = item
-            img, rej = this.open_image(row, self.base, self.limits)
+            img, rej = this.open_image(row, self.base, self.limits, self.work_size)
             return i, img, rej, (prepare(img) if prepare is not None and img is not None else None)
 
         yield from self.map(one, list(enumerate(rows)), ahead)

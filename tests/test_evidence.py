@@ -2,6 +2,8 @@
 separate steps, and the decode workers: same rows, same order, same reject codes. Real parts: tiny real
 RAM and CNN taggers, Arrow tables, real threads."""
 
+import io
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -164,3 +166,104 @@ def test_the_fused_step_decodes_each_image_once(tmp_path, artifacts, monkeypatch
     _separate(tmp_path, artifacts, batch, {"max_pixels": 100 * 100})
     good = batch.num_rows - 12
     assert len(calls) == batch.num_rows + 3 * good
+
+
+# -- the working size: a photo is held at most work_size large, its boxes stay in its own pixels ----------
+def _scene(w: int, h: int) -> Image.Image:
+    """A smooth picture with a few blocks (compresses well, so a test can afford 12 MP of it)."""
+    y, x = np.mgrid[0:h, 0:w]
+    img = np.stack([x * 255 // w, y * 255 // h, (x + y) * 255 // (w + h)], -1).astype(np.uint8)
+    for k, (a, b) in enumerate(((0.1, 0.2), (0.55, 0.5), (0.3, 0.7))):
+        img[int(b * h):int((b + 0.2) * h), int(a * w):int((a + 0.25) * w)] = (250 - 80 * k, 40 * k, 200)
+    return Image.fromarray(img)
+
+
+def test_open_image_decodes_a_large_photo_at_the_working_size_and_knows_its_own(tmp_path):
+    """A 4000x3000 JPEG (reduced while decoding) or PNG comes back 1333 px on its longer side, its file's
+    size kept as source_size; an EXIF turn of 90 degrees turns both. Under the working size nothing changes."""
+    from stages.vision import SOURCE_SIZE, source_size, to_source_box, to_work_box
+
+    big = _scene(4000, 3000)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, seen portrait
+    turned = io.BytesIO()
+    big.save(turned, "JPEG", exif=exif)
+    rows = {"jpeg": _png(big, "JPEG"), "png": _png(big), "turned": turned.getvalue()}
+    for name, data in rows.items():
+        img, rej = open_image({"image_id": name, "image_bytes": data}, None, ImageLimits(), work_size=1333)
+        want = ((1000, 1333), (3000, 4000)) if name == "turned" else ((1333, 1000), (4000, 3000))
+        assert rej is None and (img.size, source_size(img)) == want, name
+        assert np.asarray(img).nbytes == 1333 * 1000 * 3
+    full, _ = open_image({"image_id": "png", "image_bytes": rows["png"]}, None, ImageLimits())
+    small, _ = open_image({"image_id": "png", "image_bytes": rows["png"]}, None, ImageLimits(), work_size=1333)
+    # the reduced picture is the full one, smaller: a block's colour sits where the block is
+    assert np.asarray(small)[int(0.3 * 1000), int(0.2 * 1333)].tolist() == np.asarray(full)[900, 800].tolist()
+    box = [400.0, 600.0, 1400.0, 1200.0]
+    np.testing.assert_allclose(to_source_box(to_work_box(box, small), small), box, rtol=1e-6)
+    np.testing.assert_allclose(to_work_box(box, small), [133.3, 200.0, 466.6, 400.0], atol=0.1)
+
+    photo = _png(_scene(128, 96))  # the scene world's size: the same image, the same bytes, no source size
+    a, _ = open_image({"image_id": "p", "image_bytes": photo}, None, ImageLimits())
+    b, _ = open_image({"image_id": "p", "image_bytes": photo}, None, ImageLimits(), work_size=1333)
+    assert a.tobytes() == b.tobytes() and a.size == b.size == (128, 96) and SOURCE_SIZE not in b.info
+    assert to_work_box(box, b) == box == to_source_box(box, b)
+
+
+def test_evidence_under_the_working_size_is_a_full_size_decodes(tmp_path, artifacts):
+    """Photos under the working size (the batch's are 40-89 px): every column equal, value for value, to a
+    full-size decode's, with the default working size or one just above the largest photo; one below
+    changes the scores (the key is in effect)."""
+    batch = _batch(tmp_path, n_good=4)
+    tagger = {"max_pixels": 100 * 100}
+    full, rej = _fused(tmp_path, artifacts, batch, {**tagger, "work_size": None}, workers=2)
+    for work_size in (1333, 90):
+        got, got_rej = _fused(tmp_path, artifacts, batch, {**tagger, "work_size": work_size}, workers=2)
+        assert got.equals(full), work_size
+        assert [(r.image_id, r.code, r.reason) for r in got_rej] == [(r.image_id, r.code, r.reason) for r in rej]
+    smaller, _ = _fused(tmp_path, artifacts, batch, {**tagger, "work_size": 64}, workers=2)
+    assert not smaller.equals(full)
+
+
+def test_evidence_holds_a_large_photo_at_the_working_size_and_boxes_it_in_its_own_pixels(
+        tmp_path, artifacts, monkeypatch):
+    """A 4000x3000 photo, JPEG and PNG: the step holds each decoded at the working size (what open_image
+    gave it), and writes the regions a full-size decode gives, in the photo's pixels."""
+    import stages.vision as vision
+
+    big = _scene(4000, 3000)
+    batch = pa.table({"image_id": ["jpeg", "png"], "image": [None, None],
+                      "image_bytes": pa.array([_png(big, "JPEG"), _png(big)], pa.binary()),
+                      "union_label_id": [[0, 1], [2, 3]]})
+    held: list[tuple[int, int]] = []
+    real = vision.open_image
+    monkeypatch.setattr(vision, "open_image", lambda *a: (lambda got: (held.append(got[0].size), got)[1])(real(*a)))
+    tagger = {"work_size": 256, "max_pixels": 13_000_000}
+    got, rejects = _fused(tmp_path, artifacts, batch, tagger, workers=2)
+    assert not rejects and held == [(256, 192), (256, 192)]
+    full, _ = _fused(tmp_path, artifacts, batch, {**tagger, "work_size": None}, workers=2)
+    assert held[2:] == [(4000, 3000), (4000, 3000)]
+    boxes = got.column("regions").to_pylist()
+    assert sum(len(rs) for rs in boxes) >= 2 and boxes == full.column("regions").to_pylist()
+    assert max(r["box"][2] for rs in boxes for r in rs) > 256  # not the working image's pixels
+
+
+def test_boxes_and_crops_of_a_photo_worked_small_are_in_its_own_pixels(tmp_path, artifacts):
+    """An attention peak over a block gives the block's box in the photo's pixels, whatever size it was
+    decoded at; a region stored in the photo's pixels is cut from the small image where the block is."""
+    big = _scene(4000, 3000)
+    row = {"image_id": "p", "image_bytes": _png(big)}
+    small, _ = open_image(row, None, ImageLimits(), work_size=400)
+    full, _ = open_image(row, None, ImageLimits())
+    ctx = _ctx(tmp_path, artifacts)
+    ground = GroundStage(GroundConfig(candidate_score=0.3), ctx)
+    ground.setup()
+    amap = np.zeros((1, 10, 10), np.float32)
+    amap[0, 5:7, 5:8] = 1.0  # the second block: x 0.55-0.8, y 0.5-0.7 of the image
+    (r,) = ground.boxes(small, [0], amap)
+    assert r["box"] == [2000.0, 1500.0, 3200.0, 2100.0] == ground.boxes(full, [0], amap)[0]["box"]
+    embed = EmbedStage(CropConfig(crop_pad=0.0, crop_size="model"), ctx)
+    embed.setup()
+    block = [0.55 * 4000 + 40, 0.5 * 3000 + 40, 0.8 * 4000 - 40, 0.7 * 3000 - 40]  # inside the block
+    (_, tag, pixels), = embed.crop_items([small], [[{"tag_id": 1, "box": block}]])
+    colour = pixels.float().mean(dim=(1, 2)).round().tolist()
+    assert tag == 1 and colour == [170.0, 40.0, 200.0]  # the block's colour, all of it

@@ -116,38 +116,63 @@ def test_contact_sheet_frames_right_and_wrong_drops_when_there_is_truth():
 NAMES = ["ball", "car", "grass", "big"]
 
 
-def _shard(tmp_path):
-    """One image: truth has a red ball on grass; parse said ball, car and big, and the combined rule dropped
-    all three (ball wrongly, car rightly, big unjudgeable)."""
+def _write_run(tmp_path, shards: list[pa.Table], row_group_size: int | None = None) -> dict:
+    """A run directory as the report finds it: the input step wrote the images, decide the rest (real
+    Parquet shards); returns the report's view."""
+    for i, t in enumerate(shards):
+        for step, cols in (("input", ["image_id", "image_bytes"]), ("decide", [c for c in t.column_names
+                                                                               if c != "image_bytes"])):
+            (tmp_path / step).mkdir(exist_ok=True)
+            pq.write_table(t.select(cols), tmp_path / step / f"part-{i:05d}.parquet", row_group_size=row_group_size)
+    owners = {c: "decide" for c in shards[0].column_names}
+    return {"rows": "decide", "owners": {**owners, "image_bytes": "input"}}
+
+
+def _drop_table(ids: list[str], parse: list[int], colours: list[tuple], box=(4.0, 4.0, 40.0, 40.0)) -> pa.Table:
+    """One row per id: parse said ``parse`` and the combined rule dropped all of it, each tag's region
+    ``box``; each image a flat ``colours[k]``."""
+    drop = [{"tag_id": t, "stage": "decide", "action": "drop", "reason": "dropped", "score": 0.01,
+             "evidence": json.dumps({"votes": ["low_score", "far_region"]})} for t in parse]
+    labels = {"parse": parse, "pseudolabel": parse, "cluster": parse, "verify": parse, "paper": parse,
+              "combined": []}
+    n = len(ids)
+    return pa.table({
+        "image_id": ids, "union_label_id": pa.array([[]] * n, pa.list_(pa.int32())),
+        "tag_events": pa.array([drop] * n, pa.list_(TAG_EVENT)), "stage_labels": pa.array([labels] * n, STAGE_LABELS),
+        "regions": [[{"tag_id": t, "box": list(box), "score": 0.9} for t in parse]] * n,
+        "image_bytes": [_png(c, (64, 64)) for c in colours],
+    })
+
+
+def _tagset(tmp_path) -> str:
     vocab = tmp_path / "vocab"
     vocab.mkdir()
     pq.write_table(TagSet([Tag(i, n) for i, n in enumerate(NAMES)]).to_table(), vocab / "tagset.parquet")
+    return str(vocab)
+
+
+def _shard(tmp_path):
+    """One image: truth has a red ball on grass; parse said ball, car and big, and the combined rule dropped
+    all three (ball wrongly, car rightly, big unjudgeable)."""
+    vocab = _tagset(tmp_path)
     (tmp_path / "input" / "truth").mkdir(parents=True)
     pq.write_table(pa.table({"image_id": ["a"], "scene": ["grass"], "scene_mentioned": [True],
                              "objects": [[{"cls": "ball", "colour": "red", "size": "large", "box": [4, 4, 40, 40],
                                            "omitted": False, "wrong_colour": None}]],
                              "hallucinated": [["car"]]}, schema=TRUTH_SCHEMA),
                    tmp_path / "input" / "truth" / "part-00000.parquet")
-    parse = [0, 1, 3]
-    drop = [{"tag_id": t, "stage": "decide", "action": "drop", "reason": "dropped", "score": 0.01,
-             "evidence": json.dumps({"votes": ["low_score", "far_region"]})} for t in parse]
-    labels = {"parse": parse, "pseudolabel": parse, "cluster": parse, "verify": parse, "paper": parse,
-              "combined": []}
-    table = pa.table({
-        "image_id": ["a"], "union_label_id": pa.array([[]], pa.list_(pa.int32())),
-        "tag_events": pa.array([drop], pa.list_(TAG_EVENT)), "stage_labels": pa.array([labels], STAGE_LABELS),
-        "regions": [[{"tag_id": t, "box": [4.0, 4.0, 40.0, 40.0], "score": 0.9} for t in parse]],
-        "image_bytes": [_png((40, 170, 60), (64, 64))],
-    })
-    artifacts = {"tagset": str(vocab), "truth": str(tmp_path / "input"), "decisions": str(tmp_path / "decide")}
-    return ReportStage(ReportConfig(), StageContext(str(tmp_path), "report", 0, artifacts)), table
+    table = _drop_table(["a"], [0, 1, 3], [(40, 170, 60)])
+    view = _write_run(tmp_path, [table])
+    artifacts = {"tagset": vocab, "truth": str(tmp_path / "input"), "decisions": str(tmp_path / "decide")}
+    stage = ReportStage(ReportConfig(), StageContext(str(tmp_path), "report", 0, artifacts, view))
+    return stage, stage.context.rows().read_shard(0, ReportStage.inputs)
 
 
 def test_report_judges_each_dropped_crop_in_the_worker_and_draws_the_plots(tmp_path):
     stage, table = _shard(tmp_path)
     part = stage.partial(table, 0)
     (items,) = part["sheet"].values()
-    assert {name: verdict for _, _, name, _, verdict in items} == {"ball": False, "car": True, "big": None}
+    assert {NAMES[tag]: verdict for *_, tag, _, verdict in items} == {"ball": False, "car": True, "big": None}
     first = stage.merge([part])
     assert set(first.files) == {"stages.png", "long_tail.png", "quality.png", "dropped_regions.png", "report.json",
                                 "report.md"}
@@ -158,9 +183,56 @@ def test_report_judges_each_dropped_crop_in_the_worker_and_draws_the_plots(tmp_p
     assert again.files["dropped_regions.png"] == first.files["dropped_regions.png"]
 
     without_truth = ReportStage(ReportConfig(), StageContext(str(tmp_path), "report", 0, {
-        k: v for k, v in stage.context.artifacts.items() if k != "truth"}))
+        k: v for k, v in stage.context.artifacts.items() if k != "truth"}, stage.context.view))
     (items,) = without_truth.partial(table, 0)["sheet"].values()
     assert {verdict for *_, verdict in items} == {None}
+
+
+def test_report_reads_the_image_bytes_of_the_sheets_rows_only(tmp_path, monkeypatch):
+    """Two shards of 12 images, every row a row group of its own: the workers read no image column, and
+    the driver reads the bytes of the three rows the sheet shows (the lowest priorities over both shards),
+    nothing else; the crops are those of the decoded images."""
+    import pipeline.view as views
+    from pipeline import partials
+    from pipeline.executor import ShardWorker
+    from stages.report import _priority
+    from stages.vision import ImageLimits, crop, open_image
+
+    ids = [[f"s{i}-{k:02d}" for k in range(12)] for i in range(2)]
+    colours = {iid: (20 * k, 100 + 50 * i, 250 - 20 * k) for i, row in enumerate(ids) for k, iid in enumerate(row)}
+    shards = [_drop_table(row, [1], [colours[iid] for iid in row], box=(8.0, 8.0, 56.0, 48.0)) for row in ids]
+    view = _write_run(tmp_path, shards, row_group_size=1)
+    assert pq.ParquetFile(tmp_path / "input" / "part-00000.parquet").metadata.num_row_groups == 12
+    ctx = StageContext(str(tmp_path), "report", 0, {"tagset": _tagset(tmp_path)}, view)
+    config = ReportConfig(sheet_per_reason=3)
+    worker = ShardWorker("report.v1", config.model_dump_json(), ctx.to_json(), str(tmp_path / "report"), "fp", 256,
+                         setup=False)
+    assert "image_bytes" not in worker.read_input(0).column_names  # the workers read no pixel
+    reads: list[tuple[str, list[int]]] = []
+    real = views.read_rows
+    monkeypatch.setattr(views, "read_rows", lambda path, column, rows: (reads.append((column, list(rows))),
+                                                                         real(path, column, rows))[1])
+    for i in range(2):
+        worker.process(i, {"op": "partial"})
+    assert reads == []
+    stored = [(tmp_path / "report" / "_partials" / f"part-{i:05d}.json").read_bytes() for i in range(2)]
+    assert not any(b'"bytes"' in b for b in stored)  # candidates only: no image in a partial
+
+    stage = ReportStage(config, ctx)
+    res = stage.merge(partials.loads(b) for b in stored)
+    key = "combined: low_score+far_region"
+    shown = sorted((iid for row in ids for iid in row), key=lambda iid: _priority(iid, 1, key))[:3]
+    touched = sorted({int(iid[1]) for iid in shown})  # the shards holding a shown row, one read each
+    assert [col for col, _ in reads] == ["image_bytes"] * len(touched)
+    assert sorted(ids[i][r] for i, (_, rows) in zip(touched, reads) for r in rows) == sorted(shown)
+    assert res.files["dropped_regions.png"][:8] == b"\x89PNG\r\n\x1a\n"
+    sheet = stage._cut_sheet({key: [(_priority(iid, 1, key), int(iid[1]), iid, 1, [8.0, 8.0, 56.0, 48.0], None)
+                                    for iid in shown]}, stage.context.rows())
+    for _, png, name, iid, _ in sheet[key]:
+        img, _ = open_image({"image_id": iid, "image_bytes": _png(colours[iid], (64, 64))}, None, ImageLimits())
+        want = io.BytesIO()
+        crop(img, [8.0, 8.0, 56.0, 48.0], 0.1).resize((92, 92)).save(want, "PNG")
+        assert (png, name) == (want.getvalue(), "car")
 
 
 def test_outcome_section_without_held_out_images_says_so():

@@ -193,3 +193,75 @@ def test_ids_from_paths_are_relative_to_the_image_root_not_stems(tmp_path):
                                                  {"image_name": "/imgs/other/1.jpg", "captions": ["b"]}]))
     rows, _ = read_all(make(Flickr30kKarpathy, path=str(tmp_path / "k.json"), image_dir="/imgs"))
     assert [r["image_id"] for r in rows] == ["VG_100K/1", "other/1"]
+
+
+# -- a large per-file input split into shards: byte ranges of a tar, row ranges of a Parquet file ----------
+def _webdataset(n: int) -> list[tuple[str, bytes]]:
+    """``n`` samples (image, caption, metadata); every seventh has no image, one has a name too long for a
+    plain tar header (a GNU long-name member before it)."""
+    out = []
+    for i in range(n):
+        key = f"{i:09d}" if i != 5 else "x" * 120
+        if i % 7 != 3:
+            out.append((f"{key}.jpg", bytes([i]) * (100 + 37 * i)))
+        out += [(f"{key}.txt", f"caption {i}".encode()), (f"{key}.json", json.dumps({"url": f"http://x/{i}"}).encode())]
+    return out
+
+
+def _split_read(stage) -> tuple[list[dict], list, list[dict]]:
+    rows, rejects = read_all(stage)
+    return rows, [(r.image_id, r.code) for r in rejects], stage.plan()
+
+
+def test_a_tar_splits_into_byte_ranges_of_whole_samples_that_concatenate_to_the_whole_read(tmp_path):
+    p = tmp_path / "00000.tar"
+    _tar(p, _webdataset(23))
+    whole = _split_read(make(Img2Dataset, path=str(p), shard_bytes=None))
+    assert len(whole[2]) == 1 and len(whole[0]) == 20 and len(whole[1]) == 3
+    for limits in ({"shard_rows": 4}, {"shard_bytes": 3000}, {"shard_rows": 1}, {"shard_rows": 5, "shard_bytes": 2000}):
+        rows, rejects, specs = _split_read(make(Img2Dataset, path=str(p), **limits))
+        assert len(specs) > 2, limits
+        assert (rows, rejects) == whole[:2], limits  # same rows, ids and order; the same rejects
+        assert specs == make(Img2Dataset, path=str(p), **limits).plan()  # deterministic
+        assert all(a["stop"] == b["start"] for a, b in zip(specs, specs[1:]))  # adjacent, nothing skipped
+    specs = make(Img2Dataset, path=str(p), shard_rows=4).plan()
+    assert len(specs) == 6  # 23 samples, 4 a shard
+    sizes = [len(make(Img2Dataset, path=str(p), shard_rows=4).read_shard(s).table) for s in specs]
+    assert sum(sizes) == 20 and max(sizes) <= 4
+
+
+def test_a_compressed_tar_is_one_shard(tmp_path):
+    p = tmp_path / "00000.tar.gz"
+    with tarfile.open(p, "w:gz") as tf:
+        for name, data in _webdataset(6):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    rows, rejects, specs = _split_read(make(Img2Dataset, path=str(p), shard_rows=2))
+    assert specs == [{"file": str(p)}] and len(rows) == 5 and rejects == [("000000003", "row_no_image")]
+
+
+@pytest.mark.parametrize("reader", ["img2dataset", "project"])
+def test_a_parquet_file_splits_into_row_ranges_that_concatenate_to_the_whole_read(tmp_path, reader):
+    n = 23
+    if reader == "img2dataset":
+        table = pa.table({"key": [f"k{i:02d}" for i in range(n)], "url": [f"http://x/{i}" for i in range(n)],
+                          "caption": [f"c{i}" for i in range(n)], "jpg": [bytes([i]) * (50 + 20 * i) for i in range(n)],
+                          "status": ["success"] * n})
+        cls, cfg = Img2Dataset, {"format": "parquet"}
+    else:
+        table = pa.table({"image_id": [f"i{i:02d}" for i in range(n)], "image": [None] * n,
+                          "image_bytes": [bytes([i]) * (50 + 20 * i) for i in range(n)],
+                          "captions": [[f"c{i}"] for i in range(n)]})
+        cls, cfg = ProjectParquet, {}
+    p = tmp_path / "00000.parquet"
+    pq.write_table(table, p, row_group_size=5)
+    whole = _split_read(make(cls, path=str(p), shard_bytes=None, **cfg))
+    assert len(whole[2]) == 1 and len(whole[0]) == n
+    for limits in ({"shard_rows": 4}, {"shard_rows": 7}, {"shard_bytes": 2000}, {"shard_rows": 1}):
+        rows, rejects, specs = _split_read(make(cls, path=str(p), **cfg, **limits))
+        assert len(specs) > 2 and (rows, rejects) == whole[:2], limits
+        assert [(s["start"], s["stop"]) for s in specs][0][0] == 0 and specs[-1]["stop"] == n
+        assert all(a["stop"] == b["start"] for a, b in zip(specs, specs[1:]))
+    specs = make(cls, path=str(p), shard_rows=4, **cfg).plan()
+    assert [(s["start"], s["stop"]) for s in specs] == [(0, 4), (4, 8), (8, 12), (12, 16), (16, 20), (20, 23)]
