@@ -34,6 +34,7 @@ class StepPlan:
     fingerprint: str = ""
     shards: int | None = None
     workers: str = ""
+    concurrency: int = 1  # shard workers at once (the forecast divides shard work by it)
 
 
 def _flatten(d: object, prefix: str) -> dict[str, object]:
@@ -270,6 +271,7 @@ def plan_run(cfg: RunConfig, out_dir: Path) -> dict:
         driver_only = planned.step.stage_cls.kind == "reduce" and not planned.step.stage_cls.defines("partial")
         p.shards = None if driver_only else shards
         p.workers = workers(planned, shards, cap)
+        p.concurrency = 1 if driver_only else max(1, concurrency(planned.step, shards, cap))
     return {"config": str(Path(cfg.file).resolve()), "run_dir": str(Runner(cfg, out_dir).out_dir),
             "chain": cfg.chain, "seed": cfg.seed, "ray": asdict(cap), "steps": [asdict(p) for _, p in plans]}
 
