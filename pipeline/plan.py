@@ -175,12 +175,13 @@ class Capacity:
     where: str
     cpus: float
     gpus: float
+    in_process: bool = False  # ray.enabled: false: the driver runs every shard itself, one at a time
 
 
 def ray_capacity(ray_cfg: RayConfig) -> Capacity:
     """What the run's Ray offers: the cluster it would join (its resources now), else a local Ray's start."""
     if not ray_cfg.enabled:
-        return Capacity("no Ray (ray.enabled: false): every shard runs in the driver, one at a time", 1, 0)
+        return Capacity("no Ray (ray.enabled: false): every shard runs in the driver, one at a time", 1, 0, True)
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
     import ray
 
@@ -223,7 +224,7 @@ def _fits(cap: Capacity, cpus: float, gpus: float) -> float:
 def concurrency(step: Step, shards: int | None, cap: Capacity) -> int:
     """Shard workers that run at once: the pool, no more than there are shards, as many as fit."""
     r = step.resources
-    if cap.cpus == 1 and cap.gpus == 0 and "ray.enabled: false" in cap.where:
+    if cap.in_process:
         return 1
     fit = _fits(cap, r.num_cpus, r.num_gpus)
     return max(0, int(min(r.pool_size, shards or 1, fit)))
@@ -243,7 +244,7 @@ def workers(planned: Planned, shards: int | None, cap: Capacity) -> str:
         return "on the driver (one process: it reads the rows itself)"
     n = concurrency(step, shards, cap)
     what = "actors (setup once each)" if cls.has_setup() else "tasks"
-    if "ray.enabled: false" in cap.where:
+    if cap.in_process:
         text = "in the driver, one shard at a time"
     else:
         short = f"; pool_size {r.pool_size}, only {n} fit now" if n < min(r.pool_size, shards or 1) else ""
