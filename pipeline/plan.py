@@ -35,6 +35,7 @@ class StepPlan:
     shards: int | None = None
     workers: str = ""
     concurrency: int = 1  # shard workers at once (the forecast divides shard work by it)
+    upstream: list[str] = field(default_factory=list)  # the steps whose rows or artifacts it reads
 
 
 def _flatten(d: object, prefix: str) -> dict[str, object]:
@@ -152,6 +153,7 @@ def plan_steps(cfg: RunConfig, out_dir: Path) -> list[tuple[Planned, StepPlan]]:
     for i, step in enumerate(steps):
         planned = runner.plan_step(steps, views, i)
         p = decide(planned, runner.out_dir, plans)
+        p.upstream = list(planned.upstream)
         if stop_after and step.round > stop_after[0]:
             p.action, p.reasons = "skip", [stop_after[1]]
         elif step.round > 1 and p.action != "skip" and not stop_after:
