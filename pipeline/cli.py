@@ -43,7 +43,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if args.sample is not None:
         from pipeline.forecast import format_forecast, sample_forecast
 
-        plan["forecast"] = sample_forecast(cfg, args.sample, plan)
+        plan["forecast"] = sample_forecast(cfg, args.sample, plan, sample_epochs=args.sample_epochs)
     text = json.dumps(plan, indent=2) if args.json else format_plan(plan)
     if args.sample is not None and not args.json:
         text += "\n\n" + format_forecast(plan["forecast"])
@@ -133,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", type=int, metavar="N",
                    help="run the chain on the first planned shards holding about N rows, in a scratch directory, "
                    "and forecast each step for the whole input")
+    p.add_argument("--sample-epochs", type=int, default=1, metavar="K",
+                   help="epochs each training step runs in the sample (default 1; never more than the run's): "
+                   "its forecast scales the time of an epoch to the run's epochs; more make the sample's tagger, "
+                   "whose candidates later steps work on, closer to the run's")
     p.add_argument("--json", action="store_true", help="print it as JSON (for scripts)")
     p.set_defaults(fn=_cmd_plan)
     t = sub.add_parser("train", help="run only a config's train step (the steps before it must be done)")

@@ -11,9 +11,15 @@ times the sample's rows per shard. Each step is then scaled by its own model, an
   finalize) taken as is; peak memory per worker as in the sample (one shard at a time); output linear;
 * reduce steps with partials (vocab, report): partials as a map; the merge on the driver taken as fixed
   (it holds O(names) or O(tags), not rows); output fixed;
-* reduce steps that train (a ``history.json`` of epochs): epochs x training images at the sample's
-  seconds per image-epoch, plus the sample's fixed part (job start, evaluation, calibration); other
-  whole-data reduces linear in rows.
+* steps that train (a config with ``epochs``; their cost is epochs x rows): the sample trains each for
+  one epoch (``--sample-epochs``, never more than the run's), and the step is forecast as its fixed part
+  (the sample's step time less its epochs: job start, evaluation, calibration) + the sample's time per
+  epoch x the epochs the run would train x (the whole input's training images / the sample's). The
+  epochs are resolved as the run resolves them: a retrain repeats its base's recipe under its own keys
+  (``recipe_from``), so it trains its own ``epochs`` when its section sets them, else its base's. What
+  the cheap sample gives up: the steps after a training step work on its tagger's candidates, and a
+  tagger trained one epoch on the sample is not the run's (each such step's forecast says so);
+* other whole-data reduces: linear in rows.
 """
 from __future__ import annotations
 
@@ -29,8 +35,56 @@ from pathlib import Path
 
 from pipeline.config import RunConfig, Step
 from pipeline.executor import peak_rss_mb
+from pipeline.stage import StageContext
 from pipeline.store import StepDir
 from pipeline.workflow import Runner
+
+# Epochs a training step runs in the sample (``--sample-epochs``): its cost is epochs x rows, and the time
+# of one epoch is what the forecast scales (a sample training all of them cost a quarter of the main job).
+SAMPLE_EPOCHS = 1
+
+
+def trains(step: Step) -> bool:
+    """A step whose cost is epochs x rows: its config has ``epochs`` (train, retrain)."""
+    return "epochs" in type(step.config).model_fields
+
+
+def sample_config(cfg: RunConfig, scratch: Path, epochs: int = SAMPLE_EPOCHS) -> RunConfig:
+    """The run's config for its sample: the scratch directory as its run directory, and every training step
+    at ``epochs`` epochs (no more than the run's), set as the step's own key, so a retrain (which repeats
+    its base's recipe under its own keys) trains that many too whether or not its section sets them."""
+    run = run_epochs(cfg)
+
+    def short(s: Step) -> Step:
+        return dataclasses.replace(s, config=s.config.model_copy(update={"epochs": min(epochs, run[s.name]["epochs"])}))
+
+    return dataclasses.replace(cfg, out=str(scratch), steps=tuple(short(s) if trains(s) else s for s in cfg.steps))
+
+
+def run_epochs(cfg: RunConfig) -> dict[str, dict]:
+    """Per training step, what the run (not the sample) trains: ``{"epochs", "from", "cache_images"}``,
+    ``from`` saying where the number comes from. A step with ``recipe_from`` (a retrain) repeats its base's
+    recipe under the keys its own section sets, as it does when it runs (stages/retrain.py); its base is
+    the training step before it that provides an artifact it needs (the tagger it starts from)."""
+    recipes: dict[str, object] = {}
+    out: dict[str, dict] = {}
+    for i, step in enumerate(cfg.steps):
+        if not trains(step):
+            continue
+        needs = set(step.stage_cls.needs) | set(step.stage_cls.optional_needs)
+        base = next((s.name for s in reversed(cfg.steps[:i]) if s.name in recipes and set(s.stage_cls.provides) & needs),
+                    None)
+        own = "epochs" in step.config.model_fields_set
+        if base is not None and hasattr(step.stage_cls, "recipe_from"):
+            stage = step.stage_cls(step.config, StageContext(str(cfg.out or ""), step.name, cfg.seed))
+            recipes[step.name] = stage.recipe_from(recipes[base].model_dump(mode="json"))  # type: ignore[attr-defined]
+            src = f"{step.name}.epochs" if own else f"{base}'s recipe: {out[base]['from']}"
+        else:
+            recipes[step.name] = step.config
+            src = f"{step.name}.epochs" if own else f"the default of {step.use}"
+        r = recipes[step.name]
+        out[step.name] = {"epochs": r.epochs, "from": src, "cache_images": bool(getattr(r, "cache_images", False))}  # type: ignore[attr-defined]
+    return out
 
 
 class SampleRunner(Runner):
@@ -53,6 +107,19 @@ class SampleRunner(Runner):
         report = super()._run_step(step, *args, **kwargs)
         self.driver_rss[step.name] = peak_rss_mb()  # the driver's peak so far: a reduce's merge shows here
         return report
+
+
+def followers(plan_steps: list[dict], training: set[str]) -> dict[str, str]:
+    """Each step (not itself training) whose rows or artifacts follow a training step, directly or through
+    the steps between: step -> that training step (the first it reads that way, by name)."""
+    out: dict[str, str] = {}
+    for s in plan_steps:
+        if s["step"] in training:
+            continue
+        src = next((u if u in training else out[u] for u in s.get("upstream", []) if u in training or u in out), None)
+        if src is not None:
+            out[s["step"]] = src
+    return out
 
 
 def _dir_bytes(path: Path) -> int:
@@ -86,21 +153,33 @@ def _sharded(m: dict, stats: list[dict], scale: float, shards: tuple[int, int], 
                        f"starting, setup, a prepare, merge or finalize)"}
 
 
-def _training(m: dict, hist: list[dict], scale: float) -> dict:
+def _training(m: dict, hist: list[dict], scale: float, run: dict | None) -> dict:
+    """fixed + time per epoch x the run's epochs x (the whole input's training images / the sample's)."""
     loop = sum(h["seconds"] for h in hist)
-    images = sum(h["images"] for h in hist)
     fixed = max(0.0, m["seconds"] - loop)
-    epochs = len(hist)
-    per = loop / max(1, images)
-    train_f = hist[-1]["images"] * scale
-    return {"seconds": fixed + per * epochs * train_f, "fixed_seconds": fixed, "ms_per_image_epoch": 1000 * per,
-            "assumes": f"epochs x training images: {epochs} epoch(s) x {train_f:,.0f} images at "
-                       f"{1000 * per:.2f} ms per image-epoch (the sample's), plus {fixed:.1f}s fixed as in the "
-                       f"sample (job start, evaluation and calibration on the held-out images)"}
+    n = len(hist)
+    run = run or {"epochs": n, "from": "as many as the sample trained", "cache_images": False}
+    per_epoch, images = loop / n, hist[-1]["images"]
+    per_image = loop / max(1, sum(h["images"] for h in hist))
+    train_f = images * scale
+    seconds = fixed + per_epoch * run["epochs"] * scale
+    pace = ("every epoch at the pace of the sample's first" + (
+        ", which decodes every image (cache_images: later epochs read the cache and run faster, so this is high "
+        "by up to the decoding's share)" if run["cache_images"] and n == 1 else ""))
+    return {"seconds": seconds, "fixed_seconds": fixed, "ms_per_image_epoch": 1000 * per_image,
+            "epochs": run["epochs"], "epochs_from": run["from"], "sample_epochs": n, "sample_epoch_seconds": per_epoch,
+            "assumes": f"fixed + time per epoch x epochs x training images (whole input / sample): the sample "
+                       f"trained {n} epoch(s) of {images:,} images, {per_epoch:.1f}s each "
+                       f"({1000 * per_image:.2f} ms per image-epoch); the run trains {run['epochs']} epoch(s) "
+                       f"({run['from']}) of {train_f:,.0f} images; {pace}; plus {fixed:.1f}s fixed as in the sample "
+                       f"(job start, evaluation and calibration on the held-out images: these grow with the "
+                       f"held-out images, up to eval_max_images, and evaluation runs once per epoch)"}
 
 
-def forecast_step(step: dict, sdir: StepDir, scale: float, shards: tuple[int, int], driver_rss: float | None) -> dict:
-    """One step's forecast for the whole input from its sample run (``step``: the plan's entry)."""
+def forecast_step(step: dict, sdir: StepDir, scale: float, shards: tuple[int, int], driver_rss: float | None,
+                  epochs: dict | None = None) -> dict:
+    """One step's forecast for the whole input from its sample run (``step``: the plan's entry; ``epochs``:
+    a training step's epochs in the run, ``run_epochs``)."""
     m = sdir.manifest() or {}
     stats = _shard_stats(sdir)
     out_bytes = _dir_bytes(sdir.path)
@@ -114,7 +193,7 @@ def forecast_step(step: dict, sdir: StepDir, scale: float, shards: tuple[int, in
         f["assumes"] += "; the merge holds O(names) or O(tags), so it is taken as fixed"
         f["bytes"], size = out_bytes, "output fixed (tables of tags or names, figures)"
     elif hist:
-        f = _training(m, hist, scale)
+        f = _training(m, hist, scale, epochs)
         f["bytes"], size = out_bytes, "output fixed (weights, thresholds)"
     else:
         f = {"seconds": m.get("seconds", 0.0) * scale, "assumes": "linear in rows (a whole-data step on the driver)"}
@@ -135,14 +214,19 @@ def forecast_step(step: dict, sdir: StepDir, scale: float, shards: tuple[int, in
             "sample_rows": m.get("rows_in"), "rows": round((m.get("rows_in") or 0) * scale), **f}
 
 
-def sample_forecast(cfg: RunConfig, rows: int, plan: dict, keep: Path | None = None) -> dict:
-    """Run the sample in a scratch directory (removed after, unless ``keep``) and forecast every step."""
-    if rows < 1:
-        from pipeline.errors import ConfigError
+def sample_forecast(cfg: RunConfig, rows: int, plan: dict, keep: Path | None = None,
+                    sample_epochs: int = SAMPLE_EPOCHS) -> dict:
+    """Run the sample in a scratch directory (removed after, unless ``keep``), its training steps for
+    ``sample_epochs`` epochs, and forecast every step."""
+    from pipeline.errors import ConfigError
 
+    if rows < 1:
         raise ConfigError(cfg.file, "--sample", f"expected a positive number of rows, got {rows}")
+    if sample_epochs < 1:
+        raise ConfigError(cfg.file, "--sample-epochs", f"expected a positive number of epochs, got {sample_epochs}")
     scratch = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="plan-sample-"))
-    sample_cfg = dataclasses.replace(cfg, out=str(scratch))
+    sample_cfg = sample_config(cfg, scratch, sample_epochs)
+    epochs = run_epochs(cfg)
     try:
         runner = SampleRunner(sample_cfg, scratch, rows)
         t0 = time.perf_counter()
@@ -154,13 +238,22 @@ def sample_forecast(cfg: RunConfig, rows: int, plan: dict, keep: Path | None = N
         sample_rows = first.get("rows_out", 0) + first.get("rows_rejected", 0)
         total_rows = sample_rows / taken * planned
         scale = total_rows / max(1, sample_rows)
-        steps = [forecast_step(s, StepDir(scratch / s["step"]), scale, (taken, planned),
-                               runner.driver_rss.get(s["step"])) for s in plan["steps"] if (scratch / s["step"]).is_dir()]
+        steps = [forecast_step(s, StepDir(scratch / s["step"]), scale, (taken, planned), runner.driver_rss.get(s["step"]),
+                               epochs.get(s["step"])) for s in plan["steps"] if (scratch / s["step"]).is_dir()]
     finally:
         if keep is None:
             shutil.rmtree(scratch, ignore_errors=True)
+    by_name = {s["step"]: s for s in steps}
+    for name, src in followers(plan["steps"], {s["step"] for s in steps if "sample_epochs" in s}).items():
+        if name in by_name:
+            t = by_name[src]
+            by_name[name]["assumes"] += (
+                f"; its input follows {src}'s tagger, which the sample trained for {t['sample_epochs']} of "
+                f"{t['epochs']} epoch(s) on its own rows: the run's may propose more or fewer candidates per "
+                f"image, and this step's work per row follows them")
     would_run = [s for s in steps if s["action"] != "skip"]
-    return {"sample": {"rows": sample_rows, "shards": taken, "seconds": round(wall, 1), "asked": rows},
+    return {"sample": {"rows": sample_rows, "shards": taken, "seconds": round(wall, 1), "asked": rows,
+                       "epochs": {s["step"]: s["sample_epochs"] for s in steps if "sample_epochs" in s}},
             "input": {"shards": planned, "rows": round(total_rows),
                       "rows_from": f"{planned} planned shard(s) x {sample_rows / taken:,.0f} rows per shard in the "
                                    f"sample"},
@@ -183,7 +276,9 @@ def _duration(s: float) -> str:
 def format_forecast(fc: dict) -> str:
     sm, inp = fc["sample"], fc["input"]
     lines = [f"forecast for the whole input: {inp['rows']:,} rows ({inp['rows_from']}), from a sample of "
-             f"{sm['rows']:,} rows ({sm['shards']} shard(s), asked {sm['asked']:,}) that took {_duration(sm['seconds'])}",
+             f"{sm['rows']:,} rows ({sm['shards']} shard(s), asked {sm['asked']:,}) that took {_duration(sm['seconds'])}"
+             + (f"; it trained {', '.join(f'{k} {v} epoch(s)' for k, v in sm['epochs'].items())}, each forecast "
+                f"for its epochs in the run" if sm.get("epochs") else ""),
              f"{'step':<10} {'rows':>10} {'sample':>8} {'time':>9} {'worker peak':>12} {'output':>10}"]
     for s in fc["steps"]:
         rss = "-" if s["worker_peak_rss_mb"] is None else f"{s['worker_peak_rss_mb']:,.0f} MiB"
