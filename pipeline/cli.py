@@ -1,5 +1,5 @@
-"""Command line: ``python -m pipeline run CONFIG``, ``train CONFIG``, ``status RUN_DIR``, ``stages``,
-``scene-world``, ``explain``.
+"""Command line: ``python -m pipeline run CONFIG``, ``plan CONFIG``, ``train CONFIG``, ``status RUN_DIR``,
+``stages``, ``scene-world``, ``explain``.
 
 ``main(argv)`` takes a list so tests can run the CLI in-process. Exit codes: 0 ok, 2 bad config or
 workflow contract (nothing written) or no such run directory, 1 anything else.
@@ -27,6 +27,27 @@ def _cmd_run(args: argparse.Namespace) -> int:
     runner = Runner(cfg, out, force=args.force, only=args.only)
     reports = runner.run()
     print_summary(cfg, out, reports)
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from pipeline.config import load_run_config
+    from pipeline.plan import format_plan, plan_run
+    from pipeline.store import run_dir_path
+    from pipeline.workflow import check_contract
+
+    cfg = load_run_config(args.config, args.set)
+    check_contract(cfg)
+    out = run_dir_path(args.out or cfg.out or Path("runs") / cfg.name, args.config)
+    plan = plan_run(cfg, out)
+    if args.sample is not None:
+        from pipeline.forecast import format_forecast, sample_forecast
+
+        plan["forecast"] = sample_forecast(cfg, args.sample, plan, sample_epochs=args.sample_epochs)
+    text = json.dumps(plan, indent=2) if args.json else format_plan(plan)
+    if args.sample is not None and not args.json:
+        text += "\n\n" + format_forecast(plan["forecast"])
+    print(text)
     return 0
 
 
@@ -103,6 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value by dotted path, e.g. --set input.images=500")
     r.set_defaults(fn=_cmd_run)
+    p = sub.add_parser("plan", help="what a run of a config would do: each step's run or skip and why, its "
+                       "workers, and with --sample N a forecast of time, memory and output")
+    p.add_argument("config")
+    p.add_argument("--out", help="run directory to plan against (default: runs/<config name>); never written")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value as run does, e.g. --set decide.add_threshold=0.8")
+    p.add_argument("--sample", type=int, metavar="N",
+                   help="run the chain on the first planned shards holding about N rows, in a scratch directory, "
+                   "and forecast each step for the whole input")
+    p.add_argument("--sample-epochs", type=int, default=1, metavar="K",
+                   help="epochs each training step runs in the sample (default 1; never more than the run's): "
+                   "its forecast scales the time of an epoch to the run's epochs; more make the sample's tagger, "
+                   "whose candidates later steps work on, closer to the run's")
+    p.add_argument("--json", action="store_true", help="print it as JSON (for scripts)")
+    p.set_defaults(fn=_cmd_plan)
     t = sub.add_parser("train", help="run only a config's train step (the steps before it must be done)")
     t.add_argument("config")
     t.add_argument("--out", help="run directory (default: runs/<config name>)")

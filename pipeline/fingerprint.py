@@ -106,3 +106,19 @@ def code_hash(path: Path, root: Path = ROOT) -> str:
             h.update(str(f.relative_to(root)).encode())
             h.update(f.read_bytes())
     return h.hexdigest()[:12]
+
+
+def code_files(path: Path, root: Path = ROOT) -> dict[str, str]:
+    """What ``code_hash`` hashes, file by file (relative path -> digest of its syntax tree, or of the bytes of
+    a ``data/`` file): a step's manifest keeps it, so ``plan`` can name the file whose edit re-runs the step."""
+    root = root.resolve()
+    out: dict[str, str] = {}
+    data_dirs: set[Path] = set()
+    for f in import_closure(path, root):
+        out[str(f.relative_to(root))] = _parse(f, root)[0][:16]
+        if (f.parent / "data").is_dir():
+            data_dirs.add(f.parent / "data")
+    for d in sorted(data_dirs):
+        for f in sorted(x for x in d.rglob("*") if x.is_file() and "__pycache__" not in x.parts):
+            out[str(f.relative_to(root))] = hashlib.sha256(f.read_bytes()).hexdigest()[:16]
+    return out

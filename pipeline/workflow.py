@@ -16,7 +16,7 @@ from pipeline import __version__, partials
 from pipeline.config import RayConfig, RunConfig, Step
 from pipeline.errors import ContractError
 from pipeline.executor import ray_temp_dir, run_calls, run_shards, start_ray
-from pipeline.fingerprint import code_hash
+from pipeline.fingerprint import code_files, code_hash
 from pipeline.index import duplicates, write_id_index
 from pipeline.progress import LOG_FILE, RunLog
 from pipeline.stage import RowSource, StageContext
@@ -101,6 +101,26 @@ def check_contract(cfg: RunConfig) -> None:
 
 
 @dataclass
+class Planned:
+    """A step before it runs: what ``Runner.plan_step`` resolved, and what its fingerprint hashed."""
+
+    step: Step
+    stage: object
+    ctx: StageContext
+    rows_step: str | None
+    upstream: dict[str, str]  # the steps it reads (rows, artifacts) -> their fingerprints
+    input_identity: str  # a reader's files (sizes, mtimes), a vision step's device and precision, ...
+    fingerprint: str
+
+    def fingerprinted(self) -> dict:
+        """What the manifest records of the fingerprint's parts, beside the config and seed it already holds:
+        enough for ``plan`` to say which file, upstream step or input changed (pipeline/plan.py)."""
+        path = Path(inspect.getsourcefile(self.step.stage_cls) or "")
+        return {"upstream": self.upstream, "input": self.input_identity, "layout": LAYOUT,
+                "code_files": code_files(path) if path.is_file() else {}}
+
+
+@dataclass
 class StepReport:
     step: str
     use: str
@@ -132,6 +152,28 @@ class Runner:
         payload = {"code": code_version(step.stage_cls), "use": step.use, "config": step.config_hash(), "seed": self.cfg.seed,
                    "upstream": [self.fingerprints[u] for u in upstream], "input": extra, "layout": LAYOUT}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+    def plan_step(self, steps: list[Step], views: list[View], i: int) -> "Planned":
+        """Step ``i`` as it would run now: its stage (built, not set up), context and fingerprint. Run and
+        ``plan`` both call this, so ``plan`` says what a run would do by the run's own rule."""
+        step = steps[i]
+        rows_step = views[i].rows  # the step whose rows this one reads (a later round: from before round 1)
+        ctx = StageContext(str(self.out_dir), step.name, self.cfg.seed, self._artifact_map(steps, i),
+                           views[i].to_dict(), self.cfg.ray.model_dump(mode="json"))
+        stage = step.stage_cls(step.config, ctx)
+        # a driver-side stage (train) runs by them; a fingerprint may resolve by them (device: auto)
+        stage.resources = step.resources
+        read = set(step.stage_cls.needs) | set(step.stage_cls.optional_needs)
+        upstream = sorted(set(([rows_step] if rows_step else []) + [
+            s.name for s in steps[:i] if set(s.stage_cls.provides) & read]))
+        extra = stage.input_fingerprint() if hasattr(stage, "input_fingerprint") else ""
+        fp = self._fingerprint(step, upstream, extra)
+        self.fingerprints[step.name] = fp
+        return Planned(step, stage, ctx, rows_step, {u: self.fingerprints[u] for u in upstream}, extra, fp)
+
+    def _source_specs(self, step: Step, stage) -> list[dict]:
+        """A source step's shard specs (``plan``'s sample run takes the first few)."""
+        return stage.plan()
 
     def _artifact_map(self, steps, upto: int) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -213,18 +255,8 @@ class Runner:
             while i < len(steps):
                 step = steps[i]
                 self.current = step
-                rows_step = views[i].rows  # the step whose rows this one reads (a later round: from before round 1)
-                ctx = StageContext(str(self.out_dir), step.name, self.cfg.seed, self._artifact_map(steps, i),
-                                   views[i].to_dict(), self.cfg.ray.model_dump(mode="json"))
-                stage = step.stage_cls(step.config, ctx)
-                # a driver-side stage (train) runs by them; a fingerprint may resolve by them (device: auto)
-                stage.resources = step.resources
-                read = set(step.stage_cls.needs) | set(step.stage_cls.optional_needs)
-                upstream = ([rows_step] if rows_step else []) + [
-                    s.name for s in steps[:i] if set(s.stage_cls.provides) & read]
-                extra = stage.input_fingerprint() if hasattr(stage, "input_fingerprint") else ""
-                fp = self._fingerprint(step, sorted(set(upstream)), extra)
-                self.fingerprints[step.name] = fp
+                planned = self.plan_step(steps, views, i)
+                stage, ctx, fp, rows_step = planned.stage, planned.ctx, planned.fingerprint, planned.rows_step
                 sdir = StepDir(self.out_dir / step.name)
                 if step.name not in self.only:
                     if not sdir.is_done(fp):
@@ -242,7 +274,8 @@ class Runner:
                         self.local_ray = ray_started and not (self.cfg.ray.address or os.environ.get("RAY_ADDRESS"))
                     view_out = views[i].after(step.name, step.stage_cls.kind, step.stage_cls.outputs,
                                               step.stage_cls.replaces_columns)
-                    self.reports.append(self._run_step(step, stage, ctx, sdir, fp, rows_step, view_out))
+                    self.reports.append(self._run_step(step, stage, ctx, sdir, fp, rows_step, view_out,
+                                                       planned.fingerprinted()))
                 self._log_result(self.reports[-1])
                 last_of_round = step.round and (i + 1 == len(steps) or steps[i + 1].round != step.round)
                 if last_of_round and self._rounds_done(step, steps):
@@ -323,7 +356,7 @@ class Runner:
 
     # -- running -----------------------------------------------------------------------------
     def _run_step(self, step: Step, stage, ctx: StageContext, sdir: StepDir, fp: str,
-                  rows_step: str | None, view_out: View) -> StepReport:
+                  rows_step: str | None, view_out: View, fingerprinted: dict) -> StepReport:
         t0 = time.perf_counter()
         if self.force or sdir.manifest() is not None or sdir.holds_other_fingerprint(fp):
             sdir.reset()  # stale or forced: never mix shards, partials or side state of two fingerprints
@@ -335,7 +368,7 @@ class Runner:
             stats = self._run_reduce(step, stage, ctx, sdir, fp, view_in)
             status = "ran"
         else:
-            specs = stage.plan() if step.stage_cls.kind == "source" else [{} for _ in view_in.shards()]
+            specs = self._source_specs(step, stage) if step.stage_cls.kind == "source" else [{} for _ in view_in.shards()]
             shard_ids = list(range(len(specs))) if step.stage_cls.kind == "source" else view_in.shards()
             sdir.write_plan(fp, len(shard_ids))
             if step.stage_cls.kind == "map" and step.stage_cls.defines("prepare"):
@@ -367,7 +400,7 @@ class Runner:
             "resources": step.resources.model_dump(mode="json"), "seed": self.cfg.seed,
             "input": {"rows_from": rows_step, "upstream": {k: self.fingerprints[k] for k in self.fingerprints
                                                            if k != step.name}},
-            "seconds": seconds, **stats,
+            "fingerprinted": fingerprinted, "seconds": seconds, **stats,
         }
         if manifest["rows_in"] != manifest["rows_out"] + manifest["rows_rejected"]:
             raise RuntimeError(f"step {step.name}: rows_in != rows_out + rows_rejected: {stats}")

@@ -201,9 +201,13 @@ class RetrainStage(TrainStage):
         f = base / "recipe.json"
         if not f.exists():  # a tagger from before recipes were recorded: this step's own config
             return self.config
+        return self.recipe_from(json.loads(f.read_text()))
+
+    def recipe_from(self, base: dict) -> RetrainConfig:
+        """This step's recipe over a base's (its config as a dict): ``plan`` resolves with it what a run
+        would train (e.g. the epochs a forecast scales to) before the base has trained."""
         own = self.config.model_dump(include=self.config.model_fields_set)
-        recipe = {k: v for k, v in json.loads(f.read_text()).items()
-                  if k in TrainStageConfig.model_fields}  # not the base's own start / labels
+        recipe = {k: v for k, v in base.items() if k in TrainStageConfig.model_fields}  # not the base's start / labels
         return RetrainConfig.model_validate({**recipe, **own})
 
     def outcome(self, fitted, base_dir: Path) -> dict:

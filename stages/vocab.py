@@ -7,6 +7,7 @@ against a reference list (``reference``), which the build itself never reads.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Iterator, Literal
@@ -17,7 +18,10 @@ from pydantic import Field
 from pipeline.registry import register
 from pipeline.stage import ReduceResult, RowSource, Stage, StageConfig
 
-DEFAULT_OVERRIDES = str(Path(__file__).resolve().parent.parent / "tagset" / "data" / "overrides.yaml")
+# ``overrides: builtin``: the checked-in overrides. A name, not a path: the config (and so the step's
+# fingerprint and manifest) holds it as written, never where this checkout happens to be.
+BUILTIN = "builtin"
+BUILTIN_OVERRIDES = Path(__file__).resolve().parent.parent / "tagset" / "data" / "overrides.yaml"
 
 
 class VocabConfig(StageConfig):
@@ -25,7 +29,8 @@ class VocabConfig(StageConfig):
     num_tags: int = Field(6449, ge=1, description="names kept before synonym merging (RAM: 6449)")
     min_count: int = Field(1, ge=1, description="min images a name must appear in")
     threshold: float = Field(0.65, gt=0, le=1, description="per-class threshold for built vocabularies")
-    overrides: str | None = Field(DEFAULT_OVERRIDES, description="force_merge / force_split / drop / keep yaml")
+    overrides: str | None = Field(BUILTIN, description="force_merge / force_split / drop / keep yaml: a path, "
+                                  "'builtin' (the checked-in tagset/data/overrides.yaml) or null (none)")
     stoplist: str | None = Field(None, description="non-visual words file (default: tagset/data/stoplist.txt)")
     tag_list: str | None = Field(None, description="adopt: RAM-format tag list (line i = id i)")
     threshold_file: str | None = Field(None, description="adopt: RAM-format per-class thresholds")
@@ -49,17 +54,34 @@ class VocabStage(Stage):
     inputs = ("image_id", "parsed")
     provides = ("tagset",)
 
-    def files_read(self) -> tuple[str | None, ...]:
+    def overrides_file(self) -> Path | None:
+        o = self.config.overrides
+        return None if o is None else BUILTIN_OVERRIDES if o == BUILTIN else Path(o)
+
+    def files_read(self) -> dict[str, Path | None]:
+        """The files the config names, by key (None: unset; the stop-list's default is the package's data)."""
         c = self.config
-        return c.overrides, c.stoplist, c.tag_list, c.threshold_file, c.chinese_file, c.reference
+        named = {"stoplist": c.stoplist, "tag_list": c.tag_list, "threshold_file": c.threshold_file,
+                 "chinese_file": c.chinese_file, "reference": c.reference}
+        return {"overrides": self.overrides_file(), **{k: Path(v) if v else None for k, v in named.items()}}
 
     def input_fingerprint(self) -> str:
-        """Contents of the files the config names (overrides, stop-list, adopted lists, reference)."""
-        import hashlib
-
+        """The contents of the files the config names, by key, not where they are: the config holds each
+        value as written, so a run made from another checkout (or with a copy of a file) is the same input,
+        and an edited file is another. A named file that is missing fails here, on the driver, before any
+        shard runs; only the reference may be absent (then it is not scored)."""
         h = hashlib.sha256()
-        for path in self.files_read():
-            h.update(Path(path).read_bytes() if path and Path(path).exists() else b"-")
+        for key, path in self.files_read().items():
+            if path is None:
+                digest = "unset"
+            elif path.is_file():
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            elif key == "reference":
+                digest = "absent"
+            else:
+                raise ValueError(f"{self.context.step}.{key}: {path} does not exist"
+                                 + ("" if path.is_absolute() else f" (relative to the working directory {Path.cwd()})"))
+            h.update(f"{key}={digest}\n".encode())
         return h.hexdigest()[:16]
 
     def partial(self, table: pa.Table, shard: int):
@@ -124,7 +146,7 @@ class VocabStage(Stage):
 
         c = self.config
         return build_vocab(counts, c.num_tags, c.min_count, load_stoplist(Path(c.stoplist) if c.stoplist else None),
-                           load_overrides(Path(c.overrides) if c.overrides else None), c.threshold)
+                           load_overrides(self.overrides_file()), c.threshold)
 
     def adopt(self, counts):
         from tagset.vocab import adopt_vocab
@@ -155,15 +177,16 @@ class VisualVocabStage(VocabStage):
 
     Config = VisualVocabConfig
 
-    def files_read(self) -> tuple[str | None, ...]:
-        return (*super().files_read(), self.config.light_verbs)
+    def files_read(self) -> dict[str, Path | None]:
+        lv = self.config.light_verbs
+        return {**super().files_read(), "light_verbs": Path(lv) if lv else None}
 
     def build(self, counts):
         from tagset.visual import load_light_verbs
         from tagset.vocab import build_vocab, load_overrides, load_stoplist, visual_judge
 
         c = self.config
-        overrides = load_overrides(Path(c.overrides) if c.overrides else None)
+        overrides = load_overrides(self.overrides_file())
         light = load_light_verbs(Path(c.light_verbs) if c.light_verbs else None)
         return build_vocab(counts, c.num_tags, c.min_count, load_stoplist(Path(c.stoplist) if c.stoplist else None),
                            overrides, c.threshold, judge=visual_judge(light, overrides["keep"]), variants=True,
@@ -174,4 +197,4 @@ class VisualVocabStage(VocabStage):
 
         c = self.config
         return adopt_vocab(self._base(), counts, variants=True,
-                           overrides=load_overrides(Path(c.overrides) if c.overrides else None))
+                           overrides=load_overrides(self.overrides_file()))

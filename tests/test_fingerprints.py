@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from pipeline.cli import main
 from tests.conftest import REPO, run_until_killed, write_config
@@ -161,3 +162,89 @@ def test_what_auto_resolves_to_is_part_of_the_fingerprint():
     assert train(device="cuda", bf16=False)["train"] == ["cuda", "fp32"]
     assert train(device="cpu") == {"train": ["cpu", "fp32"], "driver": ["cpu", "fp32"]}
     assert train(device="cuda", backend="ray_train")["driver"][0] == here  # the driver only orchestrates
+
+
+PARSE_ONLY = """
+workflow: parse_only
+seed: 3
+ray: {enabled: false, progress: false}
+input: {images: 20, shard_rows: 10, size: 64}
+vocab: {min_count: 1%s}
+"""
+CODE = ("pipeline", "stages", "tagset", "model", "workflows.yaml")
+
+
+def _fingerprints(plan_out: str) -> dict[str, str]:
+    return {s["step"]: s["fingerprint"] for s in json.loads(plan_out)["steps"]}
+
+
+def test_two_checkouts_of_the_same_code_fingerprint_every_step_the_same(tmp_path):
+    """The same config planned from two checkouts of the same code, at different paths: every step's
+    fingerprint is the same (vocab's default overrides is the name ``builtin``, not a path inside the
+    checkout, so neither its config nor its input identity says where the checkout is)."""
+    import shutil
+
+    plans = []
+    for where in ("a/ram-engine", "somewhere/else/checkout"):
+        root = tmp_path / where
+        for name in CODE:
+            src = REPO / name
+            if src.is_dir():
+                shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy2(src, root / name)
+        cfg = write_config(root / "small.yaml", PARSE_ONLY % "")
+        res = subprocess.run([sys.executable, "-m", "pipeline", "plan", str(cfg), "--out", str(root / "run"),
+                              "--json"], cwd=root, env=dict(os.environ, PYTHONPATH=str(root)), capture_output=True,
+                             text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert json.loads(res.stdout)["config"] == str(cfg)  # each plan ran from its own checkout
+        plans.append(_fingerprints(res.stdout))
+    assert list(plans[0]) == ["input", "parse", "vocab", "label", "export"]
+    assert plans[0] == plans[1]
+
+
+def test_vocab_fingerprint_follows_the_overrides_file_content_not_its_path(tmp_path, monkeypatch, capsys):
+    """``vocab.overrides: ov.yaml`` (relative, as a user writes it) planned from two directories, each with
+    a copy of the same file: the same fingerprints. Edit one copy: vocab and every later step re-run, the
+    steps before it do not. A missing file fails before anything runs, naming the key and the path."""
+    cfg = write_config(tmp_path / "small.yaml", PARSE_ONLY % ", overrides: ov.yaml")
+    content = "force_merge: [[cup, mug]]\ndrop: [thing]\n"
+
+    def plan_from(d: Path) -> dict[str, str]:
+        monkeypatch.chdir(d)
+        capsys.readouterr()
+        assert main(["plan", str(cfg), "--out", str(tmp_path / "run"), "--json"]) == 0
+        return _fingerprints(capsys.readouterr().out)
+
+    first, second = tmp_path / "first", tmp_path / "second" / "deeper"
+    for d in (first, second):
+        d.mkdir(parents=True)
+        (d / "ov.yaml").write_text(content)
+    here = plan_from(first)
+    assert plan_from(second) == here
+    (second / "ov.yaml").write_text(content.replace("thing", "stuff"))
+    edited = plan_from(second)
+    assert [s for s in here if edited[s] != here[s]] == ["vocab", "label", "export"]
+
+    (second / "ov.yaml").unlink()
+    with pytest.raises(ValueError, match=r"vocab\.overrides: ov\.yaml does not exist \(relative to the working "
+                                         r"directory .*deeper\)"):
+        plan_from(second)
+
+
+def test_vocab_overrides_default_is_the_checked_in_file_by_name():
+    """The default names the checked-in overrides (what the build reads), and an explicit path to the same
+    file is the same input identity: only the config value, as written, differs."""
+    from pipeline.stage import StageContext
+    from stages.vocab import BUILTIN, BUILTIN_OVERRIDES, VocabConfig, VocabStage
+
+    def stage(**cfg) -> VocabStage:
+        return VocabStage(VocabConfig(**cfg), StageContext("/nowhere", "vocab"))
+
+    default = stage()
+    assert default.config.overrides == BUILTIN == "builtin"
+    assert default.overrides_file() == BUILTIN_OVERRIDES and BUILTIN_OVERRIDES.is_file()
+    assert stage(overrides=str(BUILTIN_OVERRIDES)).input_fingerprint() == default.input_fingerprint()
+    assert stage(overrides=None).input_fingerprint() != default.input_fingerprint()
+    assert stage(overrides=None).overrides_file() is None
