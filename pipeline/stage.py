@@ -64,9 +64,9 @@ class Resources(BaseModel):
         if self.pool_size is not None and autoscale:
             raise ValueError(f"pool_size ({self.pool_size}) pins a fixed pool, min_pool_size/max_pool_size ask "
                              f"for an autoscaling one: expected one or the other, not both")
-        if self.min_pool_size is not None and self.max_pool_size is not None and self.min_pool_size > self.max_pool_size:
-            raise ValueError(f"expected min_pool_size <= max_pool_size, got {self.min_pool_size} > "
-                             f"{self.max_pool_size}")
+        lo, hi = self.min_pool_size, self.max_pool_size
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"expected min_pool_size <= max_pool_size, got {lo} > {hi}")
         return self
 
 
