@@ -48,6 +48,9 @@ class RayConfig(BaseModel):
     enabled: bool = Field(True, description="false runs the same shard workers in-process")
     address: str | None = Field(None, description="'auto' or ray://...; RAY_ADDRESS also works")
     num_cpus: int | None = Field(None, ge=1, description="local Ray only; default: all cores")
+    pool_start_timeout_s: int = Field(600, ge=1, description="an actor pool starts all its actors before its "
+                                      "first shard (so shards spread over every node); a pool that cannot "
+                                      "start in this time (the cluster lacks the resources) fails the step")
     progress: bool = Field(True, description="a live bar per step where stderr is a terminal (plain lines "
                            "at every tenth of a step's shards otherwise, and in <run>/run.log)")
 
@@ -210,6 +213,8 @@ def _explain(err: dict, prefix: str) -> tuple[str, str]:
     loc = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
     if err["type"] == "extra_forbidden":
         return loc, "unknown key"
+    if err["type"] == "value_error" and "error" in err.get("ctx", {}):  # a model's own check says it all
+        return loc, str(err["ctx"]["error"])
     got = err.get("input")
     shown = f" (got {got!r})" if not isinstance(got, dict) else ""
     return loc, f"{err['msg']}{shown}"

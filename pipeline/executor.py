@@ -6,17 +6,28 @@ once per actor), as plain tasks otherwise; ``resources`` maps onto ``num_cpus``/
 size, and ``batch_size`` slices each shard into the batches the stage sees. Each worker commits its
 shard atomically and returns only the shard's stats, so the driver never holds the data. With
 ``ray.enabled: false`` the same worker runs in-process (debugging, profiling).
+
+How many workers (``plan_pool``): what the cluster offers when the step starts (its CPUs / the step's
+``num_cpus``; a GPU step's GPUs / ``num_gpus``), never more than the step has shards, unless
+``resources`` pins a ``pool_size`` or asks for an autoscaling pool (``min_pool_size``/``max_pool_size``).
+An actor pool starts all its actors before its first shard and gives each one shard at a time, so a
+step's shards spread over every node rather than queueing behind the first actor up. Each shard's stats
+name the node and process that ran it. Shard i always comes from input shard i, so the pool's size and
+placement never change what is written.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import pickle
 import resource
 import sys
 import signal
+import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -25,12 +36,112 @@ import pyarrow as pa
 from pipeline import partials, registry
 from pipeline.config import RayConfig, Step
 from pipeline.progress import RunLog, StepProgress
-from pipeline.stage import StageContext, StageResult
+from pipeline.stage import Resources, StageContext, StageResult
 from pipeline.store import StepDir, rejects_table, write_bytes_atomic, write_json_atomic
 
-# test hook: "kill_after:<step>:<n>" SIGKILLs the driver after n shards of a step, "kill_after:<step>.<method>:<n>"
-# after n calls of a stage method a prepare() runs through the workers (e.g. cluster.sample_shard)
+# test hooks: "kill_after:<step>:<n>" SIGKILLs the driver after n shards of a step, "kill_after:<step>.<method>:<n>"
+# after n calls of a stage method a prepare() runs through the workers (e.g. cluster.sample_shard); in a worker's
+# environment (set on one node of a test cluster), "stall:<step>:<dir>" makes each shard of the step it gets touch
+# <dir>/<step>-<shard> and then wait until the process is killed (a node lost in the middle of a step)
 FAULT_ENV = "PIPELINE_FAULT"
+
+
+@dataclass(frozen=True)
+class Pool:
+    """The workers a step runs on: ``kind`` is ``actors`` (a stage with ``setup()``), ``tasks`` or
+    ``in-process``; ``min_size == max_size`` is a fixed pool, else Ray Data autoscales between them.
+    ``source`` says where the numbers came from (the config's key, or the cluster's resources)."""
+
+    kind: str
+    min_size: int
+    max_size: int
+    source: str
+
+    def to_dict(self) -> dict:
+        sizes = ({"size": self.max_size} if self.min_size == self.max_size
+                 else {"min_size": self.min_size, "max_size": self.max_size})
+        return {"kind": self.kind, **sizes, "from": self.source}
+
+    def describe(self) -> str:
+        n = str(self.max_size) if self.min_size == self.max_size else f"{self.min_size}-{self.max_size} (autoscaling)"
+        return f"{n} {self.kind if self.kind != 'in-process' else 'worker, in-process'} ({self.source})"
+
+    def strategy(self):
+        import ray
+
+        if self.kind == "tasks":
+            return ray.data.TaskPoolStrategy(size=self.max_size)
+        # one shard in flight per actor: a shard is a whole unit of work, and a queue of them on one actor
+        # would keep it busy while others idle (and leave the step's tail on it)
+        if self.min_size == self.max_size:
+            return ray.data.ActorPoolStrategy(size=self.max_size, max_tasks_in_flight_per_actor=1)
+        return ray.data.ActorPoolStrategy(min_size=self.min_size, max_size=self.max_size,
+                                          max_tasks_in_flight_per_actor=1)
+
+
+def cluster_capacity(res: Resources, totals: dict[str, float]) -> tuple[int, str]:
+    """How many of a step's workers the cluster holds at once (``totals``: ``ray.cluster_resources()``),
+    and why: the scarcest resource a worker reserves decides (GPUs for a GPU step, one actor per GPU at
+    ``num_gpus: 1``); a worker that reserves nothing gets one per CPU. At least 1."""
+    asks = [(name, per) for name, per in (("GPU", res.num_gpus), ("CPU", res.num_cpus)) if per > 0]
+    if not asks:
+        n = int(totals.get("CPU", 1))
+        return max(1, n), f"cluster: {n} CPU, a worker reserves none: one per CPU"
+    n, name, per = min((math.floor(totals.get(name, 0.0) / per + 1e-9), name, per) for name, per in asks)
+    return max(1, n), f"cluster: {totals.get(name, 0.0):g} {name} / {per:g} per worker"
+
+
+def plan_pool(res: Resources, tasks: int, actors: bool, enabled: bool = True,
+              totals: dict[str, float] | None = None) -> Pool:
+    """The pool for ``tasks`` shard tasks: the config's ``pool_size``, else its autoscaling bounds, else what
+    the cluster (``totals``) offers; never more workers than tasks (each would only load its model)."""
+    if not enabled:
+        return Pool("in-process", 1, 1, "ray.enabled: false")
+    kind = "actors" if actors else "tasks"
+
+    def cap(n: int) -> int:
+        return max(1, min(n, tasks))
+
+    if res.pool_size is not None:
+        return Pool(kind, cap(res.pool_size), cap(res.pool_size), "resources.pool_size")
+    fits, why = cluster_capacity(res, totals or {})
+    if res.min_pool_size is None and res.max_pool_size is None:
+        return Pool(kind, cap(fits), cap(fits), why)
+    hi = cap(res.max_pool_size or fits)
+    lo = hi if kind == "tasks" else min(res.min_pool_size or 1, hi)  # a task pool has no minimum to keep
+    return Pool(kind, lo, hi, "resources.min_pool_size/max_pool_size" + ("" if res.max_pool_size else f"; max {why}"))
+
+
+def step_pool(step: Step, tasks: int, ray_cfg: RayConfig, actors: bool | None = None) -> Pool:
+    """:func:`plan_pool` for a step on the Ray the run started or joined (the cluster as it is now)."""
+    actors = step.stage_cls.has_setup() if actors is None else actors
+    totals = None
+    if ray_cfg.enabled and step.resources.pool_size is None:
+        import ray
+
+        totals = ray.cluster_resources()
+    return plan_pool(step.resources, tasks, actors, ray_cfg.enabled, totals)
+
+
+def where_am_i() -> dict:
+    """The node (Ray's node id) and process a shard runs in: each shard's stats carry it, and a step's
+    manifest counts workers and shards per node from them. In-process without Ray: the host."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        node = ray.get_runtime_context().get_node_id()
+    else:
+        node = f"local:{socket.gethostname()}"
+    return {"node_id": node, "worker_pid": os.getpid()}
+
+
+def _stall_hook(step: str, shard: int) -> None:
+    spec = os.environ.get(FAULT_ENV, "")
+    if spec.startswith("stall:"):
+        _, name, marker_dir = spec.split(":", 2)
+        if name == step:
+            (Path(marker_dir) / f"{step}-{shard:05d}").touch()
+            while True:  # until this node is killed
+                time.sleep(60)
 
 
 def peak_rss_mb() -> float:
@@ -97,6 +208,7 @@ class ShardWorker:
         if op == "call":
             fn = getattr(self.stage, spec["method"])
             return fn(spec["arg"]) if "arg" in spec else fn(self.read_input(shard, spec.get("columns")), shard)
+        _stall_hook(self.context.step, shard)
         t0 = time.perf_counter()
         if op == "partial":
             table = self.read_input(shard)
@@ -104,7 +216,7 @@ class ShardWorker:
             write_bytes_atomic(partials.dumps(part), partials.partial_path(self.step.path, shard))
             stats = {"shard": shard, "fingerprint": self.fingerprint, "rows_in": table.num_rows,
                      "rows_out": table.num_rows, "rows_rejected": 0, "rejects_by_code": {},
-                     "seconds": round(time.perf_counter() - t0, 4), "peak_rss_mb": peak_rss_mb()}
+                     "seconds": round(time.perf_counter() - t0, 4), "peak_rss_mb": peak_rss_mb(), **where_am_i()}
             write_json_atomic(stats, self.step.path / "_stats" / f"part-{shard:05d}.json")
             return stats
         if self.kind == "source":
@@ -132,6 +244,7 @@ class ShardWorker:
             "rejects_by_code": dict(sorted(codes.items())),
             "seconds": round(time.perf_counter() - t0, 4),
             "peak_rss_mb": peak_rss_mb(),
+            **where_am_i(),
         }
         if type(self.stage).defines("shard_summary"):
             stats["summary"] = self.stage.shard_summary(res.table, shard)
@@ -195,16 +308,19 @@ def _worker_kwargs(step: Step, context: StageContext, step_dir: StepDir, fingerp
 
 
 def run_shards(step: Step, context: StageContext, tasks: list[tuple[int, dict]], step_dir: StepDir,
-               fingerprint: str, ray_cfg: RayConfig, what: str = "shard", log: RunLog | None = None) -> list[dict]:
-    """Run the shard tasks of one step; returns their stats. Commits happen inside the workers."""
+               fingerprint: str, ray_cfg: RayConfig, what: str = "shard", log: RunLog | None = None,
+               pool: Pool | None = None) -> list[dict]:
+    """Run the shard tasks of one step on ``pool`` (default: :func:`step_pool`); returns their stats.
+    Commits happen inside the workers."""
     if not tasks:
         return []
     kwargs = _worker_kwargs(step, context, step_dir, fingerprint)
     kill_after = _fault_hook(step.name)
     stats: list[dict] = []
+    pool = pool or step_pool(step, len(tasks), ray_cfg)
     progress = StepProgress(step.name, len(tasks), what, live=_live(ray_cfg), log=log)
     try:
-        for _, st, _ in _iter_results(step, tasks, kwargs, ray_cfg, actors=step.stage_cls.has_setup()):
+        for _, st, _ in _iter_results(step, tasks, kwargs, ray_cfg, pool):
             stats.append(st)
             progress.update(st["rows_out"])
             if kill_after is not None and len(stats) >= kill_after:
@@ -224,7 +340,8 @@ def run_calls(step: Step, context: StageContext, tasks: list[tuple[int, dict]], 
     kill_after = _fault_hook(f"{step.name}.{method}") if method else None
     progress = StepProgress(step.name, len(tasks), f"{method or 'call'} call", live=_live(ray_cfg), log=log)
     try:
-        for n, item in enumerate(_iter_results(step, tasks, kwargs, ray_cfg, actors=False), start=1):
+        pool = step_pool(step, len(tasks), ray_cfg, actors=False)
+        for n, item in enumerate(_iter_results(step, tasks, kwargs, ray_cfg, pool), start=1):
             progress.update()  # a call returns what its method returns: no rows to count
             if kill_after is not None and n >= kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -239,11 +356,11 @@ def _live(ray_cfg: RayConfig) -> bool | None:
 
 
 def _iter_results(step: Step, tasks: list[tuple[int, dict]], kwargs: dict, ray_cfg: RayConfig,
-                  actors: bool) -> Iterator[tuple[int, object, float]]:
+                  pool: Pool) -> Iterator[tuple[int, object, float]]:
     items = [{"shard": i, "spec": json.dumps(spec, sort_keys=True)} for i, spec in tasks]
     if not items:
         return
-    if not ray_cfg.enabled:
+    if pool.kind == "in-process":
         worker = ShardWorker(**kwargs)
         for it in items:
             yield it["shard"], worker.process(it["shard"], json.loads(it["spec"])), peak_rss_mb()
@@ -251,16 +368,15 @@ def _iter_results(step: Step, tasks: list[tuple[int, dict]], kwargs: dict, ray_c
     import ray
 
     res = step.resources
+    if pool.kind == "actors":  # every actor of the pool (its minimum) up before the first shard goes out
+        ray.data.DataContext.get_current().wait_for_min_actors_s = ray_cfg.pool_start_timeout_s
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    common: dict = dict(batch_size=1, num_cpus=res.num_cpus)
+    common: dict = dict(batch_size=1, num_cpus=res.num_cpus, compute=pool.strategy())
     if res.num_gpus:  # tasks too: Ray hides the GPUs from a task that asks for none (cluster's faiss fits)
         common["num_gpus"] = res.num_gpus
-    if actors:
-        pool = min(res.pool_size, len(items))
-        ds = ds.map_batches(ShardWorker, fn_constructor_kwargs=kwargs,
-                            compute=ray.data.ActorPoolStrategy(size=pool), **common)
+    if pool.kind == "actors":
+        ds = ds.map_batches(ShardWorker, fn_constructor_kwargs=kwargs, **common)
     else:
-        ds = ds.map_batches(_task_fn, fn_kwargs=kwargs, compute=ray.data.TaskPoolStrategy(size=res.pool_size),
-                            **common)
+        ds = ds.map_batches(_task_fn, fn_kwargs=kwargs, **common)
     for row in ds.iter_rows():
         yield pickle.loads(row["out"])

@@ -223,13 +223,21 @@ def _fits(cap: Capacity, cpus: float, gpus: float) -> float:
     return min(cap.cpus // cpus if cpus else math.inf, cap.gpus // gpus if gpus else math.inf)
 
 
+def shard_pool(step: Step, shards: int | None, cap: Capacity):
+    """The pool a run would give the step: the runner's own rule (``pipeline/executor.plan_pool``) on this
+    capacity, so ``plan`` and ``run`` size pools alike."""
+    from pipeline.executor import plan_pool
+
+    return plan_pool(step.resources, shards or 1, step.stage_cls.has_setup(), not cap.in_process,
+                     {"CPU": cap.cpus, "GPU": cap.gpus})
+
+
 def concurrency(step: Step, shards: int | None, cap: Capacity) -> int:
-    """Shard workers that run at once: the pool, no more than there are shards, as many as fit."""
-    r = step.resources
+    """Shard workers that run at once: the pool's largest size, as many as fit now."""
     if cap.in_process:
         return 1
-    fit = _fits(cap, r.num_cpus, r.num_gpus)
-    return max(0, int(min(r.pool_size, shards or 1, fit)))
+    r = step.resources
+    return max(0, int(min(shard_pool(step, shards, cap).max_size, _fits(cap, r.num_cpus, r.num_gpus))))
 
 
 def workers(planned: Planned, shards: int | None, cap: Capacity) -> str:
@@ -249,8 +257,10 @@ def workers(planned: Planned, shards: int | None, cap: Capacity) -> str:
     if cap.in_process:
         text = "in the driver, one shard at a time"
     else:
-        short = f"; pool_size {r.pool_size}, only {n} fit now" if n < min(r.pool_size, shards or 1) else ""
-        text = f"{n} {what} x {each}{short}".replace("1 actors", "1 actor").replace("1 tasks", "1 task")
+        pool = shard_pool(step, shards, cap)
+        short = f"; a pool of {pool.max_size}, only {n} fit now" if n < pool.max_size else ""
+        size = f"{pool.min_size}-{n}" if pool.min_size < pool.max_size else f"{n}"
+        text = f"{size} {what} x {each} ({pool.source}){short}".replace("1 actors", "1 actor").replace("1 tasks", "1 task")
     if cls.kind == "reduce":
         text = f"partials: {text}; merge on the driver"
     elif cls.defines("prepare"):

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Iterable, Iterator
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.errors import Reject
 
@@ -46,10 +46,28 @@ class Resources(BaseModel):
     moved_from_config: ClassVar[dict[str, str]] = {}
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
-    pool_size: int = Field(1, ge=1, description="actors (or concurrent tasks) for this step")
+    # How many workers: what the cluster offers unless pinned (pipeline/executor.py ``plan_pool``)
+    pool_size: int | None = Field(None, ge=1, description="a fixed pool of this many actors (or concurrent "
+                                  "tasks); default: what the cluster offers when the step starts, its CPUs / "
+                                  "num_cpus (a GPU step: its GPUs / num_gpus, one actor per GPU at 1)")
+    min_pool_size: int | None = Field(None, ge=1, description="an autoscaling pool instead: at least this many "
+                                      "actors (default 1 when only max_pool_size is set)")
+    max_pool_size: int | None = Field(None, ge=1, description="an autoscaling pool instead: at most this many "
+                                      "actors (default: what the cluster offers)")
     batch_size: int = Field(256, ge=1, description="rows per call inside a shard")
     decode_workers: int = Field(1, ge=1, description="vision steps: threads per worker (per GPU) decoding and "
                                 "resizing images ahead of the model (1: in the worker's own thread)")
+
+    @model_validator(mode="after")
+    def _one_pool_kind(self) -> "Resources":
+        autoscale = self.min_pool_size is not None or self.max_pool_size is not None
+        if self.pool_size is not None and autoscale:
+            raise ValueError(f"pool_size ({self.pool_size}) pins a fixed pool, min_pool_size/max_pool_size ask "
+                             f"for an autoscaling one: expected one or the other, not both")
+        lo, hi = self.min_pool_size, self.max_pool_size
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"expected min_pool_size <= max_pool_size, got {lo} > {hi}")
+        return self
 
 
 @dataclass

@@ -15,10 +15,11 @@ from pathlib import Path
 from pipeline import __version__, partials
 from pipeline.config import RayConfig, RunConfig, Step
 from pipeline.errors import ContractError
-from pipeline.executor import ray_temp_dir, run_calls, run_shards, start_ray
+from pipeline.executor import Pool, ray_temp_dir, run_calls, run_shards, start_ray, step_pool
 from pipeline.fingerprint import code_files, code_hash
 from pipeline.index import duplicates, write_id_index
 from pipeline.progress import LOG_FILE, RunLog
+from pipeline.report import workers_used
 from pipeline.stage import RowSource, StageContext
 from pipeline.store import (StepDir, rejects_table, run_dir_path, write_bytes_atomic, write_json_atomic,
                             write_parquet_atomic)
@@ -231,7 +232,7 @@ class Runner:
     def _log_result(self, r: StepReport) -> None:
         summary = f"; {r.extra['summary']}" if r.extra.get("summary") else ""
         self.log.write(f"[{r.step}] {r.status}: rows in {r.rows_in}, out {r.rows_out}, rejected {r.rows_rejected}, "
-                       f"{r.seconds:.2f}s{summary}")
+                       f"{r.seconds:.2f}s, workers: {workers_used(r.extra)}{summary}")
 
     def _record_error(self, e: BaseException) -> None:
         step = self.current
@@ -291,7 +292,7 @@ class Runner:
     def _skipped(self, step: Step, sdir: StepDir) -> StepReport:
         m = sdir.manifest() or {}
         return StepReport(step.name, step.use, "skipped", m.get("rows_in", 0), m.get("rows_out", 0),
-                          m.get("rows_rejected", 0), 0.0)
+                          m.get("rows_rejected", 0), 0.0, {"workers": m["workers"]} if "workers" in m else {})
 
     # -- counting rows across steps ----------------------------------------------------------------
     def _check_input(self, step: Step, view: View) -> None:
@@ -377,7 +378,8 @@ class Runner:
                 stats_prep = {}
             done = sdir.done_shards(fp)
             todo = [(i, spec) for i, spec in zip(shard_ids, specs) if i not in done]
-            new = run_shards(step, ctx, todo, sdir, fp, self.cfg.ray, log=self.log)
+            pool = self._pool(step, len(todo))
+            new = run_shards(step, ctx, todo, sdir, fp, self.cfg.ray, log=self.log, pool=pool)
             self._check_visible(step, sdir, new, data=True)
             shard_stats = sorted([*done.values(), *new], key=lambda s: s["shard"])
             if step.stage_cls.kind == "map":
@@ -385,6 +387,7 @@ class Runner:
             stats = _sum_stats(shard_stats)
             stats["shards"] = len(shard_stats)
             stats["shards_resumed"] = len(done)
+            stats["pool"] = pool.to_dict() if pool else None
             stats.update(stats_prep)
             if step.stage_cls.kind == "source":
                 stats.update(self._check_unique_ids(step, sdir, specs))
@@ -409,6 +412,15 @@ class Runner:
         return StepReport(step.name, step.use, status, stats["rows_in"], stats["rows_out"],
                           stats["rows_rejected"], seconds, extra)
 
+    def _pool(self, step: Step, tasks: int) -> Pool | None:
+        """The pool this invocation runs a step's ``tasks`` shard tasks on, said in run.log and kept in
+        the manifest (None: every shard was already done)."""
+        if not tasks:
+            return None
+        pool = step_pool(step, tasks, self.cfg.ray)
+        self.log.write(f"[{step.name}] pool: {pool.describe()}, {tasks} shard task(s)")
+        return pool
+
     def _prepare(self, step: Step, stage, ctx: StageContext, sdir: StepDir, fp: str) -> dict:
         """A map stage's driver-side preparation (e.g. fitting), once per fingerprint: a killed run that
         had finished it goes straight on with the shards."""
@@ -430,7 +442,8 @@ class Runner:
             # a partial counts as done with its file (one from before partials were data has none: redone)
             done = {i: st for i, st in sdir.done_shards(fp).items() if partials.partial_path(sdir.path, i).exists()}
             todo = [(i, {"op": "partial"}) for i in view.shards() if i not in done]
-            new = run_shards(step, ctx, todo, sdir, fp, self.cfg.ray, what="partial", log=self.log)
+            pool = self._pool(step, len(todo))
+            new = run_shards(step, ctx, todo, sdir, fp, self.cfg.ray, what="partial", log=self.log, pool=pool)
             self._check_visible(step, sdir, new, data=False)
             shard_stats = sorted([*done.values(), *new], key=lambda s: s["shard"])
             self._check_counts(step, view, shard_stats)
@@ -441,7 +454,8 @@ class Runner:
 
             res = stage.merge(stream())
             rows = sum(st["rows_in"] for st in shard_stats)
-            workers = {"worker_peak_rss_mb": _peak_rss(shard_stats)}
+            workers = {"worker_peak_rss_mb": _peak_rss(shard_stats), "pool": pool.to_dict() if pool else None,
+                       "workers": placement(shard_stats)}
         else:
             sdir.write_plan(fp, None)
             stage.setup()
@@ -520,7 +534,26 @@ def _sum_stats(shards: list[dict]) -> dict:
         "rejects_by_code": dict(sorted(codes.items())),
         "shard_seconds": round(sum(s["seconds"] for s in shards), 3),
         "worker_peak_rss_mb": _peak_rss(shards),
+        "workers": placement(shards),
     }
+
+
+def placement(shards: list[dict]) -> dict:
+    """How many workers ran a step's shards and where, from the node and process each shard's stats name:
+    ``{"used": workers, "nodes": {node_id: {"shards": n, "workers": n}}}`` (O(nodes), not O(shards)).
+    Stats written before they named a node are left out."""
+    nodes: dict[str, dict[str, int]] = {}
+    seen: set[tuple[str, object]] = set()
+    for st in shards:
+        node = st.get("node_id")
+        if node is None:
+            continue
+        entry = nodes.setdefault(node, {"shards": 0, "workers": 0})
+        entry["shards"] += 1
+        if (node, st.get("worker_pid")) not in seen:
+            seen.add((node, st.get("worker_pid")))
+            entry["workers"] += 1
+    return {"used": len(seen), "nodes": dict(sorted(nodes.items()))}
 
 
 def _peak_rss(shards: list[dict]) -> float:

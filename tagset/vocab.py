@@ -37,16 +37,18 @@ class TagCounts:
     kinds: dict[str, Counter] = field(default_factory=dict)
 
     def add_image(self, parsed_captions: list[dict]) -> None:
-        seen: set[str] = set()
+        # dicts, not sets: names counted in the order the captions give them, so a shard's counts (a
+        # reduce partial on storage) are the same bytes in every process, whatever its string hash seed
+        seen: dict[str, None] = {}
         for cap in parsed_captions:
-            names: set[str] = set()
+            names: dict[str, None] = {}
             for col, kind in KIND_OF.items():
                 for name in cap.get(col) or []:
-                    names.add(name)
+                    names[name] = None
                     self.kinds.setdefault(name, Counter())[kind] += 1
-            self.captions.update(names)
-            seen |= names
-        self.images.update(seen)
+            self.captions.update(names.keys())
+            seen.update(names)
+        self.images.update(seen.keys())
 
     def merge(self, other: "TagCounts") -> "TagCounts":
         """Add another shard's counts into these (a shard's images are its own, so counts add)."""

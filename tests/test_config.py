@@ -24,6 +24,10 @@ def _cfg(tmp_path, text: str) -> Path:
     ("workflow: nope\n", "workflow", "expected one of"),
     ("workflow: parse_only\nbogus: 1\n", "bogus", "unknown key"),
     ("workflow: parse_only\nparse: {resources: {pool_size: 0}}\n", "parse.resources.pool_size", "greater than or equal"),
+    ("workflow: parse_only\nparse: {resources: {pool_size: 2, max_pool_size: 4}}\n", "parse.resources",
+     "expected one or the other, not both"),
+    ("workflow: parse_only\nparse: {resources: {min_pool_size: 4, max_pool_size: 2}}\n", "parse.resources",
+     "expected min_pool_size <= max_pool_size, got 4 > 2"),
     ("workflow: parse_only\nseed: abc\n", "seed", "expected an integer"),
     ("workflow: parse_only\nray: {adress: auto}\n", "ray.adress", "unknown key"),
     # a run config's own chain (steps:) is checked as workflows.yaml is

@@ -142,6 +142,12 @@ def test_ray_end_to_end_through_actor_pools(ray_local, small_world_config, tmp_p
     assert main(["run", str(small_world_config(ray=True)), "--out", str(out)]) == 0
     m = manifests(out)
     assert m["export"]["rows_out"] == 40 and m["export"]["json_rows"] == 40
+    # parse pins its pool; label's is what this 2-CPU Ray offers, and its shards' stats say where they ran
+    assert m["parse"]["pool"] == {"kind": "actors", "size": 1, "from": "resources.pool_size"}
+    assert m["label"]["pool"] == {"kind": "actors", "size": 2, "from": "cluster: 2 CPU / 1 per worker"}
+    (node, used), = ((n, w["shards"]) for n, w in m["label"]["workers"]["nodes"].items())
+    assert used == m["label"]["shards"] == 4 and 1 <= m["label"]["workers"]["used"] <= 2
+    assert {st["node_id"] for st in StepDir(out / "label").done_shards(m["label"]["fingerprint"]).values()} == {node}
     ids = StepDir(out / "label").read(["image_id"]).column("image_id").to_pylist()
     assert len(ids) == len(set(ids)) == 40
 

@@ -206,3 +206,41 @@ def test_run_dir_is_absolute_and_may_be_a_file_uri(tmp_path, monkeypatch):
     assert main(["run", str(cfg_path), "--out", f"file://{tmp_path}/uri-run"]) == 0
     m = json.loads((tmp_path / "uri-run" / "cluster" / "_manifest.json").read_text())
     assert m["rows_out"] == 200 and (tmp_path / "uri-run" / "report.json").exists()
+
+
+CLUSTER = {"CPU": 64.0, "GPU": 8.0, "memory": 5e11}
+
+
+@pytest.mark.parametrize("resources, totals, tasks, actors, pool", [
+    # a CPU step: every CPU of the cluster at the step's num_cpus
+    ({}, CLUSTER, 500, True, {"kind": "actors", "size": 64, "from": "cluster: 64 CPU / 1 per worker"}),
+    ({"num_cpus": 2}, CLUSTER, 500, False, {"kind": "tasks", "size": 32, "from": "cluster: 64 CPU / 2 per worker"}),
+    # a GPU step: one actor per GPU; a quarter GPU each where CPUs are scarcer: the CPUs decide
+    ({"num_gpus": 1}, CLUSTER, 500, True, {"kind": "actors", "size": 8, "from": "cluster: 8 GPU / 1 per worker"}),
+    ({"num_cpus": 4, "num_gpus": 0.25}, {"CPU": 16.0, "GPU": 2.0}, 500, True,
+     {"kind": "actors", "size": 4, "from": "cluster: 16 CPU / 4 per worker"}),
+    # never more workers than shards, never fewer than one (a GPU step on a cluster whose GPU nodes are not up yet)
+    ({}, CLUSTER, 6, True, {"kind": "actors", "size": 6, "from": "cluster: 64 CPU / 1 per worker"}),
+    ({"num_gpus": 1}, {"CPU": 4.0}, 500, True, {"kind": "actors", "size": 1, "from": "cluster: 0 GPU / 1 per worker"}),
+    # the config pins it, or asks for an autoscaling pool
+    ({"pool_size": 3}, CLUSTER, 500, True, {"kind": "actors", "size": 3, "from": "resources.pool_size"}),
+    ({"max_pool_size": 16}, CLUSTER, 500, True,
+     {"kind": "actors", "min_size": 1, "max_size": 16, "from": "resources.min_pool_size/max_pool_size"}),
+    ({"min_pool_size": 2}, CLUSTER, 500, True, {"kind": "actors", "min_size": 2, "max_size": 64,
+     "from": "resources.min_pool_size/max_pool_size; max cluster: 64 CPU / 1 per worker"}),
+    ({"min_pool_size": 2, "max_pool_size": 16}, CLUSTER, 500, False,
+     {"kind": "tasks", "size": 16, "from": "resources.min_pool_size/max_pool_size"}),
+])
+def test_a_steps_pool_is_what_the_cluster_offers_unless_the_config_says(resources, totals, tasks, actors, pool):
+    from pipeline.executor import plan_pool
+    from pipeline.stage import Resources
+
+    assert plan_pool(Resources(**resources), tasks, actors, True, totals).to_dict() == pool
+
+
+def test_without_ray_a_step_runs_in_process_on_one_worker():
+    from pipeline.executor import plan_pool
+    from pipeline.stage import Resources
+
+    assert plan_pool(Resources(), 500, True, enabled=False).to_dict() == {
+        "kind": "in-process", "size": 1, "from": "ray.enabled: false"}
