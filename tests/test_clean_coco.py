@@ -42,18 +42,18 @@ def coco_from_world(tmp: Path, n: int = 12) -> Path:
     return path
 
 
-def test_clean_coco_with_tiny_released_style_models(tmp_path, capsys):
+def run_clean_coco(tmp_path: Path, capsys, sets: list[str]) -> Path:
+    """``clean_coco.yaml`` with tiny released-style models (a RAM and a Grounding DINO made here, random
+    weights), Ray off, plus ``sets``; returns the run directory."""
     from model.ram import create_model
 
-    captions = coco_from_world(tmp_path)
     (tmp_path / "tags.txt").write_text("\n".join(TAGS))
     torch.manual_seed(0)
     torch.save({"model": create_model("ram_test", **RAM_ARGS).state_dict()}, tmp_path / "ram.pth")
     gd = tiny_grounding_dino(tmp_path / "gdino", [w for t in TAGS for w in t.split()])
-    sets = [f"input.path={captions}", "ray.enabled=false", f"vocab.tag_list={tmp_path / 'tags.txt'}",
-            "vocab.threshold_file=null", "vocab.chinese_file=null", f"evidence.ground.detector={gd}",
-            "evidence.ground.box_threshold=0.0", "evidence.ground.text_threshold=0.0", "cluster.min_regions=2",
-            "cluster.regions_per_cluster=3", "evidence.model=ram_test", f"evidence.checkpoint={tmp_path / 'ram.pth'}",
+    sets = [*sets, "ray.enabled=false", f"vocab.tag_list={tmp_path / 'tags.txt'}", "vocab.threshold_file=null",
+            "vocab.chinese_file=null", f"evidence.ground.detector={gd}", "cluster.min_regions=2",
+            "evidence.model=ram_test", f"evidence.checkpoint={tmp_path / 'ram.pth'}",
             f"evidence.tag_list={tmp_path / 'tags.txt'}", "evidence.device=cpu",
             f"evidence.model_args={json.dumps(RAM_ARGS)}", "evidence.resources.num_gpus=0",
             "evidence.resources.decode_workers=2"]
@@ -62,6 +62,13 @@ def test_clean_coco_with_tiny_released_style_models(tmp_path, capsys):
     for s in sets:
         argv += ["--set", s]
     assert main(argv) == 0, capsys.readouterr()
+    return out
+
+
+def test_clean_coco_with_tiny_released_style_models(tmp_path, capsys):
+    captions = coco_from_world(tmp_path)
+    out = run_clean_coco(tmp_path, capsys, [f"input.path={captions}", "evidence.ground.box_threshold=0.0",
+                                             "evidence.ground.text_threshold=0.0", "cluster.regions_per_cluster=3"])
     # the broken image leaves at the evidence step with a stable code; everything else goes through
     rej = pq.read_table(out / "evidence" / "rejects").to_pylist()
     assert [r["code"] for r in rej] == ["image_truncated"]

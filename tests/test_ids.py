@@ -7,13 +7,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from pipeline.cli import main
 from tests.conftest import write_config
-from tests.test_clean_coco import RAM_ARGS, TAGS, tiny_grounding_dino
+from tests.test_clean_coco import run_clean_coco
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 def world_pngs(n: int) -> list[tuple[bytes, str]]:
@@ -77,8 +75,6 @@ def test_alike_keys_and_file_names_go_through_the_clean_loop_each_under_its_own_
     """Two img2dataset outputs keyed 000000000-000000003 alike (and the same URLs), and a RAM json with
     1.png and 2.png in two folders, through clean_coco.yaml with tiny models: every exported image is
     the bytes its own source row held."""
-    from model.ram import create_model
-
     images = world_pngs(12)
     assert len({png for png, _ in images}) == 12
     img2dataset_output(tmp_path / "out_a", images[0:4])
@@ -98,21 +94,7 @@ def test_alike_keys_and_file_names_go_through_the_clean_loop_each_under_its_own_
         {"use": "source.ram_json.v1", "name": "ram", "path": str(tmp_path / "ram.json"),
          "image_dir": str(tmp_path / "imgs")}]}
 
-    (tmp_path / "tags.txt").write_text("\n".join(TAGS))
-    torch.manual_seed(0)
-    torch.save({"model": create_model("ram_test", **RAM_ARGS).state_dict()}, tmp_path / "ram.pth")
-    gd = tiny_grounding_dino(tmp_path / "gdino", [w for t in TAGS for w in t.split()])
-    sets = [f"input={json.dumps(source)}", "ray.enabled=false", f"vocab.tag_list={tmp_path / 'tags.txt'}",
-            "vocab.threshold_file=null", "vocab.chinese_file=null", f"evidence.ground.detector={gd}",
-            "cluster.min_regions=2", "evidence.model=ram_test", f"evidence.checkpoint={tmp_path / 'ram.pth'}",
-            f"evidence.tag_list={tmp_path / 'tags.txt'}", "evidence.device=cpu",
-            f"evidence.model_args={json.dumps(RAM_ARGS)}", "evidence.resources.num_gpus=0",
-            "evidence.resources.decode_workers=2"]
-    out = tmp_path / "run"
-    argv = ["run", str(REPO / "stages" / "clean_coco.yaml"), "--out", str(out)]
-    for s in sets:
-        argv += ["--set", s]
-    assert main(argv) == 0, capsys.readouterr()
+    out = run_clean_coco(tmp_path, capsys, [f"input={json.dumps(source)}"])
     export = out / "export"
     rows = [r for part in sorted(export.glob("part-*.parquet")) for r in pq.read_table(part).to_pylist()]
     assert sorted(r["image_id"] for r in rows) == sorted(want)  # all 12 through, none lost or doubled

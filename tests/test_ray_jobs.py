@@ -109,9 +109,14 @@ def test_readme_job_submit_runs_a_workflow_on_a_started_head(tmp_path):
             time.sleep(1)
         cfg = write_config(tmp_path / "job.yaml", SMALL_WORLD.format(images=24, shard_rows=8, ray="true"))
         out = tmp_path / "run"
-        res = _ray(["job", "submit", "--address", url, "--working-dir", ".", "--", sys.executable, "-m",
-                    "pipeline", "run", str(cfg), "--set", "ray.address=auto", "--out", str(out)],
-                   env, JOB_S, cwd=REPO)
+        submit = ["job", "submit", "--address", url, "--working-dir", ".", "--", sys.executable, "-m",
+                  "pipeline", "run", str(cfg), "--set", "ray.address=auto", "--out", str(out)]
+        # the dashboard can answer before the node's job agent has registered (slow on a busy machine):
+        # Ray refuses with "No available agent ... try again later", before any job exists
+        deadline = time.monotonic() + UP_S
+        while "No available agent to submit job" in (res := _ray(submit, env, JOB_S, cwd=REPO)).stderr:
+            assert time.monotonic() < deadline, f"no job agent at {url} within {UP_S} s"
+            time.sleep(2)
         assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
         assert "succeeded" in res.stdout + res.stderr
         m = json.loads((out / "export" / "_manifest.json").read_text())
