@@ -96,7 +96,7 @@ WAIT_FOR_NODES = """
 import json, sys, time
 import ray
 ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
-deadline = time.time() + 120
+deadline = time.time() + 300  # a bound on waiting: a node joins in seconds, minutes on a busy machine
 while True:
     nodes = [n for n in ray.nodes() if n["Alive"]]
     if len(nodes) >= int(sys.argv[2]) or time.time() > deadline:
@@ -109,7 +109,7 @@ print(json.dumps({n["NodeID"]: "node:__internal_head__" in n["Resources"] for n 
 def _alive_nodes(address: str, want: int) -> dict[str, bool]:
     """The cluster's alive nodes (node id -> is the head), once ``want`` of them are up."""
     res = subprocess.run([sys.executable, "-c", WAIT_FOR_NODES, address, str(want)], capture_output=True, text=True,
-                         env={**os.environ, **AUTH}, timeout=300)
+                         env={**os.environ, **AUTH}, timeout=420)
     assert res.returncode == 0, res.stderr[-2000:]
     nodes = json.loads(res.stdout.splitlines()[-1])
     assert len(nodes) == want, f"expected {want} alive nodes, got {nodes}"
