@@ -260,7 +260,8 @@ def workers(planned: Planned, shards: int | None, cap: Capacity) -> str:
         pool = shard_pool(step, shards, cap)
         short = f"; a pool of {pool.max_size}, only {n} fit now" if n < pool.max_size else ""
         size = f"{pool.min_size}-{n}" if pool.min_size < pool.max_size else f"{n}"
-        text = f"{size} {what} x {each} ({pool.source}){short}".replace("1 actors", "1 actor").replace("1 tasks", "1 task")
+        text = f"{size} {what} x {each} ({pool.source}){short}"
+        text = text.replace("1 actors", "1 actor").replace("1 tasks", "1 task")
     if cls.kind == "reduce":
         text = f"partials: {text}; merge on the driver"
     elif cls.defines("prepare"):
