@@ -123,22 +123,20 @@ def source_size(img: Image.Image) -> tuple[int, int]:
     return img.info.get(SOURCE_SIZE, img.size)
 
 
+def _scaled(box, fx: float, fy: float) -> list[float]:
+    return [box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy]
+
+
 def to_work_box(box, img: Image.Image) -> list[float]:
     """A box in the file's coordinates (a region, as stored) in the pixels of ``img`` as decoded."""
     (sw, sh), (w, h) = source_size(img), img.size
-    if (sw, sh) == (w, h):
-        return list(box)
-    fx, fy = w / sw, h / sh
-    return [box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy]
+    return list(box) if (sw, sh) == (w, h) else _scaled(box, w / sw, h / sh)
 
 
 def to_source_box(box, img: Image.Image) -> list[float]:
     """A box in the pixels of ``img`` as decoded in the file's coordinates (what a region stores)."""
     (sw, sh), (w, h) = source_size(img), img.size
-    if (sw, sh) == (w, h):
-        return list(box)
-    fx, fy = sw / w, sh / h
-    return [box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy]
+    return list(box) if (sw, sh) == (w, h) else _scaled(box, sw / w, sh / h)
 
 
 def _reason(e: Exception) -> str:
