@@ -92,12 +92,14 @@ def fit_centroids(x: np.ndarray, k: int, niter: int, seed: int, gpu: bool | None
     return km.centroids
 
 
-def nearest(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's nearest centroid and its Euclidean distance (chunked: k <= max_k, so this is cheap)."""
+def nearest(x: np.ndarray, centroids: np.ndarray, rows: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's nearest centroid and its Euclidean distance. One centroid at a time over row chunks: the
+    temporary is ``rows x d``, never ``n x k x d`` (a tag's whole sample times k would be the worker's peak)."""
     d2 = np.empty((len(x), len(centroids)), np.float32)
-    for s in range(0, len(x), 65536):
-        chunk = x[s:s + 65536]
-        d2[s:s + 65536] = ((chunk[:, None, :] - centroids[None]) ** 2).sum(-1)
+    for s in range(0, len(x), rows):
+        chunk = x[s:s + rows]
+        for j, c in enumerate(centroids):
+            d2[s:s + rows, j] = ((chunk - c) ** 2).sum(1)
     a = d2.argmin(1)
     return a.astype(np.int32), np.sqrt(np.maximum(d2[np.arange(len(x)), a], 0)).astype(np.float32)
 
@@ -247,11 +249,15 @@ class ClusterStage(Stage):
 
     # -- phase 3: score (the map) -------------------------------------------------------------------------
     def setup(self) -> None:
+        # Columns go to numpy whole, never through Python lists: a worker holds every tag's centroids, so a
+        # per-value Python float would multiply its memory by the number of tags fitted.
         self.fits: dict[int, tuple] = {}
         for f in sorted((self.context.step_dir / "fit").glob("b=*.parquet")):
-            for r in pq.read_table(f).to_pylist():
-                cen = np.asarray(r["centroids"], np.float32).reshape(r["k"], -1)
-                self.fits[r["tag_id"]] = (cen, np.asarray(r["grid"], np.float32), r["exact"], r["median"], r["sample"])
+            t = pq.read_table(f)
+            cen_all, grid_all = (_list_rows(t.column(n)) for n in ("centroids", "grid"))
+            for i, (tag, k, exact, med, m) in enumerate(zip(*(t.column(n).to_numpy(zero_copy_only=False).tolist()
+                                                               for n in ("tag_id", "k", "exact", "median", "sample")))):
+                self.fits[tag] = (cen_all[i].reshape(k, -1), grid_all[i], exact, med, m)
 
     def quantile(self, tag: int, dist: np.ndarray) -> np.ndarray:
         _, grid, exact, _, m = self.fits[tag]
@@ -277,6 +283,14 @@ class ClusterStage(Stage):
             out[rows[j]].append({"tag_id": int(tags[j]), "cluster": int(cluster[j]), "distance": float(dist[j]),
                                  "quantile": float(quant[j]), "relative": float(rel[j])})
         return StageResult(batch.append_column("cluster_distances", pa.array(out, pa.list_(DISTANCE))))
+
+
+def _list_rows(col: pa.ChunkedArray) -> list[np.ndarray]:
+    """A list<float32> column as one float32 array per row (views into one flat copy)."""
+    arr = col.combine_chunks()
+    flat = pc.list_flatten(arr).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    offsets = arr.offsets.to_numpy() - arr.offsets[0].as_py()
+    return [flat[offsets[i]:offsets[i + 1]] for i in range(len(arr))]
 
 
 def clusters_of(step_dir: Path) -> pa.Table:
