@@ -56,15 +56,24 @@ class ClusterConfig(StageConfig):
     seed: int | None = Field(None, description="default: the run seed")
 
 
+def sq_dist(x: np.ndarray, c: np.ndarray, rows: int = 4096) -> np.ndarray:
+    """Each row's squared Euclidean distance to ``c``, over row chunks: the temporary is ``rows x d``,
+    never ``n x d`` (each row's sum is the same as in one pass)."""
+    out = np.empty(len(x), np.result_type(x, c))
+    for s in range(0, len(x), rows):
+        out[s:s + rows] = ((x[s:s + rows] - c) ** 2).sum(1)
+    return out
+
+
 def kmeans_pp_init(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     """k-means++ seeding (Arthur & Vassilvitskii): each next centre drawn with probability ~ D(x)^2."""
     centres = [x[rng.integers(len(x))]]
-    d2 = ((x - centres[0]) ** 2).sum(1)
+    d2 = sq_dist(x, centres[0])
     for _ in range(1, k):
         total = float(d2.sum())
         i = int(rng.choice(len(x), p=d2 / total)) if total > 0 else int(rng.integers(len(x)))
         centres.append(x[i])
-        d2 = np.minimum(d2, ((x - x[i]) ** 2).sum(1))
+        np.minimum(d2, sq_dist(x, x[i]), out=d2)
     return np.stack(centres).astype(np.float32)
 
 
@@ -93,13 +102,11 @@ def fit_centroids(x: np.ndarray, k: int, niter: int, seed: int, gpu: bool | None
 
 
 def nearest(x: np.ndarray, centroids: np.ndarray, rows: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's nearest centroid and its Euclidean distance. One centroid at a time over row chunks: the
-    temporary is ``rows x d``, never ``n x k x d`` (a tag's whole sample times k would be the worker's peak)."""
+    """Each row's nearest centroid and its Euclidean distance, one centroid at a time (:func:`sq_dist`): never
+    an ``n x k x d`` temporary (a tag's whole sample times k would be the worker's peak)."""
     d2 = np.empty((len(x), len(centroids)), np.float32)
-    for s in range(0, len(x), rows):
-        chunk = x[s:s + rows]
-        for j, c in enumerate(centroids):
-            d2[s:s + rows, j] = ((chunk - c) ** 2).sum(1)
+    for j, c in enumerate(centroids):
+        d2[:, j] = sq_dist(x, c, rows)
     a = d2.argmin(1)
     return a.astype(np.int32), np.sqrt(np.maximum(d2[np.arange(len(x)), a], 0)).astype(np.float32)
 
@@ -114,8 +121,9 @@ def fit_tag(x: np.ndarray, k: int, niter: int, seed: int, fit_sample: int):
 
 
 def normalise(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-6)
+    x = x.astype(np.float32)  # a copy: divided in place, so a tag's sample exists once more, not twice
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-6)
+    return x
 
 
 def priorities(image_ids: list[str], tags: np.ndarray) -> np.ndarray:
@@ -146,6 +154,32 @@ def bottom_k(t: pa.Table, k: int) -> pa.Table:
     starts = np.r_[0, np.flatnonzero(np.diff(tags)) + 1]
     rank = np.arange(len(tags)) - np.repeat(starts, np.diff(np.r_[starts, len(tags)]))
     return t.filter(pa.array(rank < k))
+
+
+def merge_samples(files: list[Path], tags: list[int], k: int) -> pa.Table:
+    """The k lowest-priority rows per tag of ``tags`` over the shards' sample ``files``, as :func:`bottom_k`
+    of their concatenation. The merge runs on the keys alone (tag, priority, image_id: a few dozen bytes a
+    row); each file's embeddings are then read once, for its selected rows only, so the task holds the
+    final sample and one file's embeddings, not a growing table re-sorted with every file."""
+    keys, want = None, pa.array(tags, pa.int32())
+    for i, f in enumerate(files):
+        t = pq.read_table(f, columns=["tag_id", "priority", "image_id"])
+        t = t.append_column("file", pa.array(np.full(t.num_rows, i, np.int32))) \
+             .append_column("row", pa.array(np.arange(t.num_rows, dtype=np.int64)))
+        t = t.filter(pc.is_in(t.column("tag_id"), want))
+        keys = bottom_k(t if keys is None else pa.concat_tables([keys, t]), k)
+    parts = []
+    for i, f in enumerate(files):
+        sel = keys.filter(pc.equal(keys.column("file"), i))
+        if sel.num_rows:
+            emb = pq.read_table(f, columns=["embedding"]).column("embedding").take(sel.column("row"))
+            parts.append(sel.drop_columns(["file", "row"]).append_column("embedding", emb))
+            del emb
+            pa.default_memory_pool().release_unused()  # Arrow's allocator keeps each read's decode buffers
+    if not parts:
+        return pq.read_table(files[0]).slice(0, 0)
+    return pa.concat_tables(parts).sort_by([("tag_id", "ascending"), ("priority", "ascending"),
+                                            ("image_id", "ascending")])
 
 
 def sample_table(table: pa.Table, k: int) -> tuple[pa.Table, Counter]:
@@ -191,11 +225,8 @@ class ClusterStage(Stage):
     def fit_bucket(self, arg: dict) -> dict:
         c = self.config
         want = {int(t): int(k) for t, k in arg["tags"]}
-        sample = None
-        for f in sorted((self.context.step_dir / "sample" / f"b={arg['bucket']:04d}").glob("part-*.parquet")):
-            t = pq.read_table(f)
-            t = t.filter(pc.is_in(t.column("tag_id"), pa.array(sorted(want), pa.int32())))
-            sample = bottom_k(t if sample is None else pa.concat_tables([sample, t]), c.fit_sample)
+        files = sorted((self.context.step_dir / "sample" / f"b={arg['bucket']:04d}").glob("part-*.parquet"))
+        sample = merge_samples(files, sorted(want), c.fit_sample) if files else None
         out = {n: [] for n in ("tag_id", "k", "centroids", "grid", "exact", "median", "sample")}
         tags = sample.column("tag_id").to_numpy() if sample is not None else np.zeros(0, np.int32)
         for tag in sorted(want):

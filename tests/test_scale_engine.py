@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -14,7 +15,8 @@ from pipeline.stage import StageContext
 from pipeline.store import StepDir
 from pipeline.view import View, step_view
 from pipeline.workflow import Runner
-from stages.cluster import ClusterConfig, ClusterStage, bottom_k, fit_centroids, normalise, sample_table
+from stages.cluster import (ClusterConfig, ClusterStage, bottom_k, fit_centroids, merge_samples, normalise,
+                            sample_table)
 from tests.conftest import run_to_end, run_until_killed, write_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -78,6 +80,22 @@ def test_bottom_k_is_the_k_lowest_priorities_per_tag():
                   "image_id": ["a", "b", "c", "d", "e"]})
     got = bottom_k(t, 2)
     assert got.column("image_id").to_pylist() == ["b", "c", "e", "d"]
+
+
+def test_merging_sample_files_on_keys_equals_bottom_k_of_their_concatenation(tmp_path):
+    """The fit task merges the shards' sample files on their keys and reads only the chosen embeddings:
+    the same rows, in the same order, as bottom-k over every file's rows of the wanted tags."""
+    tables = [sample_table(pa.concat_tables([_regions(40, tag, 8, seed=10 * s + tag, start=100 * s)
+                                             for tag in (3, 5, 8)]), 1000)[0] for s in range(3)]
+    files = []
+    for i, t in enumerate(tables):
+        pq.write_table(t, tmp_path / f"part-{i}.parquet")
+        files.append(tmp_path / f"part-{i}.parquet")
+    got = merge_samples(files, [3, 8], 25)
+    want = bottom_k(pa.concat_tables(tables).filter(pc.is_in(pa.concat_tables(tables).column("tag_id"),
+                                                                     pa.array([3, 8], pa.int32()))), 25)
+    assert got.num_rows == 50 and set(got.column("tag_id").to_pylist()) == {3, 8}
+    assert got.equals(want.select(got.column_names))
 
 
 def _score_quantiles(st: ClusterStage, table: pa.Table) -> np.ndarray:
