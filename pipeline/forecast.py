@@ -18,7 +18,8 @@ times the sample's rows per shard. Each step is then scaled by its own model, an
   epochs are resolved as the run resolves them: a retrain repeats its base's recipe under its own keys
   (``recipe_from``), so it trains its own ``epochs`` when its section sets them, else its base's. What
   the cheap sample gives up: the steps after a training step work on its tagger's candidates, and a
-  tagger trained one epoch on the sample is not the run's (each such step's forecast says so);
+  tagger trained one epoch on the sample is not the run's (each such step's forecast says so); its
+  warmup is cut to the share of the schedule it has in the run, so it at least leaves it;
 * other whole-data reduces: linear in rows.
 """
 from __future__ import annotations
@@ -49,14 +50,24 @@ def trains(step: Step) -> bool:
     return "epochs" in type(step.config).model_fields
 
 
-def sample_config(cfg: RunConfig, scratch: Path, epochs: int = SAMPLE_EPOCHS) -> RunConfig:
+def sample_config(cfg: RunConfig, scratch: Path, epochs: int = SAMPLE_EPOCHS, rows_share: float = 1.0) -> RunConfig:
     """The run's config for its sample: the scratch directory as its run directory, and every training step
     at ``epochs`` epochs (no more than the run's), set as the step's own key, so a retrain (which repeats
-    its base's recipe under its own keys) trains that many too whether or not its section sets them."""
+    its base's recipe under its own keys) trains that many too whether or not its section sets them.
+
+    Its learning-rate warmup keeps the share of the schedule it has in the run (``rows_share``: the
+    sample's rows over the whole input's): a run's 50 warmup steps are 2% of its optimizer steps but
+    would be all of a one-epoch sample's 28, and a tagger that never left its warmup scores every tag
+    near its initial 0.5, proposes the most candidates an image may have, and makes every step after it
+    (evidence above all) look several times dearer per row than in the run."""
     run = run_epochs(cfg)
 
     def short(s: Step) -> Step:
-        return dataclasses.replace(s, config=s.config.model_copy(update={"epochs": min(epochs, run[s.name]["epochs"])}))
+        e, r = min(epochs, run[s.name]["epochs"]), run[s.name]
+        update = {"epochs": e}
+        if r["warmup_steps"]:
+            update["warmup_steps"] = max(1, round(r["warmup_steps"] * e / r["epochs"] * min(1.0, rows_share)))
+        return dataclasses.replace(s, config=s.config.model_copy(update=update))
 
     return dataclasses.replace(cfg, out=str(scratch), steps=tuple(short(s) if trains(s) else s for s in cfg.steps))
 
@@ -83,7 +94,8 @@ def run_epochs(cfg: RunConfig) -> dict[str, dict]:
             recipes[step.name] = step.config
             src = f"{step.name}.epochs" if own else f"the default of {step.use}"
         r = recipes[step.name]
-        out[step.name] = {"epochs": r.epochs, "from": src, "cache_images": bool(getattr(r, "cache_images", False))}  # type: ignore[attr-defined]
+        out[step.name] = {"epochs": r.epochs, "from": src, "cache_images": bool(getattr(r, "cache_images", False)),  # type: ignore[attr-defined]
+                          "warmup_steps": int(getattr(r, "warmup_steps", 0) or 0)}
     return out
 
 
@@ -225,7 +237,11 @@ def sample_forecast(cfg: RunConfig, rows: int, plan: dict, keep: Path | None = N
     if sample_epochs < 1:
         raise ConfigError(cfg.file, "--sample-epochs", f"expected a positive number of epochs, got {sample_epochs}")
     scratch = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="plan-sample-"))
-    sample_cfg = sample_config(cfg, scratch, sample_epochs)
+    source = plan["steps"][0] if plan.get("steps") else {}
+    per = getattr(cfg.steps[0].config, "shard_rows", None)
+    planned = source.get("shards") or 1
+    taken = min(planned, max(1, math.ceil(rows / per))) if isinstance(per, int) and per > 0 else 1
+    sample_cfg = sample_config(cfg, scratch, sample_epochs, rows_share=taken / planned)
     epochs = run_epochs(cfg)
     try:
         runner = SampleRunner(sample_cfg, scratch, rows)

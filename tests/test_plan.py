@@ -138,7 +138,7 @@ def test_the_epochs_a_run_trains_are_resolved_as_the_run_resolves_them(tmp_path)
         "again": (5, "retrain's recipe: train's recipe: train.epochs")}
     default = load_run_config(write_config(tmp_path / "d.yaml", TRAINING.replace(" epochs: 3,", "")))
     assert run_epochs(default)["retrain"] == {"epochs": 8, "from": "train's recipe: the default of train.ram.v1",
-                                              "cache_images": True}
+                                              "cache_images": True, "warmup_steps": 1}
 
 
 def test_the_sample_config_trains_each_step_its_sample_epochs_and_no_more_than_the_run(tmp_path):
@@ -154,8 +154,27 @@ def test_the_sample_config_trains_each_step_its_sample_epochs_and_no_more_than_t
         assert {s.name: s.config.epochs for s in sample.steps if s.name in want} == want
         assert all("epochs" in s.config.model_fields_set for s in sample.steps if s.name in want)
         for s, was in zip(sample.steps, cfg.steps):
-            assert s.config.model_dump(exclude={"epochs"}) == was.config.model_dump(exclude={"epochs"})
+            assert s.config.model_dump(exclude={"epochs", "warmup_steps"}) == \
+                was.config.model_dump(exclude={"epochs", "warmup_steps"})
             assert s.resources == was.resources
+
+
+def test_the_sample_tagger_warms_up_for_its_share_of_the_run_schedule(tmp_path):
+    """The main job's base warms up 50 of its ~2,700 optimizer steps; a one-epoch sample on one of its 8
+    shards keeps that share (at least one step), so its tagger leaves warmup and learns something."""
+    from pipeline.config import load_run_config
+    from pipeline.forecast import run_epochs, sample_config
+    from tests.conftest import REPO
+
+    cfg = load_run_config(REPO / "stages" / "clean.yaml")
+    run = run_epochs(cfg)
+    sample = {s.name: s.config for s in sample_config(cfg, tmp_path / "scratch", 1, rows_share=1 / 8).steps}
+    for name in ("train", "retrain"):
+        want = max(1, round(run[name]["warmup_steps"] / run[name]["epochs"] / 8))
+        assert sample[name].warmup_steps == want < run[name]["warmup_steps"]
+        assert "warmup_steps" in sample[name].model_fields_set  # a retrain's own key, not its base's
+    whole = {s.name: s.config for s in sample_config(cfg, tmp_path / "scratch", 100).steps}
+    assert whole["train"].warmup_steps == run["train"]["warmup_steps"]  # all epochs, all rows: as the run
 
 
 def test_the_steps_after_a_training_step_are_the_ones_that_work_on_its_tagger(tmp_path):
