@@ -54,7 +54,9 @@ def ram_section(model, rows: list[dict], precision: str, batch: int, stage_batch
                 decode_workers: list[int]) -> dict:
     import torch
 
-    from stages.vision import BaseTagger, Decoder, ImageLimits
+    from common.images import ImageLimits
+
+    from stages.vision import BaseTagger, Decoder
 
     limits = ImageLimits()
     names = [str(i) for i in range(model.cfg.num_classes)]
@@ -144,7 +146,7 @@ def train_section(model, rows: list[dict], batch: int, steps: int, device: str) 
 
     from model.preprocess import to_tensor
     from model.train import BatchLoss, Objective, TrainConfig, optimizer_step
-    from stages.vision import ImageLimits, open_image
+    from common.images import ImageLimits, open_image
 
     cfg = TrainConfig(batch_size=batch, bf16=True, grad_clip=5.0)
     pixels = [to_tensor(open_image(r, None, ImageLimits())[0], model.cfg) for r in rows[:batch]]
@@ -224,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench/gpu.py needs photos in {SHARED}/data/coco20/images (set RAM_SHARED_DIR)", file=sys.stderr)
         return 2
     from model.ram import create_model
-    from stages.vision import ImageLimits, open_image
+    from common.images import ImageLimits, open_image
 
     device = "cpu" if args.smoke else "cuda"
     n = min(args.images, 24) if args.smoke else args.images

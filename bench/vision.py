@@ -115,7 +115,14 @@ def run_path(mode: str, root: Path, workers: int, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     counts = {"n": 0}
-    for mod in (vision, pl_mod):  # older code calls the copy its module imported
+    mods = [vision, pl_mod]  # older code calls the copy its module imported; newer, common.images'
+    try:
+        import common.images
+
+        mods.append(common.images)
+    except ImportError:
+        pass
+    for mod in mods:
         if hasattr(mod, "open_image"):
             real = mod.open_image
 
@@ -181,7 +188,8 @@ def baseline_code(commit: str, dest: Path) -> None:
 # -- decode, model, stand-in (this tree) --------------------------------------------------------------
 
 def decode_rate(rows: list[dict], workers: int, prepare) -> float:
-    from stages.vision import Decoder, ImageLimits
+    from common.images import ImageLimits
+    from stages.vision import Decoder
 
     dec = Decoder(workers, None, ImageLimits())
     t0 = time.perf_counter()
@@ -193,7 +201,8 @@ def decode_rate(rows: list[dict], workers: int, prepare) -> float:
 def standin_busy(rows: list[dict], workers: int, prepare, per_batch: float) -> float:
     """SIMULATION: the share of wall time a stand-in GPU (sleep ``per_batch`` s per batch) is busy when
     the real decode path feeds it; batches go to it as soon as they are decoded, in order."""
-    from stages.vision import Decoder, ImageLimits
+    from common.images import ImageLimits
+    from stages.vision import Decoder
 
     dec = Decoder(workers, None, ImageLimits(), ahead=2 * MODEL_BATCH)
     busy = 0.0
@@ -209,7 +218,8 @@ def standin_busy(rows: list[dict], workers: int, prepare, per_batch: float) -> f
 def model_rate(root: Path, rows: list[dict], threads: int) -> float:
     import torch
 
-    from stages.vision import BaseTagger, Decoder, ImageLimits, TaggerConfig
+    from common.images import ImageLimits
+    from stages.vision import BaseTagger, Decoder, TaggerConfig
     from tagset.tagset import TagSet
 
     torch.set_num_threads(threads)
@@ -230,7 +240,8 @@ def precision_agreement(max_photos: int | None = None) -> dict:
     import numpy as np
 
     from model.ram import create_model
-    from stages.vision import BaseTagger, Decoder, ImageLimits
+    from common.images import ImageLimits
+    from stages.vision import BaseTagger, Decoder
 
     g = SHARED / "ref" / "ram" / "golden"
     thresholds = [float(x) for x in (g / "ram_tag_list_threshold.txt").read_text().split()]

@@ -28,9 +28,9 @@ from typing import Any, Callable
 
 import torch
 
+from common.rejects import Reject
 from model.ram import load_state
 from model.train import BatchLoss, ExportDataset, TrainConfig, make_loader
-from pipeline.errors import Reject
 
 
 @dataclass

@@ -88,7 +88,7 @@ class LocalSession:
         return load_state(last) if last.exists() else None
 
     def save(self, state: dict, metrics: dict, final_model: dict | None) -> None:
-        from pipeline.store import temp_path
+        from common.files import temp_path
 
         tmp = temp_path(self.out_dir / "last.pth")
         torch.save(state, tmp)

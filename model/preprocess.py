@@ -11,18 +11,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from common.images import upright
 from model.ram import RamConfig
 
 RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
-
-
-def upright(img: Image.Image) -> Image.Image:
-    """Apply the EXIF orientation tag (rotate / mirror as the camera recorded it); others pass unchanged.
-    Training and every vision step decode through this, so a tagger sees photos the way it is scored on them."""
-    from PIL import ImageOps
-
-    orientation = img.getexif().get(0x0112, 1)
-    return ImageOps.exif_transpose(img) if orientation not in (None, 1) else img
 
 
 def load_rgb(data: bytes | str) -> Image.Image:

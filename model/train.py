@@ -27,9 +27,11 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
+from common.images import IMAGE_COLUMNS, ImageLimits, open_image
+from common.rejects import Reject
+from common.rows import ParquetRows
 from model.preprocess import to_tensor
 from model.ram import RAM
-from pipeline.errors import Reject
 
 
 def asl_loss(logits: torch.Tensor, targets: torch.Tensor, gamma_neg: float = 7.0, gamma_pos: float = 0.0,
@@ -57,32 +59,27 @@ def average_precision(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return aps
 
 
-IMAGE_COLUMNS = ("image_id", "image_path", "image", "image_bytes")  # where a row's image is (stages/vision.py)
-ROW_COLUMNS = IMAGE_COLUMNS + ("caption", "captions", "union_label_id", "parse_label_id")
+ROW_IMAGE_COLUMNS = ("image_id", *IMAGE_COLUMNS)  # a row's id and where its image is
+ROW_COLUMNS = ROW_IMAGE_COLUMNS + ("caption", "captions", "union_label_id", "parse_label_id")
 # what the caption terms read of a batch that was rejected whole (model/train.BatchLoss)
 EMPTY_ROW = {"image_id": "", "caption": [""], "union_label_id": [], "parse_label_id": []}
+
+
+def _rows(source):
+    """The engine's rows as they are, or a list of Parquet files of whole rows."""
+    return source if hasattr(source, "iter_refs") else ParquetRows(source)
 
 
 def row_tables(source, columns):
     """(table, folder relative image paths resolve against) per shard, with those of ``columns`` that exist:
     from Parquet files of whole rows, or from anything with ``iter_tables_with_base`` (the engine's rows)."""
-    if hasattr(source, "iter_tables_with_base"):
-        yield from source.iter_tables_with_base(columns)
-        return
-    for f in source:
-        names = pq.ParquetFile(f).schema_arrow.names
-        yield pq.read_table(f, columns=[c for c in columns if c in names]), Path(f).parent
+    yield from _rows(source).iter_tables_with_base(columns)
 
 
 def row_refs(source, columns, by_reference: str = "image_bytes"):
     """As :func:`row_tables`, with column ``by_reference`` given as where its values are, ``(file,
     positions)`` per shard (None when the rows have no such column), instead of the values."""
-    if hasattr(source, "iter_refs"):
-        yield from source.iter_refs(columns, by_reference)
-        return
-    from pipeline.stage import RowSource
-
-    yield from RowSource(files=[Path(f) for f in source]).iter_refs(columns, by_reference)
+    yield from _rows(source).iter_refs(columns, by_reference)
 
 
 class ByteReader:
@@ -142,7 +139,7 @@ class ExportDataset(torch.utils.data.Dataset):
 
     The rows are read shard by shard and only the kept ones stay, as Arrow tables (paths or inline
     bytes, labels, captions), never as Python objects per row: at most one input shard plus the kept
-    rows are in memory. Images decode lazily, per item, through ``stages.vision.open_image``: a row
+    rows are in memory. Images decode lazily, per item, through ``common.images.open_image``: a row
     whose image does not decode is left out of its batch and comes back in ``Batch.rejects`` with the
     vision steps' code; :func:`batches` records it in ``rejects`` (by image_id, once).
 
@@ -211,12 +208,10 @@ class ExportDataset(torch.utils.data.Dataset):
 
     def decode(self, i: int) -> tuple[torch.Tensor | None, Reject | None]:
         """Row ``i``'s image as the model's input tensor, or the reject of why it has none."""
-        from stages.vision import ImageLimits, open_image
-
         if self.cache is not None and i in self.cache:
             return self.cache[i], None
         t, j, base = self._locate(i)
-        r = {c: t.column(c)[j].as_py() for c in IMAGE_COLUMNS if c in t.column_names}
+        r = {c: t.column(c)[j].as_py() for c in ROW_IMAGE_COLUMNS if c in t.column_names}
         ref = self._ref(i)
         if ref is not None:
             r["image_bytes"] = self.bytes.get(*ref)

@@ -1,5 +1,5 @@
 """Command line: ``python -m pipeline run CONFIG``, ``plan CONFIG``, ``train CONFIG``, ``status RUN_DIR``,
-``stages``, ``scene-world``, ``explain``.
+``stages``, and the commands stages register (``scene-world``, ``explain``: ``pipeline/registry.py``).
 
 ``main(argv)`` takes a list so tests can run the CLI in-process. Exit codes: 0 ok, 2 bad config or
 workflow contract (nothing written) or no such run directory, 1 anything else.
@@ -96,23 +96,6 @@ def _cmd_stages(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_scene_world(args: argparse.Namespace) -> int:
-    from stages.world.tables import write_world
-
-    info = write_world(Path(args.out), seed=args.seed, images=args.images, size=args.size,
-                       preview=Path(args.preview) if args.preview else None)
-    print(f"scene world: {info['images']} images, {info['objects']} objects -> {args.out}")
-    return 0
-
-
-def _cmd_explain(args: argparse.Namespace) -> int:
-    from pipeline.explain import explain
-
-    text, code = explain(Path(args.run_dir), args.image_id, args.tag)
-    print(text)
-    return code
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m pipeline", description="RAM data engine")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -153,18 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(fn=_cmd_status)
     s = sub.add_parser("stages", help="list registered stages with their config fields")
     s.set_defaults(fn=_cmd_stages)
-    w = sub.add_parser("scene-world", help="write a generated scene world (images, captions, truth)")
-    w.add_argument("--seed", type=int, default=0)
-    w.add_argument("--images", type=int, default=2000)
-    w.add_argument("--size", type=int, default=128)
-    w.add_argument("--out", required=True)
-    w.add_argument("--preview", help="also write a contact sheet PNG here")
-    w.set_defaults(fn=_cmd_scene_world)
-    e = sub.add_parser("explain", help="print one tag's history on one image: every event, with evidence")
-    e.add_argument("run_dir")
-    e.add_argument("image_id")
-    e.add_argument("tag", help="tag name (or a synonym of it) or tag id")
-    e.set_defaults(fn=_cmd_explain)
+    from pipeline.registry import commands
+
+    for name, (help_text, configure) in commands().items():  # stage-specific: scene-world, explain
+        configure(sub.add_parser(name, help=help_text))
     return ap
 
 

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.store import temp_path
+from common.files import temp_path
 
 INDEX_NAME = "_id_index.parquet"
 SCHEMA = pa.schema([("image_id", pa.string()), ("shard", pa.int32())])

@@ -1,4 +1,7 @@
-"""Versioned stage registry: ``parse.sng.v1``. A change of behaviour is a new version; old ones stay."""
+"""Versioned stage registry: ``parse.sng.v1``. A change of behaviour is a new version; old ones stay.
+
+Also the commands that belong to stages rather than to the engine (``scene-world``, ``explain``): the CLI
+lists what is registered here, so the engine knows nothing of tags, images or the world."""
 from __future__ import annotations
 
 import importlib
@@ -31,6 +34,32 @@ STAGE_MODULES = (
     "stages.decide",
     "stages.report",
 )
+
+
+# Modules that register CLI commands of their own (``register_command``), imported when the CLI is built.
+COMMAND_MODULES = (
+    "stages.explain",
+    "stages.world.tables",
+)
+_COMMANDS: dict[str, tuple[str, Callable]] = {}
+
+
+def register_command(name: str, help: str) -> Callable[[Callable], Callable]:
+    """A CLI command: the decorated ``configure(parser)`` adds its arguments and sets ``fn`` (args -> exit
+    code) as the parser's default."""
+
+    def deco(configure: Callable) -> Callable:
+        _COMMANDS[name] = (help, configure)
+        return configure
+
+    return deco
+
+
+def commands() -> dict[str, tuple[str, Callable]]:
+    """Registered commands, name -> (help, configure), in the order their modules register them."""
+    for mod in COMMAND_MODULES:
+        importlib.import_module(mod)
+    return dict(_COMMANDS)
 
 
 def register(name: str) -> Callable[[type["Stage"]], type["Stage"]]:

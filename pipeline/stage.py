@@ -26,7 +26,8 @@ from typing import Any, ClassVar, Iterable, Iterator
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipeline.errors import Reject
+from common.rejects import Reject
+from common.rows import ParquetRows
 
 
 class StageConfig(BaseModel):
@@ -206,60 +207,41 @@ class Stage:
 
 class RowSource:
     """Read-only rows a whole-data reduce (``run``) consumes, shard by shard, only the columns asked for:
-    Parquet files holding whole rows, or a :class:`pipeline.view.View`."""
+    Parquet files holding whole rows (:class:`common.rows.ParquetRows`), or a :class:`pipeline.view.View`."""
 
     def __init__(self, files: list[Path] | None = None, view=None):
         self.files = list(files or [])
         self.view = view
+        self._files = ParquetRows(self.files)
 
     def iter_tables(self, columns: Iterable[str] | None = None) -> Iterator[pa.Table]:
-        import pyarrow.parquet as pq
-
-        cols = list(columns) if columns is not None else None
-        if self.view is not None:
-            yield from self.view.iter_tables([c for c in cols if c in self.view.owners] if cols else None)
+        if self.view is None:
+            yield from self._files.iter_tables(columns)
             return
-        for f in self.files:
-            yield pq.read_table(f, columns=cols)
+        cols = list(columns) if columns is not None else None
+        yield from self.view.iter_tables([c for c in cols if c in self.view.owners] if cols else None)
 
     def iter_tables_with_base(self, columns: Iterable[str]) -> Iterator[tuple[pa.Table, Path]]:
         """Shard tables with those of ``columns`` that exist, and the folder relative image paths resolve
         against (the step that wrote ``image_path``, else ``image``)."""
-        import pyarrow.parquet as pq
-
-        cols = list(columns)
-        if self.view is not None:
-            owner = self.view.owners.get("image_path") or self.view.owners.get("image") or self.view.rows
-            base = self.view.step_dir(owner)
-            for t in self.view.iter_tables([c for c in cols if c in self.view.owners]):
-                yield t, base
+        if self.view is None:
+            yield from self._files.iter_tables_with_base(columns)
             return
-        for f in self.files:
-            names = pq.ParquetFile(f).schema_arrow.names
-            yield pq.read_table(f, columns=[c for c in cols if c in names]), Path(f).parent
+        owner = self.view.owners.get("image_path") or self.view.owners.get("image") or self.view.rows
+        base = self.view.step_dir(owner)
+        for t in self.view.iter_tables([c for c in columns if c in self.view.owners]):
+            yield t, base
 
     def iter_refs(self, columns: Iterable[str], by_reference: str):
         """As :meth:`iter_tables_with_base`, and for column ``by_reference`` (when the rows have it) not its
         values but where they are: ``(table, base, (file, positions) or None)`` per shard."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        cols = [c for c in columns if c != by_reference]
-        if self.view is not None:
-            for i, (t, base) in zip(self.view.shards(), self.iter_tables_with_base(["image_id", *cols])):
-                ref = self.view.locate(i, by_reference, t.column("image_id")) \
-                    if by_reference in self.view.owners else None
-                yield t, base, ref
+        if self.view is None:
+            yield from self._files.iter_refs(columns, by_reference)
             return
-        for f in self.files:
-            names = pq.ParquetFile(f).schema_arrow.names
-            t = pq.read_table(f, columns=[c for c in cols if c in names])
-            yield t, Path(f).parent, (Path(f), pa.array(range(t.num_rows), pa.int32())) \
-                if by_reference in names else None
+        cols = [c for c in columns if c != by_reference]
+        for i, (t, base) in zip(self.view.shards(), self.iter_tables_with_base(["image_id", *cols])):
+            ref = self.view.locate(i, by_reference, t.column("image_id")) if by_reference in self.view.owners else None
+            yield t, base, ref
 
     def num_rows(self) -> int:
-        import pyarrow.parquet as pq
-
-        if self.view is not None:
-            return self.view.num_rows()
-        return sum(pq.ParquetFile(f).metadata.num_rows for f in self.files)
+        return self._files.num_rows() if self.view is None else self.view.num_rows()

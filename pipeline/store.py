@@ -21,16 +21,15 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
-import socket
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import Reject
+from common.files import temp_path
+from common.rejects import Reject
 
 REJECTS_SCHEMA = pa.schema(
     [
@@ -78,14 +77,6 @@ def rejects_table(rejects: list[Reject], stage: str) -> pa.Table:
         cols["caption_index"].append(r.caption_index)
         cols["payload"].append(r.payload)
     return pa.table(cols, schema=REJECTS_SCHEMA)
-
-
-def temp_path(path: Path) -> Path:
-    """A hidden name beside ``path`` to write before the rename that commits it. A run directory is storage
-    every node shares and a pid is unique on one host only (a retried task, a speculative copy or the
-    driver may write the same file from another node), so the name carries the host, the pid and a
-    random token; no reader globs it (``part-*`` never matches a leading dot)."""
-    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")
 
 
 # Row groups hold at most about this many bytes (in memory, the table's own measure): a reader that needs

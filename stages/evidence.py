@@ -28,13 +28,14 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
+from common.images import IMAGE_COLUMNS
 from pipeline.registry import register
 from pipeline.stage import Stage, StageResult
 from stages.pseudolabel import (GroundConfig, GroundFields, GroundStage, PseudoLabelConfig, PseudoLabelFields,
                                 PseudoLabelStage, VisionConfig, _checkpoint_fingerprint, decoder)
 from stages.regions import (CropConfig, CropFields, EmbedStage, VerifyConfig, VerifyStage, ViewFields,
                             _embed_array)
-from stages.vision import IMAGE_COLUMNS, BaseTagger, planned_runtime, pseudo_type, region_types
+from stages.vision import BaseTagger, planned_runtime, pseudo_type, region_types
 
 PARTS = ("pseudolabel", "ground", "crops", "verify")
 

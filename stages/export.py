@@ -13,10 +13,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from pipeline.errors import Reject
+from common.files import temp_path
+from common.rejects import Reject
 from pipeline.registry import register
 from pipeline.stage import Stage, StageConfig, StageResult
-from pipeline.store import temp_path, write_bytes_atomic
+from pipeline.store import write_bytes_atomic
 
 EXPORT_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("image_path", pa.string()), ("caption", pa.list_(pa.string())),

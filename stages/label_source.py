@@ -27,7 +27,7 @@ from typing import Literal
 import pyarrow as pa
 from pydantic import Field
 
-from pipeline.errors import Reject
+from common.rejects import Reject
 from pipeline.registry import register
 from pipeline.stage import Stage, StageConfig, StageResult
 from stages.columns import TAG_EVENT

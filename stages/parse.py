@@ -4,7 +4,7 @@ from __future__ import annotations
 import pyarrow as pa
 from pydantic import Field
 
-from pipeline.errors import Reject
+from common.rejects import Reject
 from pipeline.registry import register
 from pipeline.stage import Stage, StageConfig, StageResult
 

@@ -13,10 +13,11 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
+from common.images import IMAGE_COLUMNS, ImageLimits, source_size
 from pipeline.registry import register
 from pipeline.stage import Stage, StageConfig, StageResult
-from stages.vision import (IMAGE_COLUMNS, BaseTagger, Decoder, ImageLimits, TaggerConfig, attention_box, clip_box,
-                           planned_runtime, pseudo_type, region_types, resolve_device, source_size, to_source_box)
+from stages.vision import (BaseTagger, Decoder, TaggerConfig, attention_box, clip_box, planned_runtime, pseudo_type,
+                           region_types, resolve_device, to_source_box)
 
 
 class VisionConfig(TaggerConfig, ImageLimits):

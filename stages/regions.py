@@ -15,10 +15,11 @@ import pyarrow as pa
 from PIL import Image
 from pydantic import Field
 
+from common.images import IMAGE_COLUMNS
 from pipeline.registry import register
 from pipeline.stage import Stage, StageConfig, StageResult
 from stages.pseudolabel import VisionConfig, _checkpoint_fingerprint, decoder, load_images
-from stages.vision import IMAGE_COLUMNS, BaseTagger, crop, native_crop, planned_runtime, region_types, to_work_box
+from stages.vision import BaseTagger, crop, native_crop, planned_runtime, region_types, to_work_box
 
 
 class CropFields(StageConfig):

@@ -177,7 +177,8 @@ class ReportStage(Stage):
         """The sheet's crops, ``{group: [(priority, png, tag name, image id, verdict)]}``, from the images of
         the rows it shows: their bytes (or paths) read by reference from the step that wrote them, shard by
         shard (``pipeline.view.read_rows``: only the row groups that hold them), one image decoded at a time."""
-        from stages.vision import IMAGE_COLUMNS, ImageLimits, crop, open_image
+        from common.images import IMAGE_COLUMNS, ImageLimits, open_image
+        from stages.vision import crop
 
         cell = 96
         rows: dict[int, dict[str, list]] = {}  # shard -> image id -> [(group, item)]

@@ -13,7 +13,7 @@ from typing import Literal
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from pipeline.errors import Reject
+from common.rejects import Reject
 from pipeline.registry import register
 from pipeline.stage import StageConfig
 from stages.readers import fs

@@ -13,7 +13,7 @@ from typing import Literal
 import pyarrow as pa
 from pydantic import Field
 
-from pipeline.errors import Reject
+from common.rejects import Reject
 from pipeline.registry import register
 from stages.columns import ROWS_SCHEMA
 from stages.readers import fs

@@ -9,8 +9,8 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.errors import Reject
 
+from common.rejects import Reject
 from pipeline.registry import register
 from pipeline.stage import ReduceResult, Resources, RowSource, Stage, StageConfig
 

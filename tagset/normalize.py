@@ -1,4 +1,4 @@
-"""Caption checks and normalisation. Each failure has a stable code (pipeline.errors.REJECT_CODES)."""
+"""Caption checks and normalisation. Each failure has a stable code (common.rejects.REJECT_CODES)."""
 from __future__ import annotations
 
 import functools

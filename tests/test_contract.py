@@ -1,7 +1,8 @@
 import pytest
 
+from common.rejects import REJECT_CODES
 from pipeline.config import load_run_config
-from pipeline.errors import REJECT_CODES, ContractError
+from pipeline.errors import ContractError
 from pipeline.workflow import check_contract
 
 

@@ -9,11 +9,12 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
+from common.images import ImageLimits, open_image
 from pipeline.stage import Resources
 from stages.evidence import EvidenceConfig, EvidenceStage
 from stages.pseudolabel import GroundConfig, GroundStage, PseudoLabelConfig, PseudoLabelStage
 from stages.regions import CropConfig, EmbedStage, RegionView, VerifyConfig, VerifyStage
-from stages.vision import Decoder, ImageLimits, open_image
+from stages.vision import Decoder
 from tests.test_vision_stages import _ctx, _png, artifacts, cnn_artifacts  # noqa: F401  (fixtures)
 
 VIEWS = [RegionView(window=1.0, mirror=True), RegionView(window=0.75)]
@@ -154,11 +155,11 @@ def test_decode_workers_keep_row_order_and_reject_codes(tmp_path):
 
 def test_the_fused_step_decodes_each_image_once(tmp_path, artifacts, monkeypatch):
     """One decode per row across pseudolabel, ground, embed and verify (the four steps take four)."""
-    import stages.vision as vision
+    import common.images as images
 
     calls: list[str] = []
-    real = vision.open_image
-    monkeypatch.setattr(vision, "open_image", lambda row, *a: (calls.append(row["image_id"]), real(row, *a))[1])
+    real = images.open_image
+    monkeypatch.setattr(images, "open_image", lambda row, *a: (calls.append(row["image_id"]), real(row, *a))[1])
     batch = _batch(tmp_path, n_good=4)
     _fused(tmp_path, artifacts, batch, {"max_pixels": 100 * 100}, workers=2)
     assert sorted(calls) == sorted(batch.column("image_id").to_pylist())
@@ -181,7 +182,8 @@ def _scene(w: int, h: int) -> Image.Image:
 def test_open_image_decodes_a_large_photo_at_the_working_size_and_knows_its_own(tmp_path):
     """A 4000x3000 JPEG (reduced while decoding) or PNG comes back 1333 px on its longer side, its file's
     size kept as source_size; an EXIF turn of 90 degrees turns both. Under the working size nothing changes."""
-    from stages.vision import SOURCE_SIZE, source_size, to_source_box, to_work_box
+    from common.images import SOURCE_SIZE, source_size
+    from stages.vision import to_source_box, to_work_box
 
     big = _scene(4000, 3000)
     exif = Image.Exif()
@@ -228,15 +230,15 @@ def test_evidence_holds_a_large_photo_at_the_working_size_and_boxes_it_in_its_ow
         tmp_path, artifacts, monkeypatch):
     """A 4000x3000 photo, JPEG and PNG: the step holds each decoded at the working size (what open_image
     gave it), and writes the regions a full-size decode gives, in the photo's pixels."""
-    import stages.vision as vision
+    import common.images as images
 
     big = _scene(4000, 3000)
     batch = pa.table({"image_id": ["jpeg", "png"], "image": [None, None],
                       "image_bytes": pa.array([_png(big, "JPEG"), _png(big)], pa.binary()),
                       "union_label_id": [[0, 1], [2, 3]]})
     held: list[tuple[int, int]] = []
-    real = vision.open_image
-    monkeypatch.setattr(vision, "open_image", lambda *a: (lambda got: (held.append(got[0].size), got)[1])(real(*a)))
+    real = images.open_image
+    monkeypatch.setattr(images, "open_image", lambda *a: (lambda got: (held.append(got[0].size), got)[1])(real(*a)))
     tagger = {"work_size": 256, "max_pixels": 13_000_000}
     got, rejects = _fused(tmp_path, artifacts, batch, tagger, workers=2)
     assert not rejects and held == [(256, 192), (256, 192)]

@@ -2,7 +2,8 @@
 load without running anything."""
 import socket
 
-from pipeline.store import temp_path, write_bytes_atomic
+from common.files import temp_path
+from pipeline.store import write_bytes_atomic
 
 
 def test_temp_names_differ_between_writers_and_name_the_host(tmp_path):

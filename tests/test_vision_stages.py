@@ -11,12 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
+from common.images import ImageLimits, open_image
 from pipeline.stage import StageContext
 from stages.cluster import fit_tag, kmeans_pp_init
 from stages.decide import REASONS, DecideConfig, DecideStage
 from stages.pseudolabel import GroundConfig, GroundStage, PseudoLabelConfig, PseudoLabelStage, candidate_tags
 from stages.regions import CropConfig, EmbedStage, RegionView, VerifyConfig, VerifyStage
-from stages.vision import ImageLimits, attention_box, clip_box, open_image
+from stages.vision import attention_box, clip_box
 from tagset.tagset import Tag, TagSet
 
 NAMES = ["red", "ball", "grass", "sky", "tree"]
@@ -181,7 +182,8 @@ def test_pseudolabel_ground_embed_verify_on_a_hand_made_batch(tmp_path, artifact
     crops = v.table.column("crop_scores").to_pylist()
     assert [[d["tag_id"] for d in c] for c in crops] == [[0, 1], [2]]
     # the crop score is the tagger's score on exactly that crop
-    from stages.vision import crop, open_image as oi
+    from common.images import open_image as oi
+    from stages.vision import crop
 
     img, _ = oi(batch.to_pylist()[0], None, ImageLimits())
     box = regions[0][0]["box"]
@@ -460,7 +462,8 @@ def _grounded(tmp_path, arts, top_k: int) -> pa.Table:
 def test_verify_and_embed_score_native_crops_in_size_batches(tmp_path, cnn_artifacts):
     """With a fully convolutional tagger, crops keep the image's scale; batching crops of equal size
     gives what scoring each alone gives; asking a RAM tagger for native crops is a config error."""
-    from stages.vision import native_crop, open_image as oi
+    from common.images import open_image as oi
+    from stages.vision import native_crop
 
     batch = _batch()
     g = _grounded(tmp_path, cnn_artifacts, top_k=2)
@@ -515,7 +518,7 @@ def test_verify_views_score_pseudo_candidates_of_region_kinds_only(tmp_path, cnn
     """view_scores: each pseudo candidate's mean score over its views; labels already on the image and
     tags of other kinds get none."""
     from stages.regions import view_crop
-    from stages.vision import open_image as oi
+    from common.images import open_image as oi
 
     vocab = tmp_path / "kinds"
     vocab.mkdir()

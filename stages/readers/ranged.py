@@ -19,7 +19,7 @@ from typing import IO, ClassVar, Iterator, Literal
 import pyarrow as pa
 from pydantic import Field
 
-from pipeline.errors import Reject
+from common.rejects import Reject
 from pipeline.stage import Stage, StageConfig, StageResult
 from stages.columns import ROWS_SCHEMA
 from stages.readers import fs, jsonscan, lines

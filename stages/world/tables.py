@@ -8,6 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 from PIL import Image, ImageDraw, ImageFont
 
+from pipeline.registry import register_command
 from stages.columns import ROWS_SCHEMA
 from stages.world.generate import NoiseRates, WorldImage, make_image
 
@@ -84,3 +85,20 @@ def write_world(out: Path, seed: int, images: int, size: int = 128, preview: Pat
     if preview is not None:
         contact_sheet(rows, truth, preview)
     return {"images": rows.num_rows, "objects": sum(len(o) for o in truth["objects"].to_pylist())}
+
+
+@register_command("scene-world", "write a generated scene world (images, captions, truth)")
+def _configure(p) -> None:
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--images", type=int, default=2000)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--out", required=True)
+    p.add_argument("--preview", help="also write a contact sheet PNG here")
+    p.set_defaults(fn=_run)
+
+
+def _run(args) -> int:
+    info = write_world(Path(args.out), seed=args.seed, images=args.images, size=args.size,
+                       preview=Path(args.preview) if args.preview else None)
+    print(f"scene world: {info['images']} images, {info['objects']} objects -> {args.out}")
+    return 0

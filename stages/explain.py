@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.index import find_shards
+from pipeline.registry import register_command
 from pipeline.view import shard_file
 
 
@@ -90,3 +91,17 @@ def explain(run_dir: Path, image_id: str, tag: str) -> tuple[str, int]:
             lines.append(f"      {k}: {v}")
     lines.append(f"  final: {'IN' if tid in (row['union_label_id'] or []) else 'NOT in'} union_label_id")
     return "\n".join(lines), 0
+
+
+@register_command("explain", "print one tag's history on one image: every event, with evidence")
+def _configure(p) -> None:
+    p.add_argument("run_dir")
+    p.add_argument("image_id")
+    p.add_argument("tag", help="tag name (or a synonym of it) or tag id")
+    p.set_defaults(fn=_run)
+
+
+def _run(args) -> int:
+    text, code = explain(Path(args.run_dir), args.image_id, args.tag)
+    print(text)
+    return code
