@@ -24,7 +24,7 @@ def step_time(channels_last: bool, steps: int, batch: int, size: int, classes: i
     import torch
     import torch.nn.functional as F
 
-    from model.ram import create_model
+    from model.registry import create_model
 
     torch.manual_seed(0)
     model = create_model("cnn_tagger_tiny", num_classes=classes, image_size=size)

@@ -37,7 +37,7 @@ def main() -> int:
     import torch
     from PIL import Image
 
-    from model.ram import create_model
+    from model.registry import create_model
     from stages.regions import view_crop
     from stages.vision import BaseTagger, crop, native_crop
     from stages.world.generate import make_image

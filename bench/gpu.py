@@ -185,7 +185,7 @@ def train_section(model, rows: list[dict], batch: int, steps: int, device: str) 
 def train_part(rows: list[dict], batch: int, steps: int, smoke: bool, device: str) -> dict:
     import torch
 
-    from model.ram import create_model
+    from model.registry import create_model
 
     torch.manual_seed(0)
     with torch.device(device):
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     if not photos:
         print(f"bench/gpu.py needs photos in {SHARED}/data/coco20/images (set RAM_SHARED_DIR)", file=sys.stderr)
         return 2
-    from model.ram import create_model
+    from model.registry import create_model
     from common.images import ImageLimits, open_image
 
     device = "cpu" if args.smoke else "cuda"

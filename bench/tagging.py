@@ -31,7 +31,7 @@ def main() -> int:
     from PIL import Image
 
     from model.preprocess import load_rgb, to_tensor
-    from model.ram import create_model
+    from model.registry import create_model
     from stages.vision import BaseTagger
 
     ap = argparse.ArgumentParser()

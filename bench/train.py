@@ -64,7 +64,7 @@ def fit(files, classes: int, workers: int, epochs: int, root: Path, name: str) -
     import torch
 
     from model.distributed import JobSpec, train_loop_per_worker
-    from model.ram import create_model
+    from model.registry import create_model
     from model.train import TrainConfig
     from pipeline.trainer import TrainJob, run_torch_job
     from stages.train import held_out

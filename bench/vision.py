@@ -73,7 +73,7 @@ def make_data(root: Path, rows: int, ram_args: dict, max_tags: int | None = None
     import pyarrow.parquet as pq
     import torch
 
-    from model.ram import create_model
+    from model.registry import create_model
     from tagset.tagset import Tag, TagSet
 
     coco = SHARED / "data" / "coco20"
@@ -239,7 +239,7 @@ def precision_agreement(max_photos: int | None = None) -> dict:
     difference."""
     import numpy as np
 
-    from model.ram import create_model
+    from model.registry import create_model
     from common.images import ImageLimits
     from stages.vision import BaseTagger, Decoder
 

@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 
 from common.rejects import Reject
-from model.ram import load_state
+from model.checkpoint import load_state
 from model.train import BatchLoss, ExportDataset, TrainConfig, make_loader
 
 
@@ -101,7 +101,7 @@ def read_rejects(folder: str | Path) -> list[Reject]:
 
 
 def _build(spec: JobSpec, device: torch.device):
-    from model.ram import create_model
+    from model.registry import create_model
 
     model = create_model(spec.entrypoint, **spec.model_args)  # the arguments give the tagset's shapes
     model.load_state_dict(load_state(spec.init_state)["model"])

@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import signal
 import time
 from dataclasses import dataclass, field
@@ -28,9 +29,9 @@ from typing import Callable
 
 import torch
 
-from model.ram import load_state
-from model.train import (TrainConfig, accumulation_steps, batches, evaluate, lr_lambda, make_loader, model_device,
-                         optimizer_step)
+from model.checkpoint import load_state
+from model.train import (BatchLoss, Objective, TrainConfig, accumulation_steps, batches, evaluate, lr_lambda, make_loader,
+                         model_device, optimizer_step)
 
 
 def seed_of(*parts) -> int:
@@ -119,8 +120,6 @@ def run(model, ds, cfg: TrainConfig, session, batch_loss, val_loader=None, hooks
     """Train ``model`` on dataset ``ds`` (every training row, on every worker) for ``cfg.epochs``; rank 0
     evaluates on ``val_loader`` after each epoch. Returns ``{"history", "steps", "resumed_at"}`` (the step
     this attempt started from, None from scratch)."""
-    from model.train import Objective
-
     hooks = hooks or Hooks()
     rank, world = session.rank, session.world
     device = model_device(model)
@@ -192,3 +191,24 @@ def run(model, ds, cfg: TrainConfig, session, batch_loss, val_loader=None, hooks
         if rank == 0:
             hooks.log(json.dumps(metrics))
     return {"history": pos.history, "steps": pos.step, "resumed_at": resumed_at}
+
+
+def train(model: torch.nn.Module, train_set, val_set, cfg: TrainConfig, out_dir: Path, teacher=None, caption_encoder=None,
+          log=print, tag_names: list[str] | None = None, caption_tokenizer=None) -> dict:
+    """Train in this process: the one loop (``model/loop.py``) as a one-worker job, checkpointing each
+    epoch into ``out_dir/last.pth`` and resuming from it.
+
+    ``teacher``: callable images -> pooled embedding (distillation); ``caption_encoder``: a text
+    encoder whose width is the model's label_dim (RAM++ alignment); ``tag_names`` and
+    ``caption_tokenizer`` (default: :class:`model.caption.CaptionTokenizer`) for RAM's caption branch.
+    A row whose image does not decode is left out of its batch and ends in ``train_set.rejects`` (or
+    ``val_set.rejects``): every training row is in every epoch, so each is trained on or rejected.
+    """
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    device = model_device(model)
+    val_loader = make_loader(val_set, cfg.batch_size * 2, device, cfg.num_workers, cfg.prefetch_factor)
+    batch_loss = BatchLoss(model, cfg, teacher, caption_encoder, tag_names, caption_tokenizer)
+    res = run(model, train_set, cfg, LocalSession(out_dir), batch_loss, val_loader, Hooks(log=log))
+    torch.save({"model": model.state_dict()}, Path(out_dir) / "model.pth")  # the official layout alone
+    return res

@@ -71,7 +71,7 @@ def make_teacher(kind: str, weights: str | None, student_cfg, model_name: str = 
     if kind == "clip":
         teacher = ClipTeacher(weights, student_cfg, device=device)
     elif kind == "ram":
-        from model.ram import create_model
+        from model.registry import create_model
 
         teacher = RamTeacher(create_model(model_name, pretrained=weights, **(model_args or {})).to(device),
                              student_cfg)

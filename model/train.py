@@ -15,7 +15,6 @@ from __future__ import annotations
 import bisect
 import contextlib
 import math
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -286,8 +285,8 @@ class TrainConfig:
     loss: str = "asl"  # asl (RAM's) | bce
     hflip: bool = False  # flip half of each batch left-right (tags do not depend on left and right)
     caption_weight: float = 1.0  # image-tag-text generation loss, when the model has RAM's caption branch
-    # weights and batches channels-last: convolutions run ~1.2x faster on CPU (bench/cnn_train.py), but
-    # the float sums differ, so the trained model (and what later steps decide) differs a little too
+    # weights and batches channels-last: convolutions run faster on CPU (bench/cnn_train.py measures it),
+    # but the float sums differ, so the trained model (and what later steps decide) differs a little too
     channels_last: bool = False
     bf16: bool = True  # bf16 autocast on CUDA (a CPU always trains in fp32)
     grad_clip: float | None = None  # clip the global gradient norm to this before each optimizer step
@@ -496,26 +495,3 @@ def optimizer_step(opt, sched, params, cfg: TrainConfig) -> None:
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     opt.step()
     sched.step()
-
-
-def train(model: RAM, train_set, val_set, cfg: TrainConfig, out_dir: Path, teacher=None, caption_encoder=None,
-          log=print, tag_names: list[str] | None = None, caption_tokenizer=None) -> dict:
-    """Train in this process: the one loop (``model/loop.py``) as a one-worker job, checkpointing each
-    epoch into ``out_dir/last.pth`` and resuming from it.
-
-    ``teacher``: callable images -> pooled embedding (distillation); ``caption_encoder``: a text
-    encoder whose width is the model's label_dim (RAM++ alignment); ``tag_names`` and
-    ``caption_tokenizer`` (default: :class:`model.caption.CaptionTokenizer`) for RAM's caption branch.
-    A row whose image does not decode is left out of its batch and ends in ``train_set.rejects`` (or
-    ``val_set.rejects``): every training row is in every epoch, so each is trained on or rejected.
-    """
-    from model.loop import Hooks, LocalSession, run
-
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    device = model_device(model)
-    val_loader = make_loader(val_set, cfg.batch_size * 2, device, cfg.num_workers, cfg.prefetch_factor)
-    batch_loss = BatchLoss(model, cfg, teacher, caption_encoder, tag_names, caption_tokenizer)
-    res = run(model, train_set, cfg, LocalSession(out_dir), batch_loss, val_loader, Hooks(log=log))
-    torch.save({"model": model.state_dict()}, Path(out_dir) / "model.pth")  # the official layout alone
-    return res

@@ -48,7 +48,7 @@ class TrainStageConfig(StageConfig):
     caption_weight: float = Field(1.0, ge=0, description="weight of RAM's image-tag-text generation loss when "
                                   "the model has the caption branch (model_args: {caption_branch: true})")
     channels_last: bool = Field(False, description="train with channels-last weights and batches (convolutional "
-                                "models: ~1.2x faster on CPU; numerically a different run)")
+                                "models: faster on CPU, bench/cnn_train.py; numerically a different run)")
     cache_images: bool = Field(False, description="opt-in for tiny corpora: keep decoded, resized images in "
                                "memory after the first epoch (a 64 px image is 48 KiB as a tensor; with "
                                "resources.loader_workers > 0 each loader process keeps its own copy). Off: every "
@@ -264,7 +264,8 @@ class TrainStage(Stage):
         Returns it, the entrypoint arguments that rebuild it, statistics of the label transfer, and the
         caption encoder of RAM++'s alignment loss (in the model's label space) when ``align_weight`` asks."""
         from model.finetune import ProjectedEncoder, transfer_labels
-        from model.ram import create_model, load_checkpoint, load_state
+        from model.checkpoint import load_checkpoint, load_state
+        from model.registry import create_model
         from model.text import description_rows, description_texts, label_embeddings, load_descriptions, \
             make_encoder
 
@@ -326,7 +327,7 @@ class TrainStage(Stage):
         import torch
 
         from model.distributed import JobSpec, read_rejects, train_loop_per_worker
-        from model.ram import load_state
+        from model.checkpoint import load_state
         from pipeline.config import RayConfig
         from pipeline.trainer import TrainJob, run_torch_job
 
@@ -379,7 +380,8 @@ class TrainStage(Stage):
         Held-out rows outside the evaluation sample are never decoded, so they count as held out."""
         import torch
 
-        from model.train import ExportDataset, train
+        from model.loop import train
+        from model.train import ExportDataset
         from tagset.tagset import TagSet
 
         c = self.config

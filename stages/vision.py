@@ -393,7 +393,9 @@ def _load_model(cfg: TaggerConfig, artifacts: dict[str, str], tag_names: list[st
     released checkpoint."""
     import torch
 
-    from model.ram import create_model, load_checkpoint, load_state
+    from model.checkpoint import load_checkpoint, load_state
+
+    from model.registry import create_model
 
     if cfg.model is None:
         if "tagger" not in artifacts:

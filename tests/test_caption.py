@@ -2,7 +2,7 @@
 import torch
 
 from model.caption import CaptionTokenizer, clean_caption
-from model.ram import create_model
+from model.registry import create_model
 from model.train import caption_batch
 
 

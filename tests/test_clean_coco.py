@@ -45,7 +45,7 @@ def coco_from_world(tmp: Path, n: int = 12) -> Path:
 def run_clean_coco(tmp_path: Path, capsys, sets: list[str]) -> Path:
     """``clean_coco.yaml`` with tiny released-style models (a RAM and a Grounding DINO made here, random
     weights), Ray off, plus ``sets``; returns the run directory."""
-    from model.ram import create_model
+    from model.registry import create_model
 
     (tmp_path / "tags.txt").write_text("\n".join(TAGS))
     torch.manual_seed(0)

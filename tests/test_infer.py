@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from model.infer import Inference, resolve_precision
-from model.ram import create_model
+from model.registry import create_model
 from stages.vision import BaseTagger
 
 aten = torch.ops.aten

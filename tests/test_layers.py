@@ -1,7 +1,8 @@
 """The layering holds: arrows point down. ``common`` (what every layer shares: rejects, image opening, row
 files) imports no other package of the project; ``tagset`` and ``model`` import nothing of the engine or
 the stages; the engine (``pipeline``) imports nothing of tags, models, images or the stages (it finds their
-stages and commands through ``pipeline/registry.py``). Every import counts, lazy ones inside functions too."""
+stages and commands through ``pipeline/registry.py``). Every import counts, lazy ones inside functions too.
+Models register into one registry, with no import circle among the model modules."""
 from __future__ import annotations
 
 import ast
@@ -41,6 +42,27 @@ def test_no_module_imports_a_layer_above_its_own():
                     if name == bad or name.startswith(bad + "."):
                         broken.append(f"{f.relative_to(REPO)} imports {name}")
     assert not broken, "imports that point up:\n" + "\n".join(broken)
+
+
+def test_no_import_circle_among_the_model_modules():
+    """``model/registry.py`` is the one registry: model modules register into it and none imports another
+    to make its entrypoints known (``cnn`` and ``ram`` used to import each other), lazily or not."""
+    mods = {f"model.{f.stem}": f for f in (REPO / "model").glob("*.py") if f.stem != "__init__"}
+    graph = {m: {i for i in imports_of(f) if i in mods and i != m} for m, f in mods.items()}
+    state: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for n in sorted(graph[m]):
+            assert state.get(n) != 1, "import circle: " + " -> ".join([*path, m, n])
+            if n not in state:
+                visit(n, [*path, m])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [])
+    assert "model.ram" not in graph["model.registry"] and "model.registry" in graph["model.cnn"]
 
 
 def test_the_check_sees_lazy_and_from_imports(tmp_path):

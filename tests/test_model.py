@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 from model.preprocess import to_tensor
-from model.ram import (CheckpointError, checkpoint_filter_fn, create_model, list_models, load_checkpoint,
-                       resize_rel_pos_table)
+from model.checkpoint import CheckpointError, checkpoint_filter_fn, load_checkpoint, resize_rel_pos_table
+from model.registry import create_model, list_models
 
 GOLDEN_MODELS = [("ram", "ram_test", "tiny_ram.pth"), ("ram_plus", "ram_plus_test", "tiny_ram_plus.pth")]
 

@@ -28,7 +28,7 @@ def _checkpoints(folder):
     """The same tiny RAM's weights saved alone, and saved beside a pickled object."""
     import torch
 
-    from model.ram import create_model
+    from model.registry import create_model
 
     model = create_model("ram_test", num_classes=4, image_size=64, window_size=4, embed_dim=8, head_hidden=32,
                          head_intermediate=64)
@@ -44,7 +44,7 @@ def test_a_checkpoint_that_pickles_code_is_refused_by_the_vision_steps_and_by_tr
     import pyarrow.parquet as pq
     import pytest
 
-    from model.ram import CheckpointError
+    from model.checkpoint import CheckpointError
     from pipeline.stage import RowSource, StageContext
     from stages.train import TrainStage, TrainStageConfig
     from stages.vision import TaggerConfig, _load_model

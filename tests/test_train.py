@@ -7,8 +7,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from model.ram import create_model, load_checkpoint
-from model.train import ExportDataset, TrainConfig, asl_loss, average_precision, train
+from model.checkpoint import load_checkpoint
+
+from model.registry import create_model
+from model.loop import train
+from model.train import ExportDataset, TrainConfig, asl_loss, average_precision
 
 
 def test_asl_matches_its_definition():

@@ -43,7 +43,7 @@ def _tagset_dir(tmp_path):
 
 def _tagger_dir(d, entrypoint: str, args: dict, prepare=None):
     """What a train step provides: a seeded random model of ``entrypoint`` saved with its model.json."""
-    from model.ram import create_model
+    from model.registry import create_model
 
     torch.manual_seed(0)
     model = create_model(entrypoint, **args)
@@ -408,7 +408,7 @@ def cnn_artifacts(tmp_path):
 def test_cnn_inference_form_computes_the_same_function():
     """BatchNorm folded into the convolutions and channels-last weights: logits, class maps and the
     pooled feature agree with the training form; the smooth max lies between the mean and the max."""
-    from model.ram import create_model
+    from model.registry import create_model
 
     torch.manual_seed(0)
     model = create_model("cnn_tagger_tiny", num_classes=6, widths=[8, 16, 16, 16], pool="lse")
