@@ -16,7 +16,7 @@ def wordnet():
     """NLTK's WordNet 3.0 reader, without its WordNet-to-WordNet sense map.
 
     NLTK's reader builds ``map30`` (a sense map from "WordNet 3.0" to the loaded version, used only
-    for Open Multilingual WordNet) by reading index.sense twice: ~4 s of every worker's start-up.
+    for Open Multilingual WordNet) by reading index.sense twice, seconds of every worker's start-up.
     The loaded data *is* 3.0 and we use no OMW, so the map is skipped; synsets, morphy and sense
     counts are untouched.
     """
