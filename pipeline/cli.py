@@ -96,16 +96,21 @@ def _cmd_stages(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_args(p: argparse.ArgumentParser, force_help: str, set_help: str) -> None:
+    """What every command that runs steps of a config takes."""
+    p.add_argument("config")
+    p.add_argument("--out", help="run directory (default: runs/<config name>)")
+    p.add_argument("--force", action="store_true", help=force_help)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m pipeline", description="RAM data engine")
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run a workflow config")
-    r.add_argument("config")
-    r.add_argument("--out", help="run directory (default: runs/<config name>)")
-    r.add_argument("--force", action="store_true", help="redo steps even when their output is current")
+    _run_args(r, "redo steps even when their output is current",
+              "override a config value by dotted path, e.g. --set input.images=500")
     r.add_argument("--only", nargs="+", metavar="STEP", help="run only these steps (the others must be done)")
-    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value by dotted path, e.g. --set input.images=500")
     r.set_defaults(fn=_cmd_run)
     p = sub.add_parser("plan", help="what a run of a config would do: each step's run or skip and why, its "
                        "workers, and with --sample N a forecast of time, memory and output")
@@ -123,11 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print it as JSON (for scripts)")
     p.set_defaults(fn=_cmd_plan)
     t = sub.add_parser("train", help="run only a config's train step (the steps before it must be done)")
-    t.add_argument("config")
-    t.add_argument("--out", help="run directory (default: runs/<config name>)")
-    t.add_argument("--force", action="store_true", help="retrain even when the step's output is current")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.backend=ray_train --set train.workers=8")
+    _run_args(t, "retrain even when the step's output is current",
+              "override a config value, e.g. --set train.backend=ray_train --set train.workers=8")
     t.set_defaults(fn=_cmd_train)
     st = sub.add_parser("status", help="each step of a run: done / partial / pending, shards, rows, rejects, "
                         "and the last error")

@@ -33,8 +33,8 @@ from stages.columns import ROWS_SCHEMA
 from stages.readers import fs, splits
 from stages.readers.ids import NAME, SEP, path_id, prefixed, url_id
 from stages.readers.ranged import (Entry, Parsed, RangeReader, RangeReaderConfig, ReaderConfig, dedupe,
-                                   merge_by_key, missing_input, rows_table, text_of, unreadable_input,
-                                   url_only_rejects)
+                                   merge_by_key, missing_input, planned_input_problem, rows_table, text_of,
+                                   unreadable_input, url_only_rejects)
 from stages.sources_json import CaptionJson, RamJson  # noqa: F401  (registers source.ram_json.v1, caption_json.v1)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -302,10 +302,9 @@ class _PerFileReader(Stage):
 
     def read_shard(self, spec: dict) -> StageResult:
         path = spec["file"]
-        if spec.get("error"):
-            return unreadable_input(path, spec["error"], self.schema)
-        if not fs.exists(path):
-            return missing_input(path, self.schema)
+        problem = planned_input_problem(spec, self.schema)
+        if problem is not None:
+            return problem
         try:
             recs, rejects = self.read_spec(spec)
         except (OSError, tarfile.TarError, pa.ArrowException, ValueError) as e:

@@ -53,6 +53,15 @@ def unreadable_input(path: str, err: Exception | str, schema: pa.Schema = ROWS_S
                                                    payload=path)])
 
 
+def planned_input_problem(spec: dict, schema: pa.Schema = ROWS_SCHEMA) -> StageResult | None:
+    """A planned file that cannot be read (planning failed, or it is gone): the shard's input reject."""
+    if spec.get("error"):
+        return unreadable_input(spec["file"], spec["error"], schema)
+    if not fs.exists(spec["file"]):
+        return missing_input(spec["file"], schema)
+    return None
+
+
 def rows_table(records: list[dict], schema: pa.Schema = ROWS_SCHEMA) -> pa.Table:
     return pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in records], schema=schema)
 
@@ -168,10 +177,9 @@ class RangeReader(Stage):
     # -- worker ------------------------------------------------------------------------------
     def read_shard(self, spec: dict) -> StageResult:
         path = spec["file"]
-        if spec.get("error"):
-            return unreadable_input(path, spec["error"], self.schema)
-        if not fs.exists(path):
-            return missing_input(path, self.schema)
+        problem = planned_input_problem(spec, self.schema)
+        if problem is not None:
+            return problem
         if "format" not in spec:  # planned while the file was missing
             return unreadable_input(path, "the file appeared after the run was planned; plan again", self.schema)
         try:
