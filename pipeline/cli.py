@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a workflow config")
     _run_args(r, "redo steps even when their output is current",
               "override a config value by dotted path, e.g. --set input.images=500")
-    r.add_argument("--only", nargs="+", metavar="STEP", help="run only these steps (the others must be done)")
+    r.add_argument("--only", nargs="+", metavar="STEP",
+                   help="run only these steps: the steps they read must be done; later ones are left as they were")
     r.set_defaults(fn=_cmd_run)
     p = sub.add_parser("plan", help="what a run of a config would do: each step's run or skip and why, its "
                        "workers, and with --sample N a forecast of time, memory and output")

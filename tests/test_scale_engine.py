@@ -156,6 +156,24 @@ def test_a_shard_missing_between_two_steps_fails_naming_both(tmp_path):
         runner._check_visible(step, StepDir(out / "cluster"), [{"shard": 1}], data=True)
 
 
+def test_only_a_step_whose_later_steps_go_stale_runs_it_and_leaves_them(tmp_path):
+    """`--only cluster` after a cluster change: cluster re-runs; decide and report, now stale, are left as
+    they were (no step asked for needs them) and the log says so. A stale step that a later listed step
+    needs is still an error."""
+    from pipeline.errors import ContractError
+
+    cfg_path = write_config(tmp_path / "sim.yaml", SIM.format(ray="false", images=200, shard_rows=100))
+    out = tmp_path / "run"
+    Runner(load_run_config(cfg_path), out).run()
+    decided = (out / "decide" / "_manifest.json").read_text()
+    reports = Runner(load_run_config(cfg_path, ["cluster.niter=5"]), out, only=["cluster"]).run()
+    assert [(r.step, r.status) for r in reports] == [("input", "skipped"), ("cluster", "ran")]
+    assert (out / "decide" / "_manifest.json").read_text() == decided
+    assert "left as they were, now stale: decide, report" in (out / "run.log").read_text()
+    with pytest.raises(ContractError, match="leaves out step 'cluster'"):
+        Runner(load_run_config(cfg_path, ["cluster.niter=6"]), out, only=["decide"]).run()
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_sigkill_during_cluster_scoring_resumes_and_equals_an_uninterrupted_run(tmp_path):
