@@ -112,15 +112,31 @@ def plan_pool(res: Resources, tasks: int, actors: bool, enabled: bool = True,
     return Pool(kind, lo, hi, "resources.min_pool_size/max_pool_size" + ("" if res.max_pool_size else f"; max {why}"))
 
 
+def gpu_shortfall(step_name: str, res: Resources, totals: dict[str, float], joined: bool) -> str | None:
+    """Why a step that reserves GPUs cannot start on a Ray this run started itself with fewer GPUs than one
+    worker asks (None when it can, or when the run joined a cluster: an autoscaler may still add GPU
+    nodes). Without it the pool waits ``pool_start_timeout_s`` for actors that never fit."""
+    if joined or not res.num_gpus or totals.get("GPU", 0.0) >= res.num_gpus:
+        return None
+    return (f"step {step_name}: each worker reserves {res.num_gpus:g} GPU ({step_name}.resources.num_gpus) and the "
+            f"local Ray this run started has {totals.get('GPU', 0.0):g}: run it on a GPU node (ray.address), or "
+            f"set {step_name}.resources.num_gpus=0 with its device on cpu")
+
+
 def step_pool(step: Step, tasks: int, ray_cfg: RayConfig, actors: bool | None = None) -> Pool:
     """:func:`plan_pool` for a step on the Ray the run started or joined (the cluster as it is now)."""
     actors = step.stage_cls.has_setup() if actors is None else actors
     totals = None
-    if ray_cfg.enabled and step.resources.pool_size is None:
+    if ray_cfg.enabled:
         import ray
 
         totals = ray.cluster_resources()
-    return plan_pool(step.resources, tasks, actors, ray_cfg.enabled, totals)
+        joined = bool(ray_cfg.address or os.environ.get("RAY_ADDRESS"))
+        why = gpu_shortfall(step.name, step.resources, totals, joined)
+        if why is not None:
+            raise RuntimeError(why)
+    return plan_pool(step.resources, tasks, actors, ray_cfg.enabled,
+                     totals if step.resources.pool_size is None else None)
 
 
 def where_am_i() -> dict:

@@ -274,6 +274,20 @@ def test_a_steps_pool_is_what_the_cluster_offers_unless_the_config_says(resource
     assert plan_pool(Resources(**resources), tasks, actors, True, totals).to_dict() == pool
 
 
+def test_a_gpu_step_on_a_local_ray_without_gpus_fails_at_once_naming_the_key():
+    """A GPU step on the Ray a run started itself, on a machine without GPUs, would wait the pool's start
+    timeout for actors that never fit; it fails at once naming the key. On a joined cluster it waits (an
+    autoscaler may add GPU nodes); with enough GPUs, or none asked, nothing is said."""
+    from pipeline.executor import gpu_shortfall
+    from pipeline.stage import Resources
+
+    why = gpu_shortfall("evidence", Resources(num_gpus=1), {"CPU": 2.0}, joined=False)
+    assert why is not None and "evidence.resources.num_gpus" in why and "has 0" in why
+    assert gpu_shortfall("evidence", Resources(num_gpus=1), {"CPU": 2.0}, joined=True) is None
+    assert gpu_shortfall("evidence", Resources(num_gpus=1), {"CPU": 2.0, "GPU": 1.0}, joined=False) is None
+    assert gpu_shortfall("parse", Resources(), {"CPU": 2.0}, joined=False) is None
+
+
 def test_without_ray_a_step_runs_in_process_on_one_worker():
     from pipeline.executor import plan_pool
     from pipeline.stage import Resources
