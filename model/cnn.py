@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.ram import IMAGENET_MEAN, IMAGENET_STD, ThresholdedTagger
-from model.registry import register_model
+from model.entrypoints import register_model
 
 
 @dataclass(frozen=True)

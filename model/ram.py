@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.bert import Attention, BertEncoder, BertLayer, TextDecoder, TextEncoder
-from model.registry import register_model
+from model.entrypoints import register_model
 from model.swin import SwinTransformer, WindowAttention
 
 # -- helpers ---------------------------------------------------------------------------------------
