@@ -38,8 +38,9 @@ def main() -> int:
     from PIL import Image
 
     from model.registry import create_model
-    from stages.regions import view_crop
-    from stages.vision import BaseTagger, crop, native_crop
+    from stages.vision.geometry import view_crop
+    from stages.vision.tagger import BaseTagger
+    from stages.vision.geometry import crop, native_crop
     from stages.world.generate import make_image
 
     ap = argparse.ArgumentParser()

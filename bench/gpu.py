@@ -3,7 +3,7 @@
     python bench/gpu.py [--images 512] [--batch 32] [--gd-images 64] [--decode-workers 1,2,4,8]
 
 * RAM at its real size (Swin-L 384, 4,585 classes; random init: speed does not depend on the weights)
-  through the stages' own tagger (``stages/vision.BaseTagger`` on ``model/infer.Inference``), in bf16
+  through the stages' own tagger (``stages/vision/tagger.BaseTagger`` on ``model/infer.Inference``), in bf16
   autocast and in fp32 (TF32 matmuls):
   - ``model_img_per_s``: pixel batches already on the GPU, the forward only (all classes);
   - ``decode_img_per_s``: one thread decoding the JPEG bytes and resizing to 384 px (``open_image`` +
@@ -14,7 +14,7 @@
   - ``decode_workers_N.gpu_busy_share``: the GPU's time inside the forwards (CUDA events around each)
     over the wall time of that run (an upper bound where kernel launches starve the GPU);
   - ``peak_gpu_mem_gib``: ``torch.cuda.max_memory_allocated`` during that precision's runs.
-* Grounding DINO through the transformers backend (``stages/detectors.HFGroundingDino``) with the default
+* Grounding DINO through the transformers backend (``stages/vision/detectors.HFGroundingDino``) with the default
   Swin-T config (random init), 16 COCO class names per image: ``pairs_per_s``, (image, prompt) pairs.
 * ``--train`` (also run by ``--smoke``): RAM training at the official fine-tuning shape, Swin-L at 384 px
   (``ram_swin_l_384``, random init), batch 26, bf16 autocast, AdamW, label rows frozen, through the train
@@ -56,7 +56,8 @@ def ram_section(model, rows: list[dict], precision: str, batch: int, stage_batch
 
     from common.images import ImageLimits
 
-    from stages.vision import BaseTagger, Decoder
+    from stages.vision.tagger import BaseTagger
+    from stages.vision.decode import Decoder
 
     limits = ImageLimits()
     names = [str(i) for i in range(model.cfg.num_classes)]
@@ -112,13 +113,13 @@ def ram_section(model, rows: list[dict], precision: str, batch: int, stage_batch
 def grounding_dino(path: Path, names: list[str], smoke: bool) -> Path:
     """A Grounding DINO directory in Hugging Face format with random weights: the default config
     (Swin-T backbone, BERT-base-sized text encoder over a vocabulary of the prompt words)."""
-    from stages.detectors import write_random_grounding_dino
+    from stages.vision.detectors import write_random_grounding_dino
 
     return write_random_grounding_dino(path, [w for n in names for w in n.split()], tiny=smoke, max_text_len=64)
 
 
 def gd_section(path: Path, images: list, names: list[str], precision: str, device: str) -> dict:
-    from stages.detectors import HFGroundingDino
+    from stages.vision.detectors import HFGroundingDino
 
     gd = HFGroundingDino(str(path), device, precision=precision)
     per_image = [names] * len(images)
@@ -132,7 +133,7 @@ def gd_section(path: Path, images: list, names: list[str], precision: str, devic
 
 
 def gd_prompts(gd, names: list[str]):
-    from stages.detectors import build_prompts
+    from stages.vision.detectors import build_prompts
 
     return build_prompts(names, gd._count, gd.limit)
 

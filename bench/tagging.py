@@ -1,4 +1,4 @@
-"""Benchmark: batched tagging through the stages' own tagger (stages/vision.BaseTagger on
+"""Benchmark: batched tagging through the stages' own tagger (stages/vision/tagger.BaseTagger on
 model/infer.Inference: what pseudolabel runs) vs an official-style one-image-at-a-time fp32 loop, same
 run, same images.
 
@@ -32,7 +32,7 @@ def main() -> int:
 
     from model.preprocess import load_rgb, to_tensor
     from model.registry import create_model
-    from stages.vision import BaseTagger
+    from stages.vision.tagger import BaseTagger
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="ram_swin_l_384")

@@ -23,9 +23,8 @@ Reported (JSON lines, then the last line ``vision_steps_speedup: X.XX``):
 - ``bf16_vs_fp32_cpu_autocast``: thresholded tags of golden set A's official tiny RAM and RAM++ on the 20
   coco20 photos, bf16 CPU autocast against fp32: the share of (photo, tag) pairs that agree;
 - ``vision_steps_speedup``: end-to-end seconds of the four steps in the baseline commit's code (its files
-  extracted by ``git archive``, same data, same weights) / evidence.v1's, both measured in this run. Also
-  the ratio against today's four separate steps (same code as evidence.v1's parts) to separate the
-  fusion's share.
+  extracted by ``git archive``, same data, same weights) / evidence.v1's, both measured in this run. The
+  four steps exist only in a baseline from before the one evidence path (``stages/vision/``).
 
 ``--smoke``: 8 rows, the model at 64 px (``SMOKE_RAM``) over RAM's first 200 names and the COCO ones,
 4 photos for the precision check, one torch thread; it checks the script (tests/test_bench_smoke.py),
@@ -105,23 +104,23 @@ def make_data(root: Path, rows: int, ram_args: dict, max_tags: int | None = None
 # -- one path over the data (runs in this tree or, for the baseline, in a copy of another commit) -------
 
 def run_path(mode: str, root: Path, workers: int, threads: int) -> dict:
-    """The four steps (``separate``) or evidence.v1 (``fused``) over batch.parquet; seconds exclude setup."""
+    """The four separate steps (``separate``: a baseline commit's code, before there was one evidence
+    path) or evidence.v1 (``fused``) over batch.parquet; seconds exclude setup."""
+    import importlib
+
     import pyarrow.parquet as pq
     import torch
 
-    import stages.pseudolabel as pl_mod
-    import stages.vision as vision
     from pipeline.stage import StageContext
 
     torch.set_num_threads(threads)
     counts = {"n": 0}
-    mods = [vision, pl_mod]  # older code calls the copy its module imported; newer, common.images'
-    try:
-        import common.images
-
-        mods.append(common.images)
-    except ImportError:
-        pass
+    mods = []  # older code calls the copy its module imported; newer, common.images'
+    for name in ("stages.vision", "stages.pseudolabel", "common.images"):
+        try:
+            mods.append(importlib.import_module(name))
+        except ImportError:
+            pass
     for mod in mods:
         if hasattr(mod, "open_image"):
             real = mod.open_image
@@ -137,7 +136,11 @@ def run_path(mode: str, root: Path, workers: int, threads: int) -> dict:
     slices = [batch.slice(o, STAGE_BATCH) for o in range(0, batch.num_rows, STAGE_BATCH)]
     if mode == "fused":
         from pipeline.stage import Resources
-        from stages.evidence import EvidenceConfig, EvidenceStage
+
+        try:
+            from stages.vision.evidence import EvidenceConfig, EvidenceStage
+        except ImportError:  # a baseline from before stages/vision/
+            from stages.evidence import EvidenceConfig, EvidenceStage
 
         st = EvidenceStage(EvidenceConfig(**tagger, pseudolabel=PSEUDO, ground=GROUND, verify={"views": VIEWS}), ctx)
         st.resources = Resources(decode_workers=workers)
@@ -145,6 +148,7 @@ def run_path(mode: str, root: Path, workers: int, threads: int) -> dict:
         t0 = time.perf_counter()
         regions = sum(sum(len(r) for r in st(b).table.column("regions").to_pylist()) for b in slices)
     else:
+        import stages.pseudolabel as pl_mod
         from stages.regions import CropConfig, EmbedStage, VerifyConfig, VerifyStage
 
         steps = [pl_mod.PseudoLabelStage(pl_mod.PseudoLabelConfig(**tagger, **PSEUDO), ctx),
@@ -189,7 +193,7 @@ def baseline_code(commit: str, dest: Path) -> None:
 
 def decode_rate(rows: list[dict], workers: int, prepare) -> float:
     from common.images import ImageLimits
-    from stages.vision import Decoder
+    from stages.vision.decode import Decoder
 
     dec = Decoder(workers, None, ImageLimits())
     t0 = time.perf_counter()
@@ -202,7 +206,7 @@ def standin_busy(rows: list[dict], workers: int, prepare, per_batch: float) -> f
     """SIMULATION: the share of wall time a stand-in GPU (sleep ``per_batch`` s per batch) is busy when
     the real decode path feeds it; batches go to it as soon as they are decoded, in order."""
     from common.images import ImageLimits
-    from stages.vision import Decoder
+    from stages.vision.decode import Decoder
 
     dec = Decoder(workers, None, ImageLimits(), ahead=2 * MODEL_BATCH)
     busy = 0.0
@@ -219,7 +223,8 @@ def model_rate(root: Path, rows: list[dict], threads: int) -> float:
     import torch
 
     from common.images import ImageLimits
-    from stages.vision import BaseTagger, Decoder, TaggerConfig
+    from stages.vision.decode import Decoder
+    from stages.vision.tagger import BaseTagger, TaggerConfig
     from tagset.tagset import TagSet
 
     torch.set_num_threads(threads)
@@ -241,7 +246,8 @@ def precision_agreement(max_photos: int | None = None) -> dict:
 
     from model.registry import create_model
     from common.images import ImageLimits
-    from stages.vision import BaseTagger, Decoder
+    from stages.vision.decode import Decoder
+    from stages.vision.tagger import BaseTagger
 
     g = SHARED / "ref" / "ram" / "golden"
     thresholds = [float(x) for x in (g / "ram_tag_list_threshold.txt").read_text().split()]
@@ -334,15 +340,12 @@ def main(argv=None) -> int:
               "batch": MODEL_BATCH})
         before = _run_in(bcode, "separate", broot, args.workers, args.threads)
         emit({"end_to_end": before, "code": f"baseline {args.baseline}"})
-        separate = _run_in(REPO, "separate", root, args.workers, args.threads)
-        emit({"end_to_end": separate, "code": "this tree, four steps"})
         fused = _run_in(REPO, "fused", root, args.workers, args.threads)
         emit({"end_to_end": fused, "code": f"this tree, evidence.v1, {args.workers} decode workers"})
         if args.workers != 1:  # on a CPU the decode threads share the cores with the model's
             one = _run_in(REPO, "fused", root, 1, args.threads)
             emit({"end_to_end": one, "code": "this tree, evidence.v1, 1 decode worker"})
-    emit({"decodes_per_image": {"before": before["decodes_per_image"], "after": fused["decodes_per_image"]},
-          "fused_vs_four_steps_same_code": round(separate["seconds"] / fused["seconds"], 2)})
+    emit({"decodes_per_image": {"before": before["decodes_per_image"], "after": fused["decodes_per_image"]}})
     per_image = before["rows"] != fused["rows"]
     speedup = (before["seconds"] / before["rows"]) / (fused["seconds"] / fused["rows"])
     if per_image:

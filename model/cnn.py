@@ -19,7 +19,7 @@ sends every position a share of the gradient instead of only the winner's, and l
 in fewer epochs than the max (docs/results.md has both).
 
 ``fully_convolutional`` is true: the tagger takes any input size of at least 16 px, so a crop can be
-scored at the scale the whole image is seen at (``stages/regions.py``, ``crop_size: native``).
+scored at the scale the whole image is seen at (``stages/vision/parts.py``, ``crops.crop_size: native``).
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ class CnnTagger(ThresholdedTagger, nn.Module):
 
     def features_of(self, pixels: torch.Tensor) -> torch.Tensor:
         """The feature map ``[B, C, h, w]`` every output is computed from (one pass serves scores, class
-        maps and the pooled feature: ``stages/evidence.py``)."""
+        maps and the pooled feature: ``stages/vision/evidence.py``)."""
         return self.features(pixels)
 
     def logits_from(self, f: torch.Tensor, classes: torch.Tensor | None = None, return_attn: bool = False):

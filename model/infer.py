@@ -1,5 +1,5 @@
 """The one inference path: every forward of a tagger in this project runs through :class:`Inference`
-(the vision stages through ``stages/vision.BaseTagger``, the benchmarks, the tests).
+(the vision stages through ``stages/vision/tagger.BaseTagger``, the benchmarks, the tests).
 
 What it does beside calling the model, and why:
 

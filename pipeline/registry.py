@@ -26,9 +26,7 @@ STAGE_MODULES = (
     "stages.export",
     "stages.train",
     "stages.retrain",
-    "stages.pseudolabel",
-    "stages.regions",
-    "stages.evidence",
+    "stages.vision.evidence",
     "stages.cluster",
     "stages.synthetic",
     "stages.decide",
@@ -81,11 +79,23 @@ def load_all() -> None:
         importlib.import_module(mod)
 
 
+# Names that were registered once and are no longer, with what replaces them: a config that names one
+# gets this instead of "unknown stage".
+RETIRED = {
+    "pseudolabel.v1": "evidence.v1 (its options: the evidence step's `pseudolabel:` section)",
+    "ground.v1": "evidence.v1 (its options: the evidence step's `ground:` section)",
+    "embed.v1": "evidence.v1 (its crops: the evidence step's `crops:` section)",
+    "verify.v1": "evidence.v1 (its crops: `crops:`; its views: `verify:`)",
+}
+
+
 def get(name: str) -> type["Stage"]:
     load_all()
     try:
         return _STAGES[name]
     except KeyError:
+        if name in RETIRED:
+            raise KeyError(f"stage {name!r} is retired: use {RETIRED[name]}") from None
         raise KeyError(f"unknown stage {name!r}; registered: {', '.join(sorted(_STAGES))}") from None
 
 

@@ -178,7 +178,7 @@ class ReportStage(Stage):
         the rows it shows: their bytes (or paths) read by reference from the step that wrote them, shard by
         shard (``pipeline.view.read_rows``: only the row groups that hold them), one image decoded at a time."""
         from common.images import IMAGE_COLUMNS, ImageLimits, open_image
-        from stages.vision import crop
+        from stages.vision.geometry import crop
 
         cell = 96
         rows: dict[int, dict[str, list]] = {}  # shard -> image id -> [(group, item)]

@@ -215,9 +215,9 @@ class RetrainStage(TrainStage):
         import torch
 
         from model.train import make_loader, model_device, predict_all
-        from stages.vision import TaggerConfig, _load_model
+        from stages.vision.tagger import TaggerConfig, load_model
 
-        base_model, _, base_thr = _load_model(TaggerConfig(), {"tagger": str(base_dir)}, fitted.tagset.names)
+        base_model, _, base_thr = load_model(TaggerConfig(), {"tagger": str(base_dir)}, fitted.tagset.names)
         base_model.eval()
         val = fitted.val_set
         got = {}

@@ -17,8 +17,7 @@ from pydantic import Field
 
 from pipeline.registry import register
 from pipeline.stage import Stage, StageConfig, StageResult
-from stages.columns import ROWS_SCHEMA, TAG_EVENT
-from stages.vision import pseudo_type, region_types
+from stages.columns import PSEUDO_SCORE, REGION, REGION_EMBED, ROWS_SCHEMA, TAG_EVENT, TAG_SCORE
 
 
 class SyntheticRegionsConfig(StageConfig):
@@ -93,23 +92,22 @@ class SyntheticRegions(Stage):
             cols["crop_scores"].append([{"tag_id": int(tags[j]), "score": float(crops[j])} for j in js])
             offsets.append(offsets[-1] + len(js))
             o += int(per[i])
-        score_t, region_t, embed_t = region_types()
         order = np.asarray(order, np.int64)
         inner = pa.FixedSizeListArray.from_arrays(pa.array(emb[order].astype(np.float16).reshape(-1), pa.float16()),
                                                   c.dim).cast(pa.list_(pa.float16()))
-        structs = pa.StructArray.from_arrays([pa.array(tags[order], pa.int32()), inner], fields=list(embed_t))
+        structs = pa.StructArray.from_arrays([pa.array(tags[order], pa.int32()), inner], fields=list(REGION_EMBED))
         table = pa.table({
             "image_id": pa.array(ids, pa.string()), "image": pa.nulls(n, pa.string()),
             "image_bytes": pa.nulls(n, pa.binary()), "captions": pa.array([[] for _ in ids], pa.list_(pa.string())),
             "union_label_id": pa.array(cols["union_label_id"], pa.list_(pa.int32())),
             "parse_label_id": pa.array(cols["parse_label_id"], pa.list_(pa.list_(pa.int32()))),
             "tag_events": pa.array(cols["tag_events"], pa.list_(TAG_EVENT)),
-            "tag_scores": pa.array(cols["tag_scores"], pa.list_(pseudo_type())),
-            "regions": pa.array(cols["regions"], pa.list_(region_t)),
-            "crop_scores": pa.array(cols["crop_scores"], pa.list_(score_t)),
-            "view_scores": pa.array([[] for _ in ids], pa.list_(score_t)),
+            "tag_scores": pa.array(cols["tag_scores"], pa.list_(PSEUDO_SCORE)),
+            "regions": pa.array(cols["regions"], pa.list_(REGION)),
+            "crop_scores": pa.array(cols["crop_scores"], pa.list_(TAG_SCORE)),
+            "view_scores": pa.array([[] for _ in ids], pa.list_(TAG_SCORE)),
             "region_embeds": pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), structs,
-                                                      type=pa.list_(embed_t)),
+                                                      type=pa.list_(REGION_EMBED)),
         })
         assert table.schema.field("image").type == ROWS_SCHEMA.field("image").type
         return StageResult(table)

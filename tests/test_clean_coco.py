@@ -17,7 +17,7 @@ RAM_ARGS = {"image_size": 64, "window_size": 4, "embed_dim": 8, "depths": [2, 2,
 
 
 def tiny_grounding_dino(path: Path, words: list[str]) -> Path:
-    from stages.detectors import write_random_grounding_dino
+    from stages.vision.detectors import write_random_grounding_dino
 
     return write_random_grounding_dino(path, words, tiny=True, max_text_len=16)
 
@@ -99,7 +99,7 @@ def test_batched_grounding_equals_one_prompt_at_a_time(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from stages.detectors import HFGroundingDino
+    from stages.vision.detectors import HFGroundingDino
 
     gd = HFGroundingDino(str(tiny_grounding_dino(tmp_path / "gd", TAGS)), "cpu", max_text_tokens=8)
     rng = np.random.default_rng(0)

@@ -121,15 +121,18 @@ def test_shipped_configs_validate_and_satisfy_contract():
 
 
 def test_registry_names_are_pinned():
-    # A behaviour change gets a new versioned name; removing or renaming one breaks users' configs.
+    # A behaviour change gets a new versioned name; removing or renaming one breaks users' configs, so a
+    # retired name says what replaces it.
     assert registry.names() == [
-        "cluster.v1", "decide.v1", "embed.v1", "evidence.v1", "export.ram.v1", "ground.v1", "label.source.v1",
-        "label.v1", "parse.sng.v1", "pseudolabel.v1", "report.v1", "retrain.ram.v1", "source.caption_json.v1",
-        "source.cc3m_tsv.v1", "source.coco.v1", "source.flickr30k.v1", "source.folder.v1", "source.img2dataset.v1",
-        "source.multi.v1", "source.parquet.v1", "source.ram_export.v1", "source.ram_json.v1", "source.scene_world.v1",
-        "source.synthetic_regions.v1", "train.ram.v1", "verify.v1", "vocab.tag_list.v1", "vocab.wordnet.v1",
-        "vocab.wordnet.v2",
+        "cluster.v1", "decide.v1", "evidence.v1", "export.ram.v1", "label.source.v1", "label.v1", "parse.sng.v1",
+        "report.v1", "retrain.ram.v1", "source.caption_json.v1", "source.cc3m_tsv.v1", "source.coco.v1",
+        "source.flickr30k.v1", "source.folder.v1", "source.img2dataset.v1", "source.multi.v1", "source.parquet.v1",
+        "source.ram_export.v1", "source.ram_json.v1", "source.scene_world.v1", "source.synthetic_regions.v1",
+        "train.ram.v1", "vocab.tag_list.v1", "vocab.wordnet.v1", "vocab.wordnet.v2",
     ]
+    assert not set(registry.RETIRED) & set(registry.names())
+    with pytest.raises(KeyError, match="'ground.v1' is retired: use evidence.v1"):
+        registry.get("ground.v1")
 
 
 def test_registry_rejects_unversioned_names():

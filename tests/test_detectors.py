@@ -1,4 +1,4 @@
-"""Grounding DINO backends (stages/detectors.py): the detector's own resize, the transformers backend's
+"""Grounding DINO backends (stages/vision/detectors.py): the detector's own resize, the transformers backend's
 tensor preprocessing against its processor, bf16 autocast, the original backend's checkpoint spec."""
 import importlib.util
 
@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from test_clean_coco import TAGS, tiny_grounding_dino
 
-from stages.detectors import HFGroundingDino, OriginalGroundingDino, detector_size, original_checkpoint
+from stages.vision.detectors import HFGroundingDino, OriginalGroundingDino, detector_size, original_checkpoint
 
 HAS_ORIGINAL = importlib.util.find_spec("groundingdino") is not None
 

@@ -1,6 +1,6 @@
-"""evidence.v1 (the four vision steps in one: one decode per image, shared forwards) against the four
-separate steps, and the decode workers: same rows, same order, same reject codes. Real parts: tiny real
-RAM and CNN taggers, Arrow tables, real threads."""
+"""evidence.v1 (one decode per image, shared forwards) against its parts computed one by one with the
+tagger's plain forwards, and the decode workers: same rows, same order, same reject codes. Real parts:
+tiny real RAM and CNN taggers, Arrow tables, real threads."""
 
 import io
 
@@ -11,10 +11,11 @@ from PIL import Image
 
 from common.images import ImageLimits, open_image
 from pipeline.stage import Resources
-from stages.evidence import EvidenceConfig, EvidenceStage
-from stages.pseudolabel import GroundConfig, GroundStage, PseudoLabelConfig, PseudoLabelStage
-from stages.regions import CropConfig, EmbedStage, RegionView, VerifyConfig, VerifyStage
-from stages.vision import Decoder
+from stages.vision.decode import Decoder
+from stages.vision.evidence import EvidenceConfig, EvidenceStage
+from stages.vision.parts import (PseudoLabelFields, RegionView, attention_regions, candidate_tags, crop_items,
+                                 pick_scores, view_scores)
+from stages.vision.tagger import BaseTagger, TaggerConfig
 from tests.test_vision_stages import _ctx, _png, artifacts, cnn_artifacts  # noqa: F401  (fixtures)
 
 VIEWS = [RegionView(window=1.0, mirror=True), RegionView(window=0.75)]
@@ -69,28 +70,49 @@ def _batch(tmp_path, n_good: int = 6) -> pa.Table:
     })
 
 
-def _separate(tmp_path, arts, batch, tagger: dict) -> tuple[pa.Table, list]:
-    """The four steps one after another, each decoding on its own (one decode worker)."""
-    ctx = _ctx(tmp_path, arts)
-    parts = [PseudoLabelStage(PseudoLabelConfig(**tagger, floor=0.2, top_k=2), ctx),
-             GroundStage(GroundConfig(**tagger, candidate_score=0.3, max_candidates=4), ctx),
-             EmbedStage(CropConfig(**tagger), ctx), VerifyStage(VerifyConfig(**tagger, views=VIEWS), ctx)]
-    for p in parts:
-        p.setup()
-    pl = parts[0](batch)
-    gr = parts[1](pl.table)
-    em = parts[2](gr.table)
-    ve = parts[3](gr.table)
-    cols = {"image_id": pl.table.column("image_id"), "tag_scores": pl.table.column("tag_scores"),
-            "regions": gr.table.column("regions"), "region_embeds": em.table.column("region_embeds"),
-            "crop_scores": ve.table.column("crop_scores"), "view_scores": ve.table.column("view_scores")}
-    assert [r.image_id for r in gr.rejects + em.rejects + ve.rejects] == []  # later steps see good rows only
-    return pa.table(cols), pl.rejects
+PSEUDO, GROUND = {"floor": 0.2, "top_k": 2}, {"candidate_score": 0.3, "max_candidates": 4}
+
+
+def _part_by_part(tmp_path, arts, batch, tagger: dict) -> tuple[pa.Table, list]:
+    """The evidence computed part after part, each with the tagger's plain forward (no shared backbone
+    pass, no decode pool): scores, then attention maps for the candidates, then the crops' features,
+    then their scores, then the views."""
+    from tagset.tagset import TagSet
+
+    tagset = TagSet.load(arts["tagset"])
+    cfg = TaggerConfig(**{k: v for k, v in tagger.items() if k in TaggerConfig.model_fields})
+    model = BaseTagger.load(cfg, arts, tagset.names, tagset.thresholds())
+    limits = ImageLimits(**{k: v for k, v in tagger.items() if k in ImageLimits.model_fields})
+    pool = Decoder(1)
+    keep, images, rejects = [], [], []
+    for i, row in enumerate(batch.to_pylist()):
+        img, rej = open_image(row, tmp_path, limits, 1333)
+        (rejects.append(rej) if rej is not None else (keep.append(i), images.append(img)))
+    parse = [batch.column("union_label_id")[i].as_py() for i in keep]
+    pixels = [model.prepare(im) for im in images]
+    scores = model.scores(pixels) if pixels else np.zeros((0, 0))
+    tag_scores = [pick_scores(s, p, PseudoLabelFields(**PSEUDO), model.threshold_of_tag) for s, p in zip(scores, parse)]
+    cands = [candidate_tags(p, ts, GROUND["candidate_score"], GROUND["max_candidates"]) for p, ts in zip(parse, tag_scores)]
+    maps = model.scores_for(pixels, cands, attention=True)
+    regions = [attention_regions(im, c, m, model.class_of_tag, 0.5) for im, c, (_, m) in zip(images, cands, maps)]
+    native = model.fully_convolutional
+    items = crop_items(model, pool, images, regions, 0.1, native)
+    feats = model.embed([c for _, _, c in items], native=native)
+    own = model.crop_scores([c for _, _, c in items], [t for _, t, _ in items], native=native)
+    embeds, crops = [[] for _ in keep], [[] for _ in keep]
+    for k, (j, t, _) in enumerate(items):
+        embeds[j].append({"tag_id": t, "embedding": feats[k]})
+        if not np.isnan(own[k]):
+            crops[j].append({"tag_id": t, "score": float(own[k])})
+    view_tags = {t.tag_id for t in tagset.tags if t.kind in ("object", "scene")}
+    views = view_scores(model, pool, images, regions, parse, VIEWS, view_tags)
+    ids = [batch.column("image_id")[i].as_py() for i in keep]
+    return pa.table({"image_id": ids, "tag_scores": tag_scores, "regions": regions, "region_embeds": embeds,
+                     "crop_scores": crops, "view_scores": views}), rejects
 
 
 def _fused(tmp_path, arts, batch, tagger: dict, workers: int) -> tuple[pa.Table, list]:
-    cfg = EvidenceConfig(**tagger, pseudolabel={"floor": 0.2, "top_k": 2},
-                         ground={"candidate_score": 0.3, "max_candidates": 4}, verify={"views": VIEWS})
+    cfg = EvidenceConfig(**tagger, pseudolabel=PSEUDO, ground=GROUND, verify={"views": VIEWS})
     st = EvidenceStage(cfg, _ctx(tmp_path, arts))
     st.resources = Resources(decode_workers=workers)
     st.setup()
@@ -115,13 +137,13 @@ def _assert_same_evidence(a: pa.Table, b: pa.Table) -> int:
 
 
 @pytest.mark.parametrize("which", ["ram", "cnn"])
-def test_one_step_gives_the_four_steps_evidence(tmp_path, which, request):
-    """Scores, boxes, embeddings, crop scores and view scores equal the separate passes' (float
-    tolerance); the same rows leave as rejects with the same codes."""
+def test_shared_forwards_give_each_parts_own_evidence(tmp_path, which, request):
+    """Scores, boxes, embeddings, crop scores and view scores equal those of each part computed alone with
+    the tagger's plain forwards (float tolerance); the same rows leave as rejects with the same codes."""
     arts = request.getfixturevalue("artifacts" if which == "ram" else "cnn_artifacts")
     batch = _batch(tmp_path)
     tagger = {"batch_size": 3, "max_pixels": 100 * 100}  # batches smaller than the rows: several forwards, several head calls
-    want, want_rej = _separate(tmp_path, arts, batch, tagger)
+    want, want_rej = _part_by_part(tmp_path, arts, batch, tagger)
     got, got_rej = _fused(tmp_path, arts, batch, tagger, workers=2)
     regions = _assert_same_evidence(got, want)
     assert regions >= 6  # every good image has parse or pseudo candidates with boxes
@@ -154,7 +176,7 @@ def test_decode_workers_keep_row_order_and_reject_codes(tmp_path):
 
 
 def test_the_fused_step_decodes_each_image_once(tmp_path, artifacts, monkeypatch):
-    """One decode per row across pseudolabel, ground, embed and verify (the four steps take four)."""
+    """One decode per row for all five columns, whatever the decode workers."""
     import common.images as images
 
     calls: list[str] = []
@@ -164,9 +186,8 @@ def test_the_fused_step_decodes_each_image_once(tmp_path, artifacts, monkeypatch
     _fused(tmp_path, artifacts, batch, {"max_pixels": 100 * 100}, workers=2)
     assert sorted(calls) == sorted(batch.column("image_id").to_pylist())
     calls.clear()
-    _separate(tmp_path, artifacts, batch, {"max_pixels": 100 * 100})
-    good = batch.num_rows - 12
-    assert len(calls) == batch.num_rows + 3 * good
+    _fused(tmp_path, artifacts, batch, {"max_pixels": 100 * 100}, workers=1)
+    assert calls == batch.column("image_id").to_pylist()  # one worker: in row order
 
 
 # -- the working size: a photo is held at most work_size large, its boxes stay in its own pixels ----------
@@ -183,7 +204,7 @@ def test_open_image_decodes_a_large_photo_at_the_working_size_and_knows_its_own(
     """A 4000x3000 JPEG (reduced while decoding) or PNG comes back 1333 px on its longer side, its file's
     size kept as source_size; an EXIF turn of 90 degrees turns both. Under the working size nothing changes."""
     from common.images import SOURCE_SIZE, source_size
-    from stages.vision import to_source_box, to_work_box
+    from stages.vision.geometry import to_source_box, to_work_box
 
     big = _scene(4000, 3000)
     exif = Image.Exif()
@@ -256,16 +277,15 @@ def test_boxes_and_crops_of_a_photo_worked_small_are_in_its_own_pixels(tmp_path,
     row = {"image_id": "p", "image_bytes": _png(big)}
     small, _ = open_image(row, None, ImageLimits(), work_size=400)
     full, _ = open_image(row, None, ImageLimits())
-    ctx = _ctx(tmp_path, artifacts)
-    ground = GroundStage(GroundConfig(candidate_score=0.3), ctx)
-    ground.setup()
+    from tagset.tagset import TagSet
+
+    tagger = BaseTagger.load(TaggerConfig(), artifacts, TagSet.load(artifacts["tagset"]).names)
     amap = np.zeros((1, 10, 10), np.float32)
     amap[0, 5:7, 5:8] = 1.0  # the second block: x 0.55-0.8, y 0.5-0.7 of the image
-    (r,) = ground.boxes(small, [0], amap)
-    assert r["box"] == [2000.0, 1500.0, 3200.0, 2100.0] == ground.boxes(full, [0], amap)[0]["box"]
-    embed = EmbedStage(CropConfig(crop_pad=0.0, crop_size="model"), ctx)
-    embed.setup()
+    (r,) = attention_regions(small, [0], amap, tagger.class_of_tag, 0.5)
+    assert r["box"] == [2000.0, 1500.0, 3200.0, 2100.0] == attention_regions(full, [0], amap, tagger.class_of_tag,
+                                                                             0.5)[0]["box"]
     block = [0.55 * 4000 + 40, 0.5 * 3000 + 40, 0.8 * 4000 - 40, 0.7 * 3000 - 40]  # inside the block
-    (_, tag, pixels), = embed.crop_items([small], [[{"tag_id": 1, "box": block}]])
+    (_, tag, pixels), = crop_items(tagger, Decoder(1), [small], [[{"tag_id": 1, "box": block}]], 0.0, native=False)
     colour = pixels.float().mean(dim=(1, 2)).round().tolist()
     assert tag == 1 and colour == [170.0, 40.0, 200.0]  # the block's colour, all of it

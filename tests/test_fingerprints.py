@@ -138,9 +138,9 @@ def test_what_auto_resolves_to_is_part_of_the_fingerprint():
     a GPU when the step's resources ask for one (bf16), else the CPU (fp32); in-process, this machine's.
     Explicit settings stay as given. train: its workers' device and precision, and its driver's."""
     from pipeline.stage import Resources, StageContext
-    from stages.evidence import EvidenceConfig, EvidenceStage
+    from stages.vision.evidence import EvidenceConfig, EvidenceStage
     from stages.train import TrainStage, TrainStageConfig
-    from stages.vision import resolve_device
+    from stages.vision.tagger import resolve_device
 
     def evidence(ray: dict, gpus: float, **cfg) -> str:
         stage = EvidenceStage(EvidenceConfig(**cfg), StageContext("/nowhere", "evidence", ray=ray))

@@ -10,7 +10,7 @@ from torch.utils._pytree import tree_flatten
 
 from model.infer import Inference, resolve_precision
 from model.registry import create_model
-from stages.vision import BaseTagger
+from stages.vision.tagger import BaseTagger
 
 aten = torch.ops.aten
 RAM_ARGS = {"num_classes": 12, "image_size": 64, "window_size": 4, "embed_dim": 8, "depths": [2, 2, 2],

@@ -158,9 +158,9 @@ def test_class_subset_gives_the_same_logits_as_the_full_set():
 
 
 def test_tagger_matches_generate_tag_and_keeps_scores(shared):
-    """The stages' tagger (stages/vision.BaseTagger on model/infer.Inference, the one inference path)
+    """The stages' tagger (stages/vision/tagger.BaseTagger on model/infer.Inference, the one inference path)
     gives the official scores and tags, also with the head in chunks and for a subset of classes."""
-    from stages.vision import BaseTagger
+    from stages.vision.tagger import BaseTagger
 
     g = shared / "ref/ram/golden"
     names = (g / "ram_tag_list.txt").read_text().splitlines()

@@ -197,7 +197,7 @@ def test_report_reads_the_image_bytes_of_the_sheets_rows_only(tmp_path, monkeypa
     from pipeline.executor import ShardWorker
     from stages.report import _priority
     from common.images import ImageLimits, open_image
-    from stages.vision import crop
+    from stages.vision.geometry import crop
 
     ids = [[f"s{i}-{k:02d}" for k in range(12)] for i in range(2)]
     colours = {iid: (20 * k, 100 + 50 * i, 250 - 20 * k) for i, row in enumerate(ids) for k, iid in enumerate(row)}

@@ -47,7 +47,7 @@ def test_a_checkpoint_that_pickles_code_is_refused_by_the_vision_steps_and_by_tr
     from model.checkpoint import CheckpointError
     from pipeline.stage import RowSource, StageContext
     from stages.train import TrainStage, TrainStageConfig
-    from stages.vision import TaggerConfig, _load_model
+    from stages.vision.tagger import TaggerConfig, load_model
     from tagset.tagset import Tag, TagSet
 
     good, bad = _checkpoints(tmp_path)
@@ -56,7 +56,7 @@ def test_a_checkpoint_that_pickles_code_is_refused_by_the_vision_steps_and_by_tr
                           model_args={"num_classes": 4, "image_size": 64, "window_size": 4, "embed_dim": 8,
                                       "head_hidden": 32, "head_intermediate": 64})
     with pytest.raises(CheckpointError, match=rf"{bad}: refused: .*test_safety\.Payload"):
-        _load_model(tagger, {}, names)
+        load_model(tagger, {}, names)
 
     vocab = tmp_path / "vocab"
     vocab.mkdir()
@@ -69,7 +69,7 @@ def test_a_checkpoint_that_pickles_code_is_refused_by_the_vision_steps_and_by_tr
     with pytest.raises(CheckpointError, match=rf"{bad}: refused: .*test_safety\.Payload"):
         stage.run(RowSource([]))
 
-    model, got, _ = _load_model(tagger.model_copy(update={"checkpoint": str(good)}), {}, names)
+    model, got, _ = load_model(tagger.model_copy(update={"checkpoint": str(good)}), {}, names)
     assert got == names and model.cfg.num_classes == 4
 
 

@@ -223,8 +223,8 @@ def test_fingerprints_follow_imports_not_folders(tmp_path):
     # the project's own stages
     rel = {str(p.relative_to(ROOT)) for p in import_closure(ROOT / "stages" / "parse.py")}
     assert "tagset/sng.py" in rel and not any(p.startswith("model/") for p in rel)
-    rel = {str(p.relative_to(ROOT)) for p in import_closure(ROOT / "stages" / "pseudolabel.py")}
-    assert {"model/ram.py", "model/cnn.py", "stages/vision.py"} <= rel
+    rel = {str(p.relative_to(ROOT)) for p in import_closure(ROOT / "stages" / "vision" / "evidence.py")}
+    assert {"model/ram.py", "model/cnn.py", "stages/vision/tagger.py"} <= rel
 
 
 def test_run_dir_is_absolute_and_may_be_a_file_uri(tmp_path, monkeypatch):

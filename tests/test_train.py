@@ -183,7 +183,7 @@ def test_cnn_tagger_interface_training_and_round_trip(tmp_path):
     and a saved state loads back exactly through the stages' loader."""
     import json
 
-    from stages.vision import BaseTagger, TaggerConfig
+    from stages.vision.tagger import BaseTagger, TaggerConfig
 
     torch.manual_seed(0)
     model = create_model("cnn_tagger_tiny", num_classes=4, widths=[8, 16, 16, 16])
@@ -489,7 +489,7 @@ def test_fine_tuning_a_released_checkpoint_keeps_its_label_rows(shared, tmp_path
     import json
 
     from pipeline.stage import RowSource
-    from stages.vision import BaseTagger, TaggerConfig
+    from stages.vision.tagger import BaseTagger, TaggerConfig
 
     g = shared / "ref/ram/golden"
     official = torch.load(g / ckpt, weights_only=True)["model"]["label_embed"].view(50, per, 512)

@@ -15,9 +15,9 @@ from common.images import ImageLimits, open_image
 from pipeline.stage import StageContext
 from stages.cluster import fit_tag, kmeans_pp_init
 from stages.decide import REASONS, DecideConfig, DecideStage
-from stages.pseudolabel import GroundConfig, GroundStage, PseudoLabelConfig, PseudoLabelStage, candidate_tags
-from stages.regions import CropConfig, EmbedStage, RegionView, VerifyConfig, VerifyStage
-from stages.vision import attention_box, clip_box
+from stages.vision.evidence import EvidenceConfig, EvidenceStage
+from stages.vision.geometry import attention_box, clip_box
+from stages.vision.parts import RegionView, candidate_tags
 from tagset.tagset import Tag, TagSet
 
 NAMES = ["red", "ball", "grass", "sky", "tree"]
@@ -146,21 +146,25 @@ def test_candidates_keep_parse_tags_and_cut_pseudo_tags_by_score():
 
 # -- stages with the tiny tagger -------------------------------------------------------------------------
 
-def test_pseudolabel_ground_embed_verify_on_a_hand_made_batch(tmp_path, artifacts):
+def _evidence(tmp_path, arts, **cfg) -> EvidenceStage:
+    st = EvidenceStage(EvidenceConfig(**cfg), _ctx(tmp_path, arts))
+    st.setup()
+    return st
+
+
+def test_evidence_on_a_hand_made_batch(tmp_path, artifacts):
+    """Scores of every tag (floor 0), boxes for the parse tags only (candidate_score 1.0) inside each
+    image, one float16 embedding and one crop score per region, no views; the bad row is a reject."""
     batch = _batch()
-    pl = PseudoLabelStage(PseudoLabelConfig(floor=0.0, top_k=2), _ctx(tmp_path, artifacts))
-    pl.setup()
-    res = pl(batch)
+    st = _evidence(tmp_path, artifacts, pseudolabel={"floor": 0.0, "top_k": 2}, ground={"candidate_score": 1.0})
+    res = st(batch)
     assert [r.code for r in res.rejects] == ["image_decode_failed"] and res.rejects[0].image_id == "bad"
     rows = res.table.to_pylist()
     assert [r["image_id"] for r in rows] == ["a", "b"]
     assert len(rows[0]["tag_scores"]) == len(NAMES)  # floor 0 keeps everything
     assert all(0 <= d["score"] <= 1 for d in rows[0]["tag_scores"])
 
-    gr = GroundStage(GroundConfig(candidate_score=1.0), _ctx(tmp_path, artifacts))
-    gr.setup()
-    g = gr(res.table)
-    regions = g.table.column("regions").to_pylist()
+    regions = res.table.column("regions").to_pylist()
     assert [sorted(r["tag_id"] for r in rs) for rs in regions] == [[0, 1], [2]]  # only parse tags at 1.0
     for rs, size in zip(regions, [(96, 80), (70, 70)]):
         for r in rs:
@@ -168,33 +172,28 @@ def test_pseudolabel_ground_embed_verify_on_a_hand_made_batch(tmp_path, artifact
             assert 0 <= x0 < x1 <= size[0] and 0 <= y0 < y1 <= size[1]
             assert r["backend"] == "attention" and 0 < r["score"] <= 1
 
-    em = EmbedStage(CropConfig(), _ctx(tmp_path, artifacts))
-    em.setup()
-    e = em(g.table)
-    embs = e.table.column("region_embeds")
+    embs = res.table.column("region_embeds")
     assert embs.type.value_type.field("embedding").type == pa.list_(pa.float16())
     vecs = embs.to_pylist()
-    assert [len(v) for v in vecs] == [2, 1] and len(vecs[0][0]["embedding"]) == 16
+    assert [[v["tag_id"] for v in row] for row in vecs] == [[r["tag_id"] for r in rs] for rs in regions]
+    assert len(vecs[0][0]["embedding"]) == 16
 
-    ve = VerifyStage(VerifyConfig(), _ctx(tmp_path, artifacts))
-    ve.setup()
-    v = ve(g.table)
-    crops = v.table.column("crop_scores").to_pylist()
+    crops = res.table.column("crop_scores").to_pylist()
     assert [[d["tag_id"] for d in c] for c in crops] == [[0, 1], [2]]
     # the crop score is the tagger's score on exactly that crop
     from common.images import open_image as oi
-    from stages.vision import crop
+    from stages.vision.geometry import crop
 
     img, _ = oi(batch.to_pylist()[0], None, ImageLimits())
     box = regions[0][0]["box"]
-    direct = ve.tagger.scores([crop(img, box, 0.1)])[0, regions[0][0]["tag_id"]]
+    direct = st.tagger.scores([crop(img, box, 0.1)])[0, regions[0][0]["tag_id"]]
     assert crops[0][0]["score"] == pytest.approx(float(direct), abs=1e-6)
-    assert v.table.column("view_scores").to_pylist() == [[], []]  # no views configured
+    assert res.table.column("view_scores").to_pylist() == [[], []]  # no views configured
 
 
 def test_a_released_checkpoint_maps_tags_by_name(tmp_path, artifacts):
     """A checkpoint with its own tag list: our tags it lacks get no score (NaN), never a made-up one."""
-    from stages.vision import BaseTagger, TaggerConfig
+    from stages.vision.tagger import BaseTagger, TaggerConfig
 
     spec = json.loads((tmp_path / "train" / "model.json").read_text())
     (tmp_path / "ckpt_tags.txt").write_text("\n".join(["tree", "sky", "dog", "red", "car"]))
@@ -374,7 +373,7 @@ def test_calibrated_thresholds_reach_the_precision_or_never_fire():
 
 
 def test_detector_prompts_are_chunked_to_the_text_limit():
-    from stages.detectors import build_prompts
+    from stages.vision.detectors import build_prompts
 
     names = ["red ball", "tree", "brick wall", "sky", "car"]
     count = lambda text: len(text.split()) + 2  # noqa: E731 - words + [CLS] [SEP]
@@ -435,7 +434,7 @@ def test_native_crops_keep_the_whole_image_scale():
     multiple of 8 px (at least 16), the box inside it, and a whole-image box gives the whole input."""
     from model.preprocess import to_tensor
     from model.cnn import CnnConfig
-    from stages.vision import native_crop
+    from stages.vision.geometry import native_crop
 
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8))  # w 128, h 96
@@ -450,51 +449,37 @@ def test_native_crops_keep_the_whole_image_scale():
     torch.testing.assert_close(to_tensor(whole, cfg, whole.size), to_tensor(img, cfg))
 
 
-def _grounded(tmp_path, arts, top_k: int) -> pa.Table:
-    """_batch() through pseudolabel (its top_k tags) and ground (every one of them a candidate)."""
-    pl = PseudoLabelStage(PseudoLabelConfig(floor=0.0, top_k=top_k), _ctx(tmp_path, arts))
-    pl.setup()
-    gr = GroundStage(GroundConfig(candidate_score=0.0), _ctx(tmp_path, arts))
-    gr.setup()
-    return gr(pl(_batch()).table).table
-
-
 def test_verify_and_embed_score_native_crops_in_size_batches(tmp_path, cnn_artifacts):
     """With a fully convolutional tagger, crops keep the image's scale; batching crops of equal size
     gives what scoring each alone gives; asking a RAM tagger for native crops is a config error."""
     from common.images import open_image as oi
-    from stages.vision import native_crop
+    from stages.vision.geometry import native_crop
 
     batch = _batch()
-    g = _grounded(tmp_path, cnn_artifacts, top_k=2)
-    ve = VerifyStage(VerifyConfig(batch_size=3), _ctx(tmp_path, cnn_artifacts))
-    ve.setup()
-    assert ve.native
-    crops = ve(g).table.column("crop_scores").to_pylist()
-    regions = g.column("regions").to_pylist()
+    every = {"pseudolabel": {"floor": 0.0, "top_k": 2}, "ground": {"candidate_score": 0.0}}
+    st = _evidence(tmp_path, cnn_artifacts, batch_size=3, **every)
+    assert st.native
+    got = st(batch).table
+    crops = got.column("crop_scores").to_pylist()
+    regions = got.column("regions").to_pylist()
     assert [[d["tag_id"] for d in c] for c in crops] == [[r["tag_id"] for r in rs] for rs in regions]
     img, _ = oi(batch.to_pylist()[0], None, ImageLimits())
-    for r, got in zip(regions[0], crops[0]):
-        alone = ve.tagger.crop_scores([native_crop(img, r["box"], 0.1, 64)], [r["tag_id"]], native=True)[0]
-        assert got["score"] == pytest.approx(float(alone), abs=1e-5)
-    em = EmbedStage(CropConfig(batch_size=3), _ctx(tmp_path, cnn_artifacts))
-    em.setup()
-    vecs = em(g).table.column("region_embeds").to_pylist()
+    for r, c in zip(regions[0], crops[0]):
+        alone = st.tagger.crop_scores([native_crop(img, r["box"], 0.1, 64)], [r["tag_id"]], native=True)[0]
+        assert c["score"] == pytest.approx(float(alone), abs=1e-5)
+    vecs = got.column("region_embeds").to_pylist()
     assert [len(v) for v in vecs] == [len(rs) for rs in regions] and len(vecs[0][0]["embedding"]) == 16
 
-    model_size = VerifyStage(VerifyConfig(crop_size="model"), _ctx(tmp_path, cnn_artifacts))
-    model_size.setup()
-    assert not model_size.native
+    assert not _evidence(tmp_path, cnn_artifacts, crops={"crop_size": "model"}).native
     with pytest.raises(ValueError, match="crop_size"):
         ram = {"tagset": str(_tagset_dir(tmp_path)), "tagger": str(_tagger_dir(tmp_path / "ram", "ram_test", RAM_ARGS))}
-        VerifyStage(VerifyConfig(crop_size="native"), _ctx(tmp_path, ram)).setup()
-
+        _evidence(tmp_path, ram, crops={"crop_size": "native"})
 
 
 def test_view_crops_zoom_in_around_the_box_and_the_whole_view_is_the_model_input():
     from model.cnn import CnnConfig
     from model.preprocess import to_tensor
-    from stages.regions import view_crop
+    from stages.vision.geometry import view_crop
 
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8))  # w 128, h 96
@@ -517,8 +502,8 @@ def test_view_crops_zoom_in_around_the_box_and_the_whole_view_is_the_model_input
 def test_verify_views_score_pseudo_candidates_of_region_kinds_only(tmp_path, cnn_artifacts):
     """view_scores: each pseudo candidate's mean score over its views; labels already on the image and
     tags of other kinds get none."""
-    from stages.regions import view_crop
     from common.images import open_image as oi
+    from stages.vision.geometry import view_crop
 
     vocab = tmp_path / "kinds"
     vocab.mkdir()
@@ -527,11 +512,11 @@ def test_verify_views_score_pseudo_candidates_of_region_kinds_only(tmp_path, cnn
                    vocab / "tagset.parquet")
     arts = dict(cnn_artifacts, tagset=str(vocab))
     batch = _batch()
-    g = _grounded(tmp_path, arts, top_k=5)
     views = [RegionView(window=1.0, mirror=True), RegionView(window=0.5)]
-    ve = VerifyStage(VerifyConfig(views=views, batch_size=4), _ctx(tmp_path, arts))
-    ve.setup()
-    got = ve(g).table.column("view_scores").to_pylist()
+    ve = _evidence(tmp_path, arts, batch_size=4, pseudolabel={"floor": 0.0, "top_k": 5},
+                   ground={"candidate_score": 0.0}, verify={"views": views})
+    g = ve(batch).table
+    got = g.column("view_scores").to_pylist()
     regions = g.column("regions").to_pylist()
     labels = g.column("union_label_id").to_pylist()
     want = [[r["tag_id"] for r in rs if r["tag_id"] not in lab and kinds[r["tag_id"]] != "attribute"]

@@ -1,4 +1,4 @@
-"""Open-vocabulary detector backends for ``ground.v1``.
+"""Open-vocabulary detector backends for the evidence step's ``ground`` part (``ground.backend``).
 
 ``HFGroundingDino``: ``transformers``' ``GroundingDinoForObjectDetection`` + its processor, loaded from
 a local directory (never downloaded). Prompts are an image's own tag names, ``"name . name . "``,

@@ -1,5 +1,5 @@
-"""What the vision stages share: the decode pool, the base tagger, boxes and crops (a row's image opens
-through :mod:`common.images`).
+"""The base tagger as the evidence step sees it: tagset ids in, scores, attention maps and pooled
+features out, every forward through ``model/infer.Inference``.
 
 The base tagger is either the ``tagger`` artifact of an earlier ``train`` step (``model.json`` +
 ``model.pth``) or a released checkpoint named in the stage config (entrypoint, local checkpoint, the
@@ -9,7 +9,6 @@ model does not know gets no score (NaN), never a made-up one.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -18,112 +17,7 @@ import numpy as np
 from PIL import Image
 from pydantic import Field
 
-from common.images import ImageLimits, source_size
 from pipeline.stage import StageConfig
-
-
-def region_types():
-    import pyarrow as pa
-
-    score = pa.struct([("tag_id", pa.int32()), ("score", pa.float32())])
-    region = pa.struct([("tag_id", pa.int32()), ("box", pa.list_(pa.float32(), 4)), ("score", pa.float32()),
-                        ("backend", pa.string())])
-    embed = pa.struct([("tag_id", pa.int32()), ("embedding", pa.list_(pa.float16()))])
-    return score, region, embed
-
-
-def pseudo_type():
-    """``tag_scores`` items: the tagger's score and the tag's own threshold (calibrated or released)."""
-    import pyarrow as pa
-
-    return pa.struct([("tag_id", pa.int32()), ("score", pa.float32()), ("threshold", pa.float32())])
-
-
-def _scaled(box, fx: float, fy: float) -> list[float]:
-    return [box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy]
-
-
-def to_work_box(box, img: Image.Image) -> list[float]:
-    """A box in the file's coordinates (a region, as stored) in the pixels of ``img`` as decoded."""
-    (sw, sh), (w, h) = source_size(img), img.size
-    return list(box) if (sw, sh) == (w, h) else _scaled(box, w / sw, h / sh)
-
-
-def to_source_box(box, img: Image.Image) -> list[float]:
-    """A box in the pixels of ``img`` as decoded in the file's coordinates (what a region stores)."""
-    (sw, sh), (w, h) = source_size(img), img.size
-    return list(box) if (sw, sh) == (w, h) else _scaled(box, sw / w, sh / h)
-
-
-class Decoder:
-    """Decodes rows' images on ``workers`` threads, ahead of the model, in row order.
-
-    Pillow releases the GIL while it decodes and resizes, so threads decode in parallel beside a
-    forward pass (which releases it too): each vision actor keeps ``resources.decode_workers`` images
-    in flight while its model computes. ``prepare`` (e.g. the resize to the model's input, as uint8)
-    runs in the same thread. Rejects are exactly :func:`open_image`'s: same codes, same order.
-    ``workers`` 1 decodes in the calling thread, as before there was a pool. ``work_size``: images come
-    back at most that large (:func:`open_image`), so what a batch holds is bounded by its length.
-    """
-
-    def __init__(self, workers: int = 1, base: Path | None = None, limits: ImageLimits | None = None,
-                 ahead: int | None = None, work_size: int | None = None):
-        self.workers, self.base, self.limits = max(1, int(workers)), base, limits or ImageLimits()
-        self.work_size = work_size
-        self.ahead = ahead or 4 * self.workers  # tasks queued beyond the one being read
-        self._pool = None
-
-    def map(self, fn, items, ahead: int | None = None):
-        """``fn(item)`` for each item, in order, at most ``ahead`` computed before they are read."""
-        ahead = ahead or self.ahead
-        if self.workers == 1:
-            yield from map(fn, items)
-            return
-        import collections
-        from concurrent.futures import ThreadPoolExecutor
-
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="decode")
-        queue: collections.deque = collections.deque()
-        for item in items:
-            queue.append(self._pool.submit(fn, item))
-            if len(queue) > ahead:
-                yield queue.popleft().result()
-        while queue:
-            yield queue.popleft().result()
-
-    def decode(self, rows: list[dict], prepare=None, ahead: int | None = None):
-        """``(row index, image or None, reject or None, prepare(image) or None)`` per row, in order."""
-        import common.images as images  # looked up per call, so a benchmark can count decodes
-
-        def one(item):
-            i, row = item
-            img, rej = images.open_image(row, self.base, self.limits, self.work_size)
-            return i, img, rej, (prepare(img) if prepare is not None and img is not None else None)
-
-        yield from self.map(one, list(enumerate(rows)), ahead)
-
-    def batches(self, rows: list[dict], size: int, prepare=None):
-        """The decoded rows in groups of ``size`` kept images, each yielded as soon as its last image is
-        decoded (the threads go on decoding the next group meanwhile): ``(row indices, images,
-        prepared, rejects since the last group)``; a last, shorter group and the trailing rejects end it."""
-        idx, imgs, prep, rej = [], [], [], []
-        # two groups in flight: the threads fill the next group while the model computes on this one
-        for i, img, r, extra in self.decode(rows, prepare, ahead=max(self.ahead, 2 * size)):
-            if r is not None:
-                rej.append(r)
-                continue
-            idx.append(i), imgs.append(img), prep.append(extra)
-            if len(idx) == size:
-                yield idx, imgs, prep, rej
-                idx, imgs, prep, rej = [], [], [], []
-        if idx or rej:
-            yield idx, imgs, prep, rej
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
-            self._pool = None
 
 
 class TaggerConfig(StageConfig):
@@ -145,7 +39,7 @@ class TaggerConfig(StageConfig):
 
 @dataclass
 class BaseTagger:
-    """The base tagger as the stages see it: tagset ids in, scores out. Every forward goes through
+    """The base tagger as the evidence step sees it: tagset ids in, scores out. Every forward goes through
     ``model/infer.Inference`` (device, precision, pinned copies, cached queries, restricted head)."""
 
     model: object  # model.ram.RAM or model.cnn.CnnTagger
@@ -186,7 +80,7 @@ class BaseTagger:
         import torch
 
         torch.set_num_threads(max(1, torch.get_num_threads()))
-        model, model_names, thresholds = _load_model(cfg, artifacts, tag_names)
+        model, model_names, thresholds = load_model(cfg, artifacts, tag_names)
         if thresholds is not None:
             model.set_thresholds(thresholds)
         model = model.eval()
@@ -388,7 +282,7 @@ def _size(im) -> tuple[int, int]:
     return im.size if isinstance(im, Image.Image) else (int(im.shape[-1]), int(im.shape[-2]))
 
 
-def _load_model(cfg: TaggerConfig, artifacts: dict[str, str], tag_names: list[str]):
+def load_model(cfg: TaggerConfig, artifacts: dict[str, str], tag_names: list[str]):
     """(model, the model's class names, its own thresholds or None) from the run's tagger artifact or a
     released checkpoint."""
     import torch
@@ -458,67 +352,11 @@ def planned_runtime(cfg: TaggerConfig, stage) -> str:
     return f"device={device};precision={precision}"
 
 
-def clip_box(box, w: int, h: int) -> list[float] | None:
-    """Box clipped to the image; None when nothing of it is inside (or it is degenerate)."""
-    x0, y0, x1, y1 = (float(v) for v in box)
-    if not all(np.isfinite([x0, y0, x1, y1])):
-        return None
-    x0, x1 = sorted((x0, x1))
-    y0, y1 = sorted((y0, y1))
-    x0, y0, x1, y1 = max(0.0, x0), max(0.0, y0), min(float(w), x1), min(float(h), y1)
-    if x1 - x0 < 1 or y1 - y0 < 1:
-        return None
-    return [x0, y0, x1, y1]
-
-
-def crop(img: Image.Image, box, pad: float = 0.0) -> Image.Image:
-    """The box with ``pad`` of its size added on each side (clipped to the image)."""
-    x0, y0, x1, y1 = box
-    px, py = (x1 - x0) * pad, (y1 - y0) * pad
-    b = clip_box([x0 - px, y0 - py, x1 + px, y1 + py], *img.size) or [0, 0, img.size[0], img.size[1]]
-    return img.crop(tuple(int(round(v)) for v in b))
-
-
-def native_crop(img: Image.Image, box, pad: float, size: int, step: int = 8, min_side: int = 16,
-                interpolation: str = "bilinear") -> Image.Image:
-    """The box (plus ``pad``) at the scale the whole image is seen at by a model of input ``size``: the
-    image becomes ``size`` x ``size``, so the crop shrinks by the same factors. Each side is rounded up to
-    a multiple of ``step`` (at least ``min_side``) by taking a little more context around the box, so
-    crops fall into few sizes and batch together. Returns the crop already resized to that input size."""
-    w, h = img.size
-    fx, fy = size / w, size / h
-    x0, y0, x1, y1 = box
-    px, py = (x1 - x0) * pad, (y1 - y0) * pad
-    out = []
-    for lo, hi, p, f, full in ((x0, x1, px, fx, w), (y0, y1, py, fy, h)):
-        side = min(size, max(min_side, -(-math.ceil((hi - lo + 2 * p) * f - 1e-6) // step) * step))
-        src = side / f  # that many source pixels
-        c = (lo + hi) / 2
-        a = min(max(0.0, c - src / 2), max(0.0, full - src))
-        out.append((a, min(float(full), a + src), side))
-    (ax, bx, sw), (ay, by, sh) = out
-    from model.preprocess import RESAMPLE  # the filter the whole image is resized with
-
-    return img.resize((sw, sh), RESAMPLE[interpolation], box=(ax, ay, bx, by))
-
-
-def attention_box(amap: np.ndarray, w: int, h: int, rel: float = 0.5) -> tuple[list[float], float]:
-    """Box around the attention peak: the 4-connected cells at >= ``rel`` x peak that touch the peak,
-    scaled to the image. Returns the box and the share of attention mass inside it."""
-    g_h, g_w = amap.shape
-    peak = np.unravel_index(int(np.argmax(amap)), amap.shape)
-    keep = amap >= rel * amap[peak]
-    seen = np.zeros_like(keep)
-    stack = [peak]
-    seen[peak] = True
-    while stack:
-        y, x = stack.pop()
-        for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1)):
-            ny, nx = y + dy, x + dx
-            if 0 <= ny < g_h and 0 <= nx < g_w and keep[ny, nx] and not seen[ny, nx]:
-                seen[ny, nx] = True
-                stack.append((ny, nx))
-    ys, xs = np.nonzero(seen)
-    box = [xs.min() * w / g_w, ys.min() * h / g_h, (xs.max() + 1) * w / g_w, (ys.max() + 1) * h / g_h]
-    total = float(amap.sum())
-    return [float(v) for v in box], float(amap[seen].sum() / total) if total > 0 else 0.0
+def checkpoint_fingerprint(cfg: TaggerConfig) -> str:
+    """A released checkpoint's identity (size + mtime) joins the step fingerprint."""
+    parts = []
+    for p in (cfg.checkpoint, cfg.tag_list):
+        if p and Path(p).exists():
+            st = Path(p).stat()
+            parts.append(f"{p}:{st.st_size}:{int(st.st_mtime)}")
+    return ";".join(parts)
