@@ -75,7 +75,7 @@ def rows_table(caps: list[str], per_row: int = 5):
 
 def bench_stage(caps: list[str]) -> float:
     from pipeline.stage import StageContext
-    from stages.parse import ParseConfig, ParseStage
+    from stages.text.parse import ParseConfig, ParseStage
 
     stage = ParseStage(ParseConfig(), StageContext("/tmp", "parse"))
     stage.setup()
@@ -96,7 +96,7 @@ def bench_ray(caps: list[str], workers: int, tmp: Path, shards: int) -> dict:
     from pipeline.stage import Resources, StageContext
     from pipeline.store import StepDir, write_parquet_atomic
     from pipeline.view import View, shard_file
-    from stages.parse import ParseConfig, ParseStage
+    from stages.text.parse import ParseConfig, ParseStage
 
     table = rows_table(caps)
     run = tmp / f"run{workers}"

@@ -79,7 +79,7 @@ def main() -> int:
         args.gb, args.shard_rows, per_block = 0.002, 100, 1_000
 
     from pipeline.stage import StageContext
-    from stages.sources_json import RamJson
+    from stages.readers.sources_json import RamJson
 
     caps = real_captions()
     blk = block(caps, per_block, seed=0)

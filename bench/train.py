@@ -67,7 +67,7 @@ def fit(files, classes: int, workers: int, epochs: int, root: Path, name: str) -
     from model.registry import create_model
     from model.train import TrainConfig
     from pipeline.trainer import TrainJob, run_torch_job
-    from stages.train import held_out
+    from stages.training.train import held_out
 
     torch.manual_seed(0)
     args = {"num_classes": classes, "image_size": 64, "pool": "lse"}
@@ -92,7 +92,7 @@ def driver_child(export: Path, classes: int) -> int:
     import ray
 
     from pipeline.stage import RowSource, StageContext
-    from stages.train import TrainStage, TrainStageConfig
+    from stages.training.train import TrainStage, TrainStageConfig
     from tagset.tagset import Tag, TagSet
 
     root = export.parent

@@ -75,7 +75,7 @@ def sample_config(cfg: RunConfig, scratch: Path, epochs: int = SAMPLE_EPOCHS, ro
 def run_epochs(cfg: RunConfig) -> dict[str, dict]:
     """Per training step, what the run (not the sample) trains: ``{"epochs", "from", "cache_images"}``,
     ``from`` saying where the number comes from. A step with ``recipe_from`` (a retrain) repeats its base's
-    recipe under the keys its own section sets, as it does when it runs (stages/retrain.py); its base is
+    recipe under the keys its own section sets, as it does when it runs (stages/training/retrain.py); its base is
     the training step before it that provides an artifact it needs (the tagger it starts from)."""
     recipes: dict[str, object] = {}
     out: dict[str, dict] = {}

@@ -15,28 +15,28 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)*\.v[0-9]+$")
 _STAGES: dict[str, type["Stage"]] = {}
 # Modules that register stages; imported lazily so `import pipeline` stays cheap.
 STAGE_MODULES = (
-    "stages.sources",
-    "stages.sources_export",
-    "stages.scene_world",
-    "stages.parse",
-    "stages.vocab",
-    "stages.vocab_list",
-    "stages.label",
-    "stages.label_source",
-    "stages.export",
-    "stages.train",
-    "stages.retrain",
+    "stages.readers.sources",
+    "stages.readers.sources_export",
+    "stages.world.source",
+    "stages.text.parse",
+    "stages.text.vocab",
+    "stages.text.vocab_list",
+    "stages.text.label",
+    "stages.text.label_source",
+    "stages.output.export",
+    "stages.training.train",
+    "stages.training.retrain",
     "stages.vision.evidence",
-    "stages.cluster",
-    "stages.synthetic",
-    "stages.decide",
-    "stages.report",
+    "stages.cleaning.cluster",
+    "stages.world.synthetic",
+    "stages.cleaning.decide",
+    "stages.output.report",
 )
 
 
 # Modules that register CLI commands of their own (``register_command``), imported when the CLI is built.
 COMMAND_MODULES = (
-    "stages.explain",
+    "stages.output.explain",
     "stages.world.tables",
 )
 _COMMANDS: dict[str, tuple[str, Callable]] = {}

@@ -30,7 +30,7 @@ def sng():
 @pytest.fixture(scope="session")
 def parse_stage():
     from pipeline.stage import StageContext
-    from stages.parse import ParseConfig, ParseStage
+    from stages.text.parse import ParseConfig, ParseStage
 
     stage = ParseStage(ParseConfig(), StageContext("/nonexistent", "parse"))
     stage.setup()

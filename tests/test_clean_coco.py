@@ -87,7 +87,7 @@ def test_clean_coco_with_tiny_released_style_models(tmp_path, capsys):
 @pytest.mark.skipif(not (REPO.parent / "shared" / "data" / "coco20").exists(),
                     reason="../shared/data/coco20 is absent (real COCO photos live beside the repo)")
 def test_clean_coco_default_input_reads_the_real_coco20(tmp_path):
-    from stages.sources import CocoCaptions
+    from stages.readers.sources import CocoCaptions
 
     cfg = CocoCaptions.Config(path=str(REPO.parent / "shared" / "data" / "coco20" / "captions_train2017.json"))
     recs, rejects = CocoCaptions(cfg, None).records(cfg.path)

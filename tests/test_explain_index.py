@@ -9,7 +9,7 @@ from pipeline.cli import main
 from pipeline.index import find_shards, index_path, write_id_index
 from pipeline.stage import StageContext
 from stages.columns import TAG_EVENT
-from stages.decide import DecideConfig, DecideStage
+from stages.cleaning.decide import DecideConfig, DecideStage
 from tagset.tagset import Tag, TagSet
 
 NAMES = ["red", "ball", "grass", "sky"]

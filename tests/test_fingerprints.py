@@ -139,7 +139,7 @@ def test_what_auto_resolves_to_is_part_of_the_fingerprint():
     Explicit settings stay as given. train: its workers' device and precision, and its driver's."""
     from pipeline.stage import Resources, StageContext
     from stages.vision.evidence import EvidenceConfig, EvidenceStage
-    from stages.train import TrainStage, TrainStageConfig
+    from stages.training.train import TrainStage, TrainStageConfig
     from stages.vision.tagger import resolve_device
 
     def evidence(ray: dict, gpus: float, **cfg) -> str:
@@ -237,7 +237,7 @@ def test_vocab_overrides_default_is_the_checked_in_file_by_name():
     """The default names the checked-in overrides (what the build reads), and an explicit path to the same
     file is the same input identity: only the config value, as written, differs."""
     from pipeline.stage import StageContext
-    from stages.vocab import BUILTIN, BUILTIN_OVERRIDES, VocabConfig, VocabStage
+    from stages.text.vocab import BUILTIN, BUILTIN_OVERRIDES, VocabConfig, VocabStage
 
     def stage(**cfg) -> VocabStage:
         return VocabStage(VocabConfig(**cfg), StageContext("/nowhere", "vocab"))

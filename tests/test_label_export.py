@@ -10,9 +10,9 @@ from pipeline.view import View
 from pipeline.stage import StageContext
 from pipeline.store import StepDir
 from stages.columns import ROWS_SCHEMA
-from stages.export import EXPORT_SCHEMA, RECORD_KEYS, ExportConfig, ExportStage, image_file, stitch_json
-from stages.label import LabelConfig, LabelStage
-from stages.parse import PARSED
+from stages.output.export import EXPORT_SCHEMA, RECORD_KEYS, ExportConfig, ExportStage, image_file, stitch_json
+from stages.text.label import LabelConfig, LabelStage
+from stages.text.parse import PARSED
 from tagset.tagset import Tag, TagSet
 
 

@@ -69,3 +69,23 @@ def test_the_check_sees_lazy_and_from_imports(tmp_path):
     f = tmp_path / "m.py"
     f.write_text("def g():\n    from stages.vision import crop\n    import model.ram\nfrom common import images\n")
     assert {"stages.vision", "model.ram", "common.images"} <= imports_of(f)
+
+
+def test_one_registered_stage_per_module():
+    """A stage module registers one stage (its versions may share it); readers may share a module."""
+    from pipeline import registry
+
+    by_module: dict[str, set[str]] = {}
+    for name in registry.names():
+        cls = registry.get(name)
+        family = name.rsplit(".", 1)[0]  # vocab.wordnet.v1 and .v2: one stage, two versions
+        by_module.setdefault(cls.__module__, set()).add(family)
+    crowded = {m: sorted(f) for m, f in by_module.items() if len(f) > 1 and not m.startswith("stages.readers.")}
+    assert not crowded, f"modules that register several stages: {crowded}"
+    assert all(m.startswith("stages.") for m in by_module)
+
+
+def test_stage_modules_are_grouped_by_part():
+    """The tree shows the engine's parts: no stage module sits loose in stages/."""
+    loose = sorted(p.name for p in (REPO / "stages").glob("*.py") if p.name not in ("__init__.py", "columns.py"))
+    assert not loose, f"stage modules outside a part's package: {loose}"

@@ -53,18 +53,18 @@ def test_plan_of_a_finished_run_skips_all_and_a_threshold_change_names_decide_an
 
 
 def test_plan_names_the_code_file_a_manifest_was_written_with(small_world_config, tmp_path, capsys):
-    """A manifest written by other code (simulated: its record of stages/label.py differs) makes label re-run,
+    """A manifest written by other code (simulated: its record of stages/text/label.py differs) makes label re-run,
     and plan names the file, not just 'code changed'."""
     cfg, out = small_world_config(), tmp_path / "run"
     assert main(["run", str(cfg), "--out", str(out)]) == 0
     mpath = out / "label" / "_manifest.json"
     m = json.loads(mpath.read_text())
-    assert "stages/label.py" in m["fingerprinted"]["code_files"] and m["fingerprinted"]["upstream"]
+    assert "stages/text/label.py" in m["fingerprinted"]["code_files"] and m["fingerprinted"]["upstream"]
     m["fingerprint"], m["code_version"] = "0" * 20, "0.1.0+000000000000"
-    m["fingerprinted"]["code_files"]["stages/label.py"] = "0" * 16
+    m["fingerprinted"]["code_files"]["stages/text/label.py"] = "0" * 16
     mpath.write_text(json.dumps(m))
     by = {s["step"]: s for s in plan_json(capsys, str(cfg), "--out", str(out))["steps"]}
-    assert by["label"]["action"] == "run" and by["label"]["reasons"] == ["code stages/label.py changed"]
+    assert by["label"]["action"] == "run" and by["label"]["reasons"] == ["code stages/text/label.py changed"]
     assert [by[s]["action"] for s in ("input", "parse", "vocab", "export")] == ["skip"] * 4
 
 

@@ -11,8 +11,8 @@ import pytest
 
 from pipeline.stage import StageContext
 from stages.readers.jsonscan import index_array, iter_elements
-from stages.sources import Cc3mTsv, Flickr30kKarpathy, MultiSource
-from stages.sources_json import CaptionJson, RamJson
+from stages.readers.sources import Cc3mTsv, Flickr30kKarpathy, MultiSource
+from stages.readers.sources_json import CaptionJson, RamJson
 
 CTX = StageContext("/tmp", "input")
 TRICKY = ['a "quoted" [word]', "back\\slash", "ends with a backslash \\", '\\"', "{[,]}", "tab\tand\nnewline",

@@ -11,10 +11,10 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from pipeline.stage import StageContext
-from stages import report_plots as plots
+from stages.output import report_plots as plots
 from stages.columns import TAG_EVENT
-from stages.decide import STAGE_LABELS
-from stages.report import ReportConfig, ReportStage
+from stages.cleaning.decide import STAGE_LABELS
+from stages.output.report import ReportConfig, ReportStage
 from stages.world.tables import TRUTH_SCHEMA
 from tagset.tagset import Tag, TagSet
 
@@ -195,7 +195,7 @@ def test_report_reads_the_image_bytes_of_the_sheets_rows_only(tmp_path, monkeypa
     import pipeline.view as views
     from pipeline import partials
     from pipeline.executor import ShardWorker
-    from stages.report import _priority
+    from stages.output.report import _priority
     from common.images import ImageLimits, open_image
     from stages.vision.geometry import crop
 
@@ -238,7 +238,7 @@ def test_report_reads_the_image_bytes_of_the_sheets_rows_only(tmp_path, monkeypa
 
 def test_outcome_section_without_held_out_images_says_so():
     """A run whose held-out sample is empty has no mAP to compare: the report says so instead of failing."""
-    from stages.report import _outcome_markdown
+    from stages.output.report import _outcome_markdown
 
     empty = {"mAP": None, "precision": 0.0, "recall": 0.0, "f1": 0.0, "by_kind": {}, "by_frequency": {}}
     o = {"judge": "labels", "judge_note": "no truth", "eval_images": 0, "judged_tags": 0, "start": "base",

@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.view import read_step
-from stages.train import held_out
+from stages.training.train import held_out
 from tests.conftest import run_until_killed, write_config
 from tests.test_clean_loop import LOOP
 
@@ -32,7 +32,7 @@ def _manifest(run, step: str) -> dict:
 def _check_label_sets(out) -> None:
     """retrain.labels: generated = parse + what the rule adds; paper = the paper rule's; truth = the world's."""
     from pipeline.view import step_view
-    from stages.retrain import LabelledRows
+    from stages.training.retrain import LabelledRows
     from stages.world.score import names_for_ids
     from tagset.tagset import TagSet
 

@@ -14,11 +14,11 @@ from pipeline.stage import RowSource, StageContext
 from pipeline.store import StepDir
 from pipeline.workflow import check_contract
 from stages.columns import ROWS_SCHEMA
-from stages.export import ExportConfig, ExportStage
-from stages.label_source import SourceLabelConfig, SourceLabelStage
-from stages.sources_export import RamExport, RamExportConfig
-from stages.sources_json import RamJson, JsonListConfig
-from stages.vocab_list import TagListConfig, TagListVocab
+from stages.output.export import ExportConfig, ExportStage
+from stages.text.label_source import SourceLabelConfig, SourceLabelStage
+from stages.readers.sources_export import RamExport, RamExportConfig
+from stages.readers.sources_json import RamJson, JsonListConfig
+from stages.text.vocab_list import TagListConfig, TagListVocab
 from tagset.tagset import KINDS, Tag, TagSet
 
 REPO = Path(__file__).resolve().parent.parent

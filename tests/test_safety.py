@@ -46,7 +46,7 @@ def test_a_checkpoint_that_pickles_code_is_refused_by_the_vision_steps_and_by_tr
 
     from model.checkpoint import CheckpointError
     from pipeline.stage import RowSource, StageContext
-    from stages.train import TrainStage, TrainStageConfig
+    from stages.training.train import TrainStage, TrainStageConfig
     from stages.vision.tagger import TaggerConfig, load_model
     from tagset.tagset import Tag, TagSet
 

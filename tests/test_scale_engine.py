@@ -15,7 +15,7 @@ from pipeline.stage import StageContext
 from pipeline.store import StepDir
 from pipeline.view import View, step_view
 from pipeline.workflow import Runner
-from stages.cluster import (ClusterConfig, ClusterStage, bottom_k, fit_centroids, merge_samples, normalise,
+from stages.cleaning.cluster import (ClusterConfig, ClusterStage, bottom_k, fit_centroids, merge_samples, normalise,
                             sample_table)
 from tests.conftest import run_to_end, run_until_killed, write_config
 
@@ -221,7 +221,7 @@ def test_fingerprints_follow_imports_not_folders(tmp_path):
     (root / "tagset/data/words.txt").write_text("red\nblue\n")
     assert code_hash(parse, root) != changed  # the imported package's checked-in data
     # the project's own stages
-    rel = {str(p.relative_to(ROOT)) for p in import_closure(ROOT / "stages" / "parse.py")}
+    rel = {str(p.relative_to(ROOT)) for p in import_closure(ROOT / "stages" / "text" / "parse.py")}
     assert "tagset/sng.py" in rel and not any(p.startswith("model/") for p in rel)
     rel = {str(p.relative_to(ROOT)) for p in import_closure(ROOT / "stages" / "vision" / "evidence.py")}
     assert {"model/ram.py", "model/cnn.py", "stages/vision/tagger.py"} <= rel

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.stage import StageContext
-from stages.sources import (Cc3mTsv, CocoCaptions, Flickr30kKarpathy, Img2Dataset, ImageFolder, MultiSource,
+from stages.readers.sources import (Cc3mTsv, CocoCaptions, Flickr30kKarpathy, Img2Dataset, ImageFolder, MultiSource,
                             ProjectParquet)
 
 CTX = StageContext("/tmp", "input")

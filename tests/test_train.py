@@ -137,7 +137,7 @@ def test_open_set_vocabulary_and_ram_plus_description_layout():
 
 def test_train_stage_rejects_undecodable_images_and_records_map(tmp_path):
     from pipeline.stage import RowSource, StageContext
-    from stages.train import TrainStage, TrainStageConfig
+    from stages.training.train import TrainStage, TrainStageConfig
 
     files = _tiny_export(tmp_path, 20)
     first = pq.read_table(files[0]).to_pylist()[0]
@@ -154,7 +154,7 @@ def test_train_stage_rejects_undecodable_images_and_records_map(tmp_path):
 
 
 def test_truth_map_scores_perfect_and_reversed_rankings():
-    from stages.train import truth_map
+    from stages.training.train import truth_map
     from stages.world.score import ImageTruth
 
     truth = {"a": ImageTruth({"car", "red"}), "b": ImageTruth({"cup"}), "c": ImageTruth({"car"})}
@@ -314,7 +314,7 @@ def test_the_loop_keeps_every_tensor_on_the_model_device(tmp_path):
     from model.text import MiniLMEncoder
     from model.train import BatchLoss, Objective, batches, evaluate, make_loader, optimizer_step, predict
     from pipeline.stage import StageContext
-    from stages.train import TrainStage, TrainStageConfig
+    from stages.training.train import TrainStage, TrainStageConfig
 
     files = _tiny_export(tmp_path, 16)
     meta = torch.device("meta")
@@ -395,7 +395,7 @@ def test_loader_workers_decode_the_same_batches(tmp_path):
 
 
 def test_held_out_evaluation_is_a_bounded_sample_by_hash():
-    from stages.train import eval_sample
+    from stages.training.train import eval_sample
 
     ids = [f"img{i:04d}" for i in range(500)]
     s = eval_sample(ids, 40)
@@ -413,7 +413,7 @@ def test_the_driver_reads_ids_only_and_a_dataset_keeps_only_its_rows_undecoded(t
     import shutil
 
     from pipeline.stage import RowSource
-    from stages.train import TrainStageConfig, eval_sample, held_out, split_rows
+    from stages.training.train import TrainStageConfig, eval_sample, held_out, split_rows
     from stages.world.generate import NoiseRates
     from stages.world.tables import to_tables, world_images
 
@@ -444,7 +444,7 @@ def test_the_driver_reads_ids_only_and_a_dataset_keeps_only_its_rows_undecoded(t
 
 def test_train_stage_scores_at_most_eval_max_images(tmp_path):
     from pipeline.stage import RowSource, StageContext
-    from stages.train import TrainStage, TrainStageConfig
+    from stages.training.train import TrainStage, TrainStageConfig
 
     files = _tiny_export(tmp_path, 40)
     vocab = _colour_tagset(tmp_path)
@@ -465,7 +465,7 @@ FINETUNE_TAGS = [("red", []), ("green", []), ("blue", []), ("yellow", []), ("aba
 
 def _finetune_stage(tmp_path, shared, name, ckpt, **overrides):
     from pipeline.stage import StageContext
-    from stages.train import TrainStage, TrainStageConfig
+    from stages.training.train import TrainStage, TrainStageConfig
     from tagset.tagset import Tag, TagSet
 
     g = shared / "ref/ram/golden"
@@ -588,7 +588,7 @@ def test_ram_plus_trains_with_description_rows_and_the_alignment_loss(tmp_path):
 
     from model.text import MiniLMEncoder
     from pipeline.stage import RowSource, StageContext
-    from stages.train import TrainStage, TrainStageConfig
+    from stages.training.train import TrainStage, TrainStageConfig
     from tagset.tagset import Tag, TagSet
 
     files = _tiny_export(tmp_path, 16)

@@ -19,7 +19,7 @@ def _spec(tmp_path, files, **kw):
 
     from model.distributed import JobSpec
     from model.train import TrainConfig
-    from stages.train import held_out
+    from stages.training.train import held_out
 
     init = tmp_path / "init.pth"
     if not init.exists():
@@ -123,7 +123,7 @@ def test_one_worker_trains_the_local_loops_weights_even_after_a_sigkill(ray_loca
 def test_train_step_with_the_ray_train_backend(ray_local, tmp_path):
     """The train step as a Ray Train job: it trains, calibrates and publishes like the local backend."""
     from pipeline.stage import RowSource, StageContext
-    from stages.train import TrainStage, TrainStageConfig
+    from stages.training.train import TrainStage, TrainStageConfig
 
     files = _tiny_export(tmp_path, 24)
     vocab = _colour_tagset(tmp_path)
@@ -186,7 +186,7 @@ def test_bad_images_met_in_ray_training_are_the_steps_rejects(ray_local, tmp_pat
     image by the evaluation; all three are the step's rejects with the vision steps' codes, training runs
     its full step count (DDP: the same on both workers), and rows in = trained + held out + rejected."""
     from pipeline.stage import RowSource, StageContext
-    from stages.train import TrainStage, TrainStageConfig, held_out
+    from stages.training.train import TrainStage, TrainStageConfig, held_out
 
     files = _tiny_export(tmp_path, 24)
     rows = pq.read_table(files[0]).to_pylist()

@@ -13,8 +13,8 @@ from PIL import Image
 
 from common.images import ImageLimits, open_image
 from pipeline.stage import StageContext
-from stages.cluster import fit_tag, kmeans_pp_init
-from stages.decide import REASONS, DecideConfig, DecideStage
+from stages.cleaning.cluster import fit_tag, kmeans_pp_init
+from stages.cleaning.decide import REASONS, DecideConfig, DecideStage
 from stages.vision.evidence import EvidenceConfig, EvidenceStage
 from stages.vision.geometry import attention_box, clip_box
 from stages.vision.parts import RegionView, candidate_tags
@@ -223,7 +223,7 @@ def test_kmeans_pp_and_distances_find_the_outlier():
 
 def test_kmeans_on_a_gpu_finds_the_cpus_centroids():
     """With a faiss-gpu build on a GPU node (the ``gpu`` extra), fits run there by default."""
-    from stages.cluster import faiss_gpus, fit_centroids
+    from stages.cleaning.cluster import faiss_gpus, fit_centroids
 
     if faiss_gpus() == 0:
         pytest.skip("faiss sees no GPU (faiss-cpu, or no GPU given to this process)")
@@ -363,7 +363,7 @@ def test_tags_the_tagger_cannot_predict_never_pseudo_label_nor_vote(tmp_path):
 
 
 def test_calibrated_thresholds_reach_the_precision_or_never_fire():
-    from stages.train import calibrate
+    from stages.training.train import calibrate
 
     scores = np.array([[0.9, 0.9], [0.8, 0.8], [0.7, 0.7], [0.6, 0.6], [0.5, 0.5]])
     labels = np.array([[1, 0], [1, 1], [1, 0], [0, 1], [1, 0]])

@@ -10,7 +10,7 @@ from pydantic import Field
 from pipeline.registry import register
 from pipeline.stage import Stage, StageConfig, StageResult
 from stages.columns import TAG_EVENT
-from stages.parse import TAG_KINDS
+from stages.text.parse import TAG_KINDS
 
 
 class LabelConfig(StageConfig):

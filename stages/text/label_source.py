@@ -31,7 +31,7 @@ from common.rejects import Reject
 from pipeline.registry import register
 from pipeline.stage import Stage, StageConfig, StageResult
 from stages.columns import TAG_EVENT
-from stages.vocab_list import read_tag_names, tag_list_file
+from stages.text.vocab_list import read_tag_names, tag_list_file
 
 TOP_UNMAPPED = 25  # names listed in the manifest; the per-shard counts are bounded by the source list
 

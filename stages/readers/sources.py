@@ -6,7 +6,7 @@ ids with its name. A missing or unreadable input file becomes an ``input``-level
 goes on with the other files. Inputs are plain paths or fsspec URIs (``stages/readers/fs.py``).
 
 Record files stream (``stages/readers/ranged.py``): the Karpathy json and the CC3M tsv here, RAM's
-training json and BLIP's caption json in ``stages/sources_json.py``. COCO's captions json joins two
+training json and BLIP's caption json in ``stages/readers/sources_json.py``. COCO's captions json joins two
 arrays by id, so it is read whole (bounded by the annotation file: COCO's own is 92 MB); a folder is
 listed whole.
 """
@@ -35,7 +35,7 @@ from stages.readers.ids import NAME, SEP, path_id, prefixed, url_id
 from stages.readers.ranged import (Entry, Parsed, RangeReader, RangeReaderConfig, ReaderConfig, dedupe,
                                    merge_by_key, missing_input, planned_input_problem, rows_table, text_of,
                                    unreadable_input, url_only_rejects)
-from stages.sources_json import CaptionJson, RamJson  # noqa: F401  (registers source.ram_json.v1, caption_json.v1)
+from stages.readers.sources_json import CaptionJson, RamJson  # noqa: F401  (registers source.ram_json.v1, caption_json.v1)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 

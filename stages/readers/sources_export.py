@@ -17,8 +17,8 @@ from common.rejects import Reject
 from pipeline.registry import register
 from pipeline.stage import StageConfig
 from stages.readers import fs
-from stages.sources import _PerFileReader
-from stages.sources_json import RAM_ROWS_SCHEMA
+from stages.readers.sources import _PerFileReader
+from stages.readers.sources_json import RAM_ROWS_SCHEMA
 
 PARTS = "part-*.parquet"
 EXPORT_COLUMNS = ("image_id", "image_path", "caption", "union_label_id", "parse_label_id")

@@ -21,7 +21,7 @@ from pipeline.stage import ReduceResult, RowSource, Stage, StageConfig
 # ``overrides: builtin``: the checked-in overrides. A name, not a path: the config (and so the step's
 # fingerprint and manifest) holds it as written, never where this checkout happens to be.
 BUILTIN = "builtin"
-BUILTIN_OVERRIDES = Path(__file__).resolve().parent.parent / "tagset" / "data" / "overrides.yaml"
+BUILTIN_OVERRIDES = Path(__file__).resolve().parents[2] / "tagset" / "data" / "overrides.yaml"
 
 
 class VocabConfig(StageConfig):

@@ -3,7 +3,7 @@
 
 Counts tags added / removed per stage and reason, the tag long tail, and on a scene world the
 precision / recall / F1 after each stage and for both decision rules (``quality.<stage>.f1`` ...),
-plus the issue's targets. Plots are matplotlib figures (``stages/report_plots.py``); on a scene world the
+plus the issue's targets. Plots are matplotlib figures (``stages/output/report_plots.py``); on a scene world the
 contact sheet of dropped regions frames each crop by whether the drop was right by the truth.
 """
 from __future__ import annotations
@@ -153,7 +153,7 @@ class ReportStage(Stage):
         bytes of the rows the merged sheet shows, and only those (:meth:`_cut_sheet`). Each item carries its
         verdict (``report_plots.drop_verdict``: right, wrong or not judged), judged here where the shard's
         truth is, so the driver needs none."""
-        from stages.report_plots import drop_verdict
+        from stages.output.report_plots import drop_verdict
 
         per = self.config.sheet_per_reason
         regions = t.column("regions").to_pylist()
@@ -333,7 +333,7 @@ class ReportStage(Stage):
         return q, targets
 
     def _plots(self, report: dict, counts: dict, tail: Counter, parse_tail: Counter, sheet: dict) -> dict[str, bytes]:
-        from stages import report_plots as plots
+        from stages.output import report_plots as plots
 
         top = tail.most_common(self.config.long_tail)
         figs = {"stages.png": plots.stage_chart(counts),

@@ -22,7 +22,7 @@ from pydantic import Field
 
 from pipeline.registry import register
 from pipeline.stage import RowSource
-from stages.train import TrainStage, TrainStageConfig
+from stages.training.train import TrainStage, TrainStageConfig
 
 KINDS = ("object", "scene", "attribute", "action")
 THIRDS = ("head", "middle", "tail")
