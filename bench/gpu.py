@@ -18,7 +18,7 @@
   Swin-T config (random init), 16 COCO class names per image: ``pairs_per_s``, (image, prompt) pairs.
 * ``--train`` (also run by ``--smoke``): RAM training at the official fine-tuning shape, Swin-L at 384 px
   (``ram_swin_l_384``, random init), batch 26, bf16 autocast, AdamW, label rows frozen, through the train
-  step's own objective (``model/train.Objective`` + ``BatchLoss``): ``train_bf16`` with
+  step's own objective (``model/objective.Objective`` + ``BatchLoss``): ``train_bf16`` with
   ``img_per_s`` over ``--train-steps`` optimizer steps after one warm-up step, and
   ``peak_gpu_mem_gib`` (one process, one GPU: the per-GPU figure of a DDP run, less NCCL's buffers).
 
@@ -146,7 +146,8 @@ def train_section(model, rows: list[dict], batch: int, steps: int, device: str) 
     import torch
 
     from model.preprocess import to_tensor
-    from model.train import BatchLoss, Objective, TrainConfig, optimizer_step
+    from model.objective import BatchLoss, Objective
+    from model.train import TrainConfig, optimizer_step
     from common.images import ImageLimits, open_image
 
     cfg = TrainConfig(batch_size=batch, bf16=True, grad_clip=5.0)

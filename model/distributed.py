@@ -1,14 +1,14 @@
 """Training as a Ray Train job: what every worker runs (``pipeline/trainer.py`` launches it).
 
 The loop is ``model/loop.py``'s, the same one a local run uses; this module gives it a Ray Train session:
-``ray.train.torch.prepare_model`` wraps the :class:`model.train.Objective` in DDP (gloo on CPU, NCCL on
+``ray.train.torch.prepare_model`` wraps the :class:`model.objective.Objective` in DDP (gloo on CPU, NCCL on
 GPU) so the gradient of every trained parameter is all-reduced, checkpoints go through
 ``ray.train.report`` (rank 0 attaches them; every worker reports, which is a barrier) and come back
 through ``ray.train.get_checkpoint`` after a restart. Every worker holds the index of all training rows
 (ids, labels, where each image is: paths, or a row of an input shard for inline bytes) and decodes only
 the rows of its own batches, a different share each epoch (``DistributedSampler`` semantics).
 
-Images decode in the worker, per item (``model/train.ExportDataset``): one that does not is left out of
+Images decode in the worker, per item (``model/data.ExportDataset``): one that does not is left out of
 its batch (a smaller batch; a batch rejected whole still joins the all-reduce at weight 0, so the step
 count stays the same on every worker) and its reject goes, as found, to the worker's
 ``rank-N.jsonl`` in ``rejects_dir``, once per image_id across epochs and restarts; the driver merges
@@ -30,7 +30,9 @@ import torch
 
 from common.rejects import Reject
 from model.checkpoint import load_state
-from model.train import BatchLoss, ExportDataset, TrainConfig, make_loader
+from model.data import ExportDataset, make_loader
+from model.objective import BatchLoss
+from model.train import TrainConfig
 
 
 @dataclass
@@ -41,7 +43,7 @@ class JobSpec:
     model_args: dict
     init_state: str  # the driver's starting model ({'model': state_dict}, label rows set): the same on every worker
     label_embed_trainable: bool
-    source: Any  # model.train.row_tables input: Parquet files or the engine's RowSource
+    source: Any  # model.data.row_tables input: Parquet files or the engine's RowSource
     num_classes: int
     train: dict  # TrainConfig fields
     is_held_out: Callable[[str], bool]  # the held-out split (by hash of image_id): never trained on
@@ -184,7 +186,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     device = ray.train.torch.get_device()
     cfg = TrainConfig(**spec.train)
     torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)  # as model/train.train
+    random.seed(cfg.seed)  # as model/loop.train
     model = _build(spec, device)
     session = RaySession(getattr(model.cfg, "caption_branch", False) and cfg.caption_weight == 0)
     rank = session.rank

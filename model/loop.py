@@ -30,8 +30,10 @@ from typing import Callable
 import torch
 
 from model.checkpoint import load_state
-from model.train import (BatchLoss, Objective, TrainConfig, accumulation_steps, batches, evaluate, lr_lambda, make_loader,
-                         model_device, optimizer_step)
+from model.data import batches, make_loader
+from model.metrics import evaluate
+from model.objective import BatchLoss, Objective
+from model.train import TrainConfig, accumulation_steps, lr_lambda, model_device, optimizer_step
 
 
 def seed_of(*parts) -> int:

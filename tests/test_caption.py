@@ -3,7 +3,7 @@ import torch
 
 from model.caption import CaptionTokenizer, clean_caption
 from model.registry import create_model
-from model.train import caption_batch
+from model.objective import caption_batch
 
 
 def test_targets_hide_the_prompt_and_padding_only():

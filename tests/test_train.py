@@ -11,7 +11,10 @@ from model.checkpoint import load_checkpoint
 
 from model.registry import create_model
 from model.loop import train
-from model.train import ExportDataset, TrainConfig, asl_loss, average_precision
+from model.data import ExportDataset
+from model.metrics import average_precision
+from model.objective import asl_loss
+from model.train import TrainConfig
 
 
 def test_asl_matches_its_definition():
@@ -167,7 +170,7 @@ def test_truth_map_scores_perfect_and_reversed_rankings():
 
 
 def test_ram_plus_alignment_loss_prefers_matching_captions():
-    from model.train import alignment_loss
+    from model.objective import alignment_loss
 
     m = create_model("ram_plus_test", label_dim=16)
     caps = torch.nn.functional.normalize(torch.randn(4, 16), dim=-1)
@@ -312,7 +315,10 @@ def test_the_loop_keeps_every_tensor_on_the_model_device(tmp_path):
     to it fails the submodules' device checks, and the host copy of a score is the one place it may stop."""
     from model.teacher import RamTeacher
     from model.text import MiniLMEncoder
-    from model.train import BatchLoss, Objective, batches, evaluate, make_loader, optimizer_step, predict
+    from model.data import batches, make_loader
+    from model.metrics import evaluate, predict
+    from model.objective import BatchLoss, Objective
+    from model.train import optimizer_step
     from pipeline.stage import StageContext
     from stages.training.train import TrainStage, TrainStageConfig
 

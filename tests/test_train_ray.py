@@ -93,7 +93,8 @@ def test_one_worker_trains_the_local_loops_weights_even_after_a_sigkill(ray_loca
     import dataclasses
 
     from model.loop import train
-    from model.train import ExportDataset, TrainConfig
+    from model.data import ExportDataset
+    from model.train import TrainConfig
 
     files = _tiny_export(tmp_path, 48)
     spec, train_ids = _spec(tmp_path, files, checkpoint_every=2)

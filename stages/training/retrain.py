@@ -120,7 +120,7 @@ def truth_matrix(ids: list[str], cols: list[int], tagset, truth_dir: Path) -> np
 
 
 def _map(scores: np.ndarray, y: np.ndarray) -> float | None:
-    from model.train import average_precision
+    from model.metrics import average_precision
 
     if not scores.shape[1] or not y.any():
         return None
@@ -214,7 +214,11 @@ class RetrainStage(TrainStage):
         """Both taggers on the evaluation sample; the judge is the truth when the run has one."""
         import torch
 
-        from model.train import make_loader, model_device, predict_all
+        from model.data import make_loader
+
+        from model.metrics import predict_all
+
+        from model.train import model_device
         from stages.vision.tagger import TaggerConfig, load_model
 
         base_model, _, base_thr = load_model(TaggerConfig(), {"tagger": str(base_dir)}, fitted.tagset.names)

@@ -107,7 +107,7 @@ def truth_map(scores, image_ids: list[str], truth_by_id: dict, id_names: dict[in
     """mAP of tag scores against the scene world's truth, over tags that name a world class."""
     import numpy as np
 
-    from model.train import average_precision
+    from model.metrics import average_precision
 
     cols = [t for t, names in sorted(id_names.items()) if names]
     y = np.array([[1.0 if id_names[t] & truth_by_id[i].tags else 0.0 for t in cols] for i in image_ids])
@@ -145,7 +145,7 @@ def split_rows(source, fraction: float, k: int) -> Split:
     many held out (by hash), the ``k`` held-out ids of the evaluation sample (an O(k) heap), and the
     training rows' labels as a count and a digest. No image is decoded: a bad image is found where it
     is decoded, in training or evaluation."""
-    from model.train import row_tables
+    from model.data import row_tables
 
     count = {"rows": 0, "held": 0, "labels": 0}
     digest = hashlib.sha1()
@@ -212,7 +212,9 @@ class TrainStage(Stage):
 
     def _truth_map(self, model, val_set, tagset) -> dict:
         """On a scene world, the held-out mAP against the truth (parse labels are noisy by design)."""
-        from model.train import make_loader, model_device, predict_all
+        from model.data import make_loader
+        from model.metrics import predict_all
+        from model.train import model_device
         from pipeline.store import StepDir
         from stages.world.score import names_for_ids, truth_by_image
 
@@ -225,7 +227,9 @@ class TrainStage(Stage):
         return {"val_truth_mAP_after": round(m, 4), "val_truth_chance_mAP": round(chance, 4)}
 
     def _calibrate(self, model, val_set, n: int) -> list[float]:
-        from model.train import make_loader, model_device, predict_arrays
+        from model.data import make_loader
+        from model.metrics import predict_arrays
+        from model.train import model_device
 
         r = self.resources
         scores, labels = predict_arrays(model, make_loader(val_set, 64, model_device(model), r.loader_workers,
@@ -381,7 +385,7 @@ class TrainStage(Stage):
         import torch
 
         from model.loop import train
-        from model.train import ExportDataset
+        from model.data import ExportDataset
         from tagset.tagset import TagSet
 
         c = self.config
