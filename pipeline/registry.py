@@ -16,6 +16,9 @@ _STAGES: dict[str, type["Stage"]] = {}
 # Modules that register stages; imported lazily so `import pipeline` stays cheap.
 STAGE_MODULES = (
     "stages.readers.sources",
+    "stages.readers.sources_json",
+    "stages.readers.files",
+    "stages.readers.multi",
     "stages.readers.sources_export",
     "stages.world.source",
     "stages.text.parse",

@@ -11,7 +11,8 @@ import pytest
 
 from pipeline.stage import StageContext
 from stages.readers.jsonscan import index_array, iter_elements
-from stages.readers.sources import Cc3mTsv, Flickr30kKarpathy, MultiSource
+from stages.readers.multi import MultiSource
+from stages.readers.sources import Cc3mTsv, Flickr30kKarpathy
 from stages.readers.sources_json import CaptionJson, RamJson
 
 CTX = StageContext("/tmp", "input")

@@ -7,8 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.stage import StageContext
-from stages.readers.sources import (Cc3mTsv, CocoCaptions, Flickr30kKarpathy, Img2Dataset, ImageFolder, MultiSource,
-                            ProjectParquet)
+from stages.readers.files import Img2Dataset, ProjectParquet
+from stages.readers.multi import MultiSource
+from stages.readers.sources import Cc3mTsv, CocoCaptions, Flickr30kKarpathy, ImageFolder
 
 CTX = StageContext("/tmp", "input")
 

@@ -17,7 +17,7 @@ from common.rejects import Reject
 from pipeline.registry import register
 from pipeline.stage import StageConfig
 from stages.readers import fs
-from stages.readers.sources import _PerFileReader
+from stages.readers.files import PerFileReader
 from stages.readers.sources_json import RAM_ROWS_SCHEMA
 
 PARTS = "part-*.parquet"
@@ -45,7 +45,7 @@ def _expand(paths: list[str] | str) -> list[str]:
 
 
 @register("source.ram_export.v1")
-class RamExport(_PerFileReader):
+class RamExport(PerFileReader):
     """An export.ram.v1 directory read back, with its labels as source_union_label_id / source_parse_label_id.
 
     One shard per part file, or per run of its row groups (``shard_rows``): the driver reads only the
