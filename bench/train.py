@@ -67,7 +67,7 @@ def fit(files, classes: int, workers: int, epochs: int, root: Path, name: str) -
     from model.registry import create_model
     from model.train import TrainConfig
     from pipeline.trainer import TrainJob, run_torch_job
-    from stages.training.train import held_out
+    from stages.training.holdout import held_out
 
     torch.manual_seed(0)
     args = {"num_classes": classes, "image_size": 64, "pool": "lse"}

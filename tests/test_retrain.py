@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.view import read_step
-from stages.training.train import held_out
+from stages.training.holdout import held_out
 from tests.conftest import run_until_killed, write_config
 from tests.test_clean_loop import LOOP
 

@@ -157,7 +157,7 @@ def test_train_stage_rejects_undecodable_images_and_records_map(tmp_path):
 
 
 def test_truth_map_scores_perfect_and_reversed_rankings():
-    from stages.training.train import truth_map
+    from stages.training.holdout import truth_map
     from stages.world.score import ImageTruth
 
     truth = {"a": ImageTruth({"car", "red"}), "b": ImageTruth({"cup"}), "c": ImageTruth({"car"})}
@@ -401,7 +401,7 @@ def test_loader_workers_decode_the_same_batches(tmp_path):
 
 
 def test_held_out_evaluation_is_a_bounded_sample_by_hash():
-    from stages.training.train import eval_sample
+    from stages.training.holdout import eval_sample
 
     ids = [f"img{i:04d}" for i in range(500)]
     s = eval_sample(ids, 40)
@@ -419,7 +419,8 @@ def test_the_driver_reads_ids_only_and_a_dataset_keeps_only_its_rows_undecoded(t
     import shutil
 
     from pipeline.stage import RowSource
-    from stages.training.train import TrainStageConfig, eval_sample, held_out, split_rows
+    from stages.training.holdout import eval_sample, held_out, split_rows
+    from stages.training.train import TrainStageConfig
     from stages.world.generate import NoiseRates
     from stages.world.tables import to_tables, world_images
 

@@ -19,7 +19,7 @@ def _spec(tmp_path, files, **kw):
 
     from model.distributed import JobSpec
     from model.train import TrainConfig
-    from stages.training.train import held_out
+    from stages.training.holdout import held_out
 
     init = tmp_path / "init.pth"
     if not init.exists():
@@ -187,7 +187,8 @@ def test_bad_images_met_in_ray_training_are_the_steps_rejects(ray_local, tmp_pat
     image by the evaluation; all three are the step's rejects with the vision steps' codes, training runs
     its full step count (DDP: the same on both workers), and rows in = trained + held out + rejected."""
     from pipeline.stage import RowSource, StageContext
-    from stages.training.train import TrainStage, TrainStageConfig, held_out
+    from stages.training.holdout import held_out
+    from stages.training.train import TrainStage, TrainStageConfig
 
     files = _tiny_export(tmp_path, 24)
     rows = pq.read_table(files[0]).to_pylist()

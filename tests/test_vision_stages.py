@@ -363,7 +363,7 @@ def test_tags_the_tagger_cannot_predict_never_pseudo_label_nor_vote(tmp_path):
 
 
 def test_calibrated_thresholds_reach_the_precision_or_never_fire():
-    from stages.training.train import calibrate
+    from stages.training.holdout import calibrate
 
     scores = np.array([[0.9, 0.9], [0.8, 0.8], [0.7, 0.7], [0.6, 0.6], [0.5, 0.5]])
     labels = np.array([[1, 0], [1, 1], [1, 0], [0, 1], [1, 0]])
