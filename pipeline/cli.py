@@ -17,7 +17,8 @@ from pipeline.errors import ConfigError, ContractError
 def _cmd_run(args: argparse.Namespace) -> int:
     from pipeline.config import load_run_config
     from pipeline.report import print_summary
-    from pipeline.workflow import Runner, check_contract
+    from pipeline.contract import check_contract
+    from pipeline.workflow import Runner
 
     from pipeline.store import run_dir_path
 
@@ -34,7 +35,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from pipeline.config import load_run_config
     from pipeline.plan import format_plan, plan_run
     from pipeline.store import run_dir_path
-    from pipeline.workflow import check_contract
+    from pipeline.contract import check_contract
 
     cfg = load_run_config(args.config, args.set)
     check_contract(cfg)

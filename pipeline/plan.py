@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pipeline.config import RayConfig, RunConfig, Step
+from pipeline.contract import plan_views
 from pipeline.store import StepDir
-from pipeline.workflow import LAYOUT, Planned, Runner, code_version, plan_views
+from pipeline.workflow import LAYOUT, Planned, Runner, code_version
 
 
 @dataclass

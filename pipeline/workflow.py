@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pipeline import __version__, partials
 from pipeline.config import RayConfig, RunConfig, Step
+from pipeline.contract import check_contract, plan_views
 from pipeline.errors import ContractError
 from pipeline.executor import Pool, ray_temp_dir, run_calls, run_shards, start_ray, step_pool
 from pipeline.fingerprint import code_files, code_hash
@@ -23,9 +24,9 @@ from pipeline.report import workers_used
 from pipeline.stage import RowSource, StageContext
 from pipeline.store import (StepDir, rejects_table, run_dir_path, write_bytes_atomic, write_json_atomic,
                             write_parquet_atomic)
+from pipeline.shardstats import peak_rss, places, placement, sum_stats
 from pipeline.view import View
 
-BASE_COLUMNS = ("image_id",)
 # What a step directory holds and how steps read each other's (pipeline/view.py: column groups).
 # Part of every fingerprint, so a run directory written in another layout is redone, never misread.
 LAYOUT = "columns-v2"
@@ -47,58 +48,6 @@ def code_version(cls: type) -> str:
     except (OSError, TypeError):
         digest = "nosrc"
     return f"{__version__}+{digest}"
-
-
-def plan_views(steps, root: Path) -> list[View]:
-    """The rows each step reads (before it runs), from the declared columns of the steps before it.
-
-    Each later round starts from the rows as they were before round 1 (the parse labels), so round k+1
-    re-judges the original labels with new evidence instead of stacking its decisions on round k's."""
-    views, view, before_rounds = [], View(str(root)), None
-    for prev, step in zip((None, *steps), steps):
-        if step.round == 1 and (prev is None or prev.round != 1):
-            before_rounds = view
-        elif step.round > 1 and prev is not None and prev.round != step.round:
-            view = before_rounds
-        views.append(view)
-        cls = step.stage_cls
-        view = view.after(step.name, cls.kind, cls.outputs, cls.replaces_columns)
-    return views
-
-
-def check_contract(cfg: RunConfig) -> None:
-    """Fail before running if a step reads a column or artifact that no earlier step writes."""
-    columns: set[str] | None = None
-    artifacts: set[str] = set()
-    before_rounds: set[str] | None = None
-    for i, step in enumerate(cfg.steps):
-        prev = cfg.steps[i - 1] if i else None
-        if step.round == 1 and (prev is None or prev.round != 1):
-            before_rounds = set(columns or ())
-        elif step.round > 1 and prev is not None and prev.round != step.round:
-            columns = set(before_rounds or ())  # as plan_views: a later round reads the rows before round 1
-        cls = step.stage_cls
-        where = (f"workflow '{cfg.workflow}' ({cfg.file}): step '{step.name}' ({step.use})" if cfg.workflow
-                 else f"{cfg.file}: step '{step.name}' (steps.{step.name}: {step.use})")
-        if i == 0 and cls.kind != "source":
-            raise ContractError(f"{where} is the first step, so it must be a source stage, not {cls.kind}")
-        if i > 0 and cls.kind == "source":
-            raise ContractError(f"{where} is a source stage; only the first step may be one")
-        if columns is not None:
-            missing = [c for c in cls.inputs if c not in columns]
-            if missing:
-                raise ContractError(f"{where} reads column(s) {missing} that no earlier step writes; "
-                                    f"available: {sorted(columns)}")
-        lacking = [a for a in cls.needs if a not in artifacts]
-        if lacking:
-            raise ContractError(f"{where} needs artifact(s) {lacking} that no earlier step provides; "
-                                f"available: {sorted(artifacts)}")
-        artifacts.update(cls.provides)
-        if cls.kind == "source":
-            columns = set(cls.outputs) | set(BASE_COLUMNS)
-        elif cls.kind == "map":
-            assert columns is not None
-            columns = (set(BASE_COLUMNS) | set(cls.outputs)) if cls.replaces_columns else columns | set(cls.outputs)
 
 
 @dataclass
@@ -352,7 +301,7 @@ class Runner:
         rows = write_id_index(sdir.path)
         count, examples = duplicates(sdir.path)
         if count:
-            shown = "; ".join(_places(iid, shards, specs) for iid, shards in examples)
+            shown = "; ".join(places(iid, shards, specs) for iid, shards in examples)
             raise RuntimeError(
                 f"step '{step.name}': {count} image id(s) are in more than one place, e.g. {shown}. Two rows of "
                 f"one id would share labels and exported pixels. Give each input its own source in "
@@ -389,7 +338,7 @@ class Runner:
             shard_stats = sorted([*done.values(), *new], key=lambda s: s["shard"])
             if step.stage_cls.kind == "map":
                 self._check_counts(step, view_in, shard_stats)
-            stats = _sum_stats(shard_stats)
+            stats = sum_stats(shard_stats)
             stats["shards"] = len(shard_stats)
             stats["shards_resumed"] = len(done)
             stats["pool"] = pool.to_dict() if pool else None
@@ -459,7 +408,7 @@ class Runner:
 
             res = stage.merge(stream())
             rows = sum(st["rows_in"] for st in shard_stats)
-            workers = {"worker_peak_rss_mb": _peak_rss(shard_stats), "pool": pool.to_dict() if pool else None,
+            workers = {"worker_peak_rss_mb": peak_rss(shard_stats), "pool": pool.to_dict() if pool else None,
                        "workers": placement(shard_stats)}
         else:
             sdir.write_plan(fp, None)
@@ -511,56 +460,3 @@ class StepEngine:
         for k, result, rss in calls:
             self.peak_rss_mb = max(self.peak_rss_mb, rss)
             yield k, result
-
-
-def _places(image_id: str, shards: list[int], specs: list[dict]) -> str:
-    where = " and ".join(f"shard {i} ({_where(specs[i])})" for i in sorted(set(shards)))
-    return f"{image_id!r} in {where}" + (" (twice in one shard)" if len(set(shards)) < len(shards) else "")
-
-
-def _where(spec: dict) -> str:
-    """A source shard's input, from its read spec: the source's name, the file, the range."""
-    parts = [f"source {spec['name']}"] if "name" in spec else []
-    parts += [str(spec["file"])] if "file" in spec else []
-    if "start" in spec and "stop" in spec:
-        parts.append(f"{'bytes' if 'format' in spec else 'rows'} {spec['start']}-{spec['stop']}")
-    return ", ".join(parts) or json.dumps(spec, sort_keys=True)[:200]
-
-
-def _sum_stats(shards: list[dict]) -> dict:
-    codes: dict[str, int] = {}
-    for s in shards:
-        for k, v in s["rejects_by_code"].items():
-            codes[k] = codes.get(k, 0) + v
-    return {
-        "rows_in": sum(s["rows_in"] for s in shards),
-        "rows_out": sum(s["rows_out"] for s in shards),
-        "rows_rejected": sum(s["rows_rejected"] for s in shards),
-        "rejects_by_code": dict(sorted(codes.items())),
-        "shard_seconds": round(sum(s["seconds"] for s in shards), 3),
-        "worker_peak_rss_mb": _peak_rss(shards),
-        "workers": placement(shards),
-    }
-
-
-def placement(shards: list[dict]) -> dict:
-    """How many workers ran a step's shards and where, from the node and process each shard's stats name:
-    ``{"used": workers, "nodes": {node_id: {"shards": n, "workers": n}}}`` (O(nodes), not O(shards)).
-    Stats written before they named a node are left out."""
-    nodes: dict[str, dict[str, int]] = {}
-    seen: set[tuple[str, object]] = set()
-    for st in shards:
-        node = st.get("node_id")
-        if node is None:
-            continue
-        entry = nodes.setdefault(node, {"shards": 0, "workers": 0})
-        entry["shards"] += 1
-        if (node, st.get("worker_pid")) not in seen:
-            seen.add((node, st.get("worker_pid")))
-            entry["workers"] += 1
-    return {"used": len(seen), "nodes": dict(sorted(nodes.items()))}
-
-
-def _peak_rss(shards: list[dict]) -> float:
-    """The largest worker peak RSS (MiB) among the shards' stats (0 for stats written before it was kept)."""
-    return max((s.get("peak_rss_mb", 0.0) for s in shards), default=0.0)

@@ -6,7 +6,7 @@ from pipeline import registry
 from pipeline.cli import main
 from pipeline.config import load_run_config
 from pipeline.errors import ConfigError
-from pipeline.workflow import check_contract
+from pipeline.contract import check_contract
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -3,7 +3,7 @@ import pytest
 from common.rejects import REJECT_CODES
 from pipeline.config import load_run_config
 from pipeline.errors import ContractError
-from pipeline.workflow import check_contract
+from pipeline.contract import check_contract
 
 
 def test_step_reading_unwritten_column_fails_before_running(tmp_path, monkeypatch):

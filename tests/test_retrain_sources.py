@@ -12,7 +12,7 @@ from pipeline.config import load_run_config
 from pipeline.errors import ConfigError
 from pipeline.stage import RowSource, StageContext
 from pipeline.store import StepDir
-from pipeline.workflow import check_contract
+from pipeline.contract import check_contract
 from stages.columns import ROWS_SCHEMA
 from stages.output.export import ExportConfig, ExportStage
 from stages.text.label_source import SourceLabelConfig, SourceLabelStage

@@ -635,7 +635,7 @@ def test_cli_train_runs_only_the_train_step(tmp_path, small_world_config, capsys
 
 def test_gpu_recipe_is_the_official_schedule():
     from pipeline.config import load_run_config
-    from pipeline.workflow import check_contract
+    from pipeline.contract import check_contract
 
     recipe = Path(__file__).resolve().parent.parent / "stages" / "train_ram_gpu.yaml"
     cfg = load_run_config(recipe)
