@@ -238,11 +238,11 @@ def test_report_reads_the_image_bytes_of_the_sheets_rows_only(tmp_path, monkeypa
 
 def test_outcome_section_without_held_out_images_says_so():
     """A run whose held-out sample is empty has no mAP to compare: the report says so instead of failing."""
-    from stages.output.report import _outcome_markdown
+    from stages.output.report_markdown import outcome_markdown
 
     empty = {"mAP": None, "precision": 0.0, "recall": 0.0, "f1": 0.0, "by_kind": {}, "by_frequency": {}}
     o = {"judge": "labels", "judge_note": "no truth", "eval_images": 0, "judged_tags": 0, "start": "base",
          "base_labels_mAP": None, "retrained_labels_mAP": None, "gain_points": None,
          "base": empty, "retrained": empty}
-    text = "\n".join(_outcome_markdown(o))
+    text = "\n".join(outcome_markdown(o))
     assert "no held-out image to judge by" in text and "| mAP | - | - |" in text
