@@ -19,8 +19,8 @@ adds over the base (more epochs) is not taken for what the labels add:
 
 Prints each arm's truth mAP per seed and their means, and last ``engine_gap_closed: X.XX``: the mean over
 the seeds of (c - a) / (d - a), the share of the parse-to-truth gap the engine closes. Writes the figures
-to ``--out`` (JSON). ``--smoke``: a tiny world and one short epoch (the same code path; its
-figures mean nothing), for the test that keeps this benchmark from rotting. A run directory per seed
+to ``--out`` (JSON). ``--smoke``: a tiny world and one short epoch, in-process (Ray off, the local
+training loop: the same steps; its figures mean nothing), for the test that keeps this benchmark from rotting. A run directory per seed
 resumes like any run.
 """
 from __future__ import annotations
@@ -39,7 +39,9 @@ sys.path.insert(0, str(REPO))
 
 ARMS = {"a": "parse", "b": "generated", "c": "cleaned", "c'": "paper", "d": "truth"}
 DEFAULT = ["retrain.start=scratch", "retrain.epochs=null", "retrain.warmup_steps=null"]  # the base's own
-SMOKE = ["input.images=240", "input.shard_rows=120", "train.epochs=1", "evidence.resources.batch_size=64"]
+# --smoke checks this script's code path, not Ray's (tests/test_ray_*.py do): in-process, the local loop
+SMOKE = ["input.images=240", "input.shard_rows=120", "train.epochs=1", "evidence.resources.batch_size=64",
+         "ray.enabled=false", "train.backend=local"]
 
 
 def ablation_config(config: Path, seed: int, overrides: list[str], arms: tuple[str, ...] = tuple(ARMS)) -> dict:
