@@ -6,10 +6,12 @@ from pathlib import Path
 
 def workers_used(extra: dict) -> str:
     """``4 on 2 nodes``: the workers that ran a step's shards and the nodes they ran on (its manifest's
-    ``workers``); ``driver`` for a step with no shard tasks (a whole-data reduce such as local training)."""
+    ``workers``); ``Ray Train xN`` for a step that trained as a Ray Train job of N workers (its
+    ``ray_train_workers``); ``driver`` for a step with no shard tasks (a whole-data reduce such as local
+    training)."""
     w = extra.get("workers")
     if not w or not w.get("nodes"):
-        return "driver"
+        return f"Ray Train x{extra['ray_train_workers']}" if extra.get("ray_train_workers") else "driver"
     n = len(w["nodes"])
     return f"{w['used']} on {n} node{'s' if n != 1 else ''}"
 

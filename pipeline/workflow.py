@@ -246,7 +246,8 @@ class Runner:
     def _skipped(self, step: Step, sdir: StepDir) -> StepReport:
         m = sdir.manifest() or {}
         return StepReport(step.name, step.use, "skipped", m.get("rows_in", 0), m.get("rows_out", 0),
-                          m.get("rows_rejected", 0), 0.0, {"workers": m["workers"]} if "workers" in m else {})
+                          m.get("rows_rejected", 0), 0.0,
+                          {k: m[k] for k in ("workers", "ray_train_workers") if k in m})
 
     # -- counting rows across steps ----------------------------------------------------------------
     def _check_input(self, step: Step, view: View) -> None:

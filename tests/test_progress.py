@@ -106,3 +106,12 @@ def test_a_failed_run_logs_the_error_and_points_at_error_json(tmp_path):
         main(["run", str(with_parse), "--out", str(out)])
     last = (out / "run.log").read_text().splitlines()[-1]
     assert "FAILED in step 'parse': RuntimeError: " in last and str(out.resolve() / "_error.json") in last
+
+
+def test_the_summary_names_a_ray_train_job_not_the_driver():
+    """A step that trained as a Ray Train job says so in the run summary; local training says driver."""
+    from pipeline.report import workers_used
+
+    assert workers_used({"ray_train_workers": 2}) == "Ray Train x2"
+    assert workers_used({}) == "driver"
+    assert workers_used({"workers": {"used": 3, "nodes": {"a": {}, "b": {}}}}) == "3 on 2 nodes"

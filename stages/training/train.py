@@ -340,6 +340,8 @@ class TrainStage(Stage):
         stats = self._stats(res, split, len(val_set), rejects, c.val_fraction)
         stats.update(truth_q)
         stats.update(label_stats)
+        if ray_train:
+            stats["ray_train_workers"] = c.workers
         if truth_q:
             stats["summary"] += (f"; vs truth: val mAP {truth_q['val_truth_mAP_before']:.3f} -> "
                                  f"{truth_q['val_truth_mAP_after']:.3f} "
