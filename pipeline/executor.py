@@ -286,6 +286,9 @@ def ray_temp_dir(run_dir: Path) -> str:
     return f"/tmp/ray-{hashlib.sha1(str(cand).encode()).hexdigest()[:10]}"
 
 
+TRAIN_POLL_ENV, TRAIN_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"
+
+
 def start_ray(cfg: RayConfig, run_dir: Path) -> bool:
     """Start (or join) Ray. Returns True when this call started it, so the caller shuts it down."""
     if not sys.stderr.isatty():  # no bars to draw: Ray Data's INFO progress lines go to its log file only
@@ -299,6 +302,10 @@ def start_ray(cfg: RayConfig, run_dir: Path) -> bool:
     if address:
         ray.init(address=address, **common)
     else:
+        # Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default) and
+        # a job waits several polls to start and to end, all of it idle; a local Ray's processes inherit
+        # this process's environment, so a short poll here shortens every training job (a user's value wins)
+        os.environ.setdefault(TRAIN_POLL_ENV, TRAIN_POLL_S)
         ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, _temp_dir=ray_temp_dir(run_dir), **common)
     ctx = ray.data.DataContext.get_current()
     # the step's own bar (pipeline/progress.py) replaces Ray Data's per-operator bars, which would

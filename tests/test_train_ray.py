@@ -222,3 +222,17 @@ def test_bad_images_met_in_ray_training_are_the_steps_rejects(ray_local, tmp_pat
     assert s["steps"] == 2 * math.ceil(math.ceil(len(train_rows) / 2) / 4)  # rejects shrink batches, not steps
     sd = torch.load(tmp_path / "train" / "model.pth", weights_only=True)["model"]
     assert not torch.equal(sd["fc.weight"], _model().state_dict()["fc.weight"])
+
+
+def test_a_local_ray_polls_training_workers_often(ray_local):
+    """The Ray the runner starts passes its short Ray Train poll interval to its processes (they inherit
+    the driver's environment, so Ray Train's controller reads it)."""
+    from pipeline.executor import TRAIN_POLL_ENV, TRAIN_POLL_S
+
+    @ray_local.remote
+    def seen() -> str | None:
+        import os
+
+        return os.environ.get(TRAIN_POLL_ENV)
+
+    assert ray_local.get(seen.remote()) == TRAIN_POLL_S
