@@ -141,8 +141,10 @@ class Runner:
         gain = (StepDir(self.out_dir / step.name).manifest() or {}).get("round_f1_gain_points")
         stop = gain is not None and gain < self.cfg.rounds.min_f1_gain_points
         if stop:
-            print(f"  rounds: round {step.round} gained {gain:+.2f} F1 points (< {self.cfg.rounds.min_f1_gain_points}): "
-                  f"no round {step.round + 1}", flush=True)
+            line = (f"rounds: round {step.round} gained {gain:+.2f} label F1 points (< rounds.min_f1_gain_points "
+                    f"{self.cfg.rounds.min_f1_gain_points}): no round {step.round + 1}")
+            print(f"  {line}", flush=True)
+            self.log.write(line)  # the run's log says why the rounds stopped, as the terminal did
         return stop
 
     def run(self) -> list[StepReport]:

@@ -93,6 +93,10 @@ def test_rounds_stop_by_the_rule_and_resume_after_a_kill_between_rounds(tmp_path
     stop = write_config(tmp_path / "stop.yaml", _rounds(1000))  # no round gains 1000 points
     assert main(["run", str(stop), "--out", str(out)]) == 0
     assert not (out / "evidence_r2").exists()
+    from pipeline.progress import LOG_FILE
+
+    said = [line for line in (out / LOG_FILE).read_text().splitlines() if "rounds: round 1 gained" in line]
+    assert len(said) == 1 and "no round 2" in said[0]  # the run's log says why the rounds stopped
     assert _manifest(out, "export")["input"]["rows_from"] == "decide"
     assert len(json.loads((out / "report.json").read_text())["rounds"]) == 1
 
