@@ -181,6 +181,23 @@ class Inference(Placement):
                     else (self.model.logits_from(enc, cls), None)
             return _scored(logits, attn, attention)
 
+    def own_scores_from(self, enc: torch.Tensor, classes) -> torch.Tensor:
+        """Row b's sigmoid score for its own class ``classes[b]`` alone, ``[B]`` float32: what
+        ``scores_from(enc, classes)[b, b]`` is, without scoring each row on every other row's class (a
+        query head's cost is rows x queries; a class map's is not, so it takes its columns)."""
+        classes = np.asarray(classes, dtype=np.int64)
+        if not self.query_head:
+            need, col = np.unique(classes, return_inverse=True)
+            need, col = self.classes(need), self.upload(torch.from_numpy(col.reshape(-1, 1)))
+            with torch.inference_mode(), self.autocast():
+                return torch.sigmoid(self.model.logits_from(enc, need).gather(1, col)[:, 0].float())
+        cls = self.upload(torch.from_numpy(classes))  # outside inference mode, as scores_from's copies
+        with torch.inference_mode(), self.autocast():
+            m = self.model
+            q = self._queries[cls].unsqueeze(1) if self._queries is not None else m.row_queries(enc, cls)
+            tagged, _ = m.tagging_head(q, enc, False)
+            return torch.sigmoid(m.fc(tagged)[:, 0, 0].float())
+
     def pooled_from(self, enc: torch.Tensor) -> torch.Tensor:
         """The pooled image feature (what embed stores) from :meth:`encode`'s output, float32."""
         with torch.inference_mode(), self.autocast():

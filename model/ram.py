@@ -176,6 +176,20 @@ class RAM(ThresholdedTagger, nn.Module):
         label = torch.einsum("bnd,ndc->bnc", weights, emb)
         return F.relu(self.wordvec_proj(label))
 
+    def row_queries(self, image_embeds: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """``[B, 1, head_hidden]``: row b's query for its own class ``classes[b]`` alone, what
+        ``label_queries(image_embeds[b:b+1], classes[b:b+1])`` gives. The tagging head has no
+        self-attention, so a query's output does not depend on which others are asked with it: a batch of
+        crops, each to be scored on its own tag, needs one query per crop, not every crop's tag for each."""
+        emb = self.label_embed
+        if self.cfg.variant == "ram":
+            return F.relu(self.wordvec_proj(emb[classes])).unsqueeze(1)
+        d = self.cfg.descriptions_per_class
+        emb = emb.view(-1, d, emb.shape[-1])[classes]  # [B, d, C]
+        cls = F.normalize(image_embeds[:, 0, :], dim=-1)
+        weights = (self.reweight_scale.exp() * torch.einsum("bc,bdc->bd", cls, emb)).softmax(dim=-1)
+        return F.relu(self.wordvec_proj(torch.einsum("bd,bdc->bc", weights, emb))).unsqueeze(1)
+
     def forward(self, pixels: torch.Tensor, classes: torch.Tensor | None = None, return_attn: bool = False):
         """Logits ``[B, N]`` (before the sigmoid); with ``return_attn`` also the last layer's attention."""
         img = self.image_embeds(pixels)

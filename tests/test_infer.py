@@ -67,6 +67,29 @@ def test_restricted_head_scores_equal_the_full_heads_for_those_classes(name):
     assert seen == [2, 3, 1]  # batches {0, 5, 3}, {11, 2, 10, 4}, {7}: the known classes only
 
 
+@pytest.mark.parametrize("name", ["ram_test", "ram_plus_test", "cnn_tagger_tiny"])
+def test_each_crop_scored_on_its_own_tag_alone_gives_the_full_heads_score(name):
+    """evidence.v1 scores each crop on its own tag only: one query per crop through RAM's head, however
+    many tags the batch's crops hold between them (a crop is never scored on its neighbours' tags), and
+    the score is the full head's for that tag; a crop whose tag the model lacks stays NaN."""
+    kw = ({"num_classes": 12, "widths": [8, 8, 8, 8]} if name.startswith("cnn")
+          else {"descriptions_per_class": 3} if name == "ram_plus_test" else {})
+    model = create_model(name, **kw).eval() if name.startswith("cnn") else _model(name, **kw)
+    tagger = _tagger(model, batch_size=3)
+    images = _images()
+    full = tagger.scores(images)
+    tags = [0, 5, 11, 3, 7]  # the model lacks tag 3
+    seen = []
+    hook = (tagger.model.tagging_head.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape[:2])))
+            if tagger.engine.query_head else None)
+    feats, own = tagger.embed_and_score([tagger.prepare(im) for im in images], tags)
+    if hook is not None:
+        hook.remove()
+        assert seen == [(3, 1), (1, 1)]  # batches of 3 and 2 crops (one unknown): one query per known crop
+    np.testing.assert_allclose(own[[0, 1, 2, 4]], full[[0, 1, 2, 4], [0, 5, 11, 7]], atol=1e-6, rtol=1e-5)
+    assert np.isnan(own[3]) and feats.shape == (5, tagger.model.cfg.label_dim)
+
+
 def test_a_model_without_a_query_head_scores_every_class_as_before():
     """The CNN's head is a 1x1 convolution: it is always called on every known class (the numbers
     the default run was built on), and the wanted ones are read off."""

@@ -240,23 +240,27 @@ class BaseTagger:
 
         def jobs():
             for idx in (self.native_batches(crops) if native else self._slices(len(crops))):
-                need = sorted({int(cls[i]) for i in idx if cls[i] >= 0})
-                yield (idx, need), lambda idx=idx, need=need: self._pool_and_score(
-                    self._pixels([crops[i] for i in idx], native=native), need)
+                idx = np.asarray(idx)
+                known = idx[cls[idx] >= 0]
+                yield (idx, known), lambda idx=idx, known=known: self._pool_and_score(
+                    self._pixels([crops[i] for i in idx], native=native), cls[idx], cls[idx] >= 0)
 
-        for (idx, need), (f, s) in self.engine.run(jobs()):
+        for (idx, known), (f, s) in self.engine.run(jobs()):
             feats[idx] = f.numpy()
-            if need:
-                s = s.numpy()
-                for k, i in enumerate(idx):
-                    if cls[i] >= 0:
-                        scores[i] = s[k, int(np.searchsorted(need, cls[i]))]
+            scores[known] = s.numpy()
         return feats, scores
 
-    def _pool_and_score(self, x, need: list[int]):
+    def _pool_and_score(self, x, cls: np.ndarray, known: np.ndarray):
+        """The pooled features of a crop batch, and each known crop's score for its own class alone."""
         enc = self.engine.encode(x)
         pooled = self.engine.pooled_from(enc)
-        return pooled, (self.engine.scores_from(enc, need) if need else pooled[:, :0])
+        if not known.any():
+            return pooled, pooled[:0, 0]
+        if not known.all():
+            import torch
+
+            enc = enc.index_select(0, self.engine.upload(torch.from_numpy(np.nonzero(known)[0])))
+        return pooled, self.engine.own_scores_from(enc, cls[known])
 
     def _columns(self, tags: list[int], need: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """For an image's ``tags``, the positions of those the model knows and their columns in the
