@@ -2,6 +2,7 @@
 rounds; the label sets the ablation trains on. A small scene world, Ray off, a tiny RAM."""
 import hashlib
 import json
+import shutil
 
 import pyarrow.parquet as pq
 import pytest
@@ -99,6 +100,8 @@ def test_rounds_stop_by_the_rule_and_resume_after_a_kill_between_rounds(tmp_path
     assert len(said) == 1 and "no round 2" in said[0]  # the run's log says why the rounds stopped
     assert _manifest(out, "export")["input"]["rows_from"] == "decide"
     assert len(json.loads((out / "report.json").read_text())["rounds"]) == 1
+    fresh = tmp_path / "fresh"  # round 1 as it is before the kill: the undisturbed run below starts there
+    shutil.copytree(out, fresh)
 
     go = write_config(tmp_path / "go.yaml", _rounds(-1000))
     run_until_killed(go, out, "kill_after:evidence_r2:1")  # round 1 done, round 2 half way
@@ -115,7 +118,7 @@ def test_rounds_stop_by_the_rule_and_resume_after_a_kill_between_rounds(tmp_path
     scores = [read_step(out / s, ["image_id", "tag_scores"]).column("tag_scores") for s in ("evidence", "evidence_r2")]
     assert not scores[0].equals(scores[1])
 
-    fresh = tmp_path / "fresh"  # the killed and resumed run equals an undisturbed one
+    # the killed and resumed run equals one whose round 2 ran undisturbed (from the same round 1)
     assert main(["run", str(go), "--out", str(fresh)]) == 0
     assert json.loads((fresh / "report.json").read_text())["rounds"] == report["rounds"]
     assert read_step(fresh / "export").equals(read_step(out / "export"))
