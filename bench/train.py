@@ -11,7 +11,8 @@ both see the same machine state. The last line is ``train_scaling_2_workers: X.X
 
 Driver memory: the whole train step (``stages/train.TrainStage.run``, ``backend: ray_train``, one
 worker, one epoch) on exports of N and 4N rows in shards of 200, each in a fresh process whose peak
-RSS (``getrusage``: the driver alone; Ray's own processes and the worker are others) is the figure.
+RSS (``getrusage``: the driver alone; Ray's own processes, started once by the benchmark, and the
+worker are others) is the figure.
 Flat (~1.0x) is the target: the driver streams the image_id column and holds the bounded evaluation
 sample (64 rows here), never a row list.
 
@@ -84,8 +85,9 @@ def fit(files, classes: int, workers: int, epochs: int, root: Path, name: str) -
             "loss_last_epoch": hist[-1]["loss"], "steps": res.return_value["steps"]}
 
 
-def driver_child(export: Path, classes: int) -> int:
-    """In a fresh process: the train step's driver side on ``export``; prints its peak RSS."""
+def driver_child(export: Path, classes: int, address: str) -> int:
+    """In a fresh process joined to the benchmark's Ray at ``address``: the train step's driver side on
+    ``export``; prints its peak RSS (the driver's own: Ray's processes are the parent's)."""
     import resource
 
     import pyarrow.parquet as pq
@@ -100,8 +102,7 @@ def driver_child(export: Path, classes: int) -> int:
     vocab.mkdir(exist_ok=True)
     pq.write_table(TagSet([Tag(i, f"class{i}") for i in range(classes)]).to_table(), vocab / "tagset.parquet")
     files = sorted(export.glob("part-*.parquet"))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-             _temp_dir=str(root / f"ray-{export.name}"))
+    ray.init(address=address, log_to_driver=False, logging_level="ERROR")
     cfg = TrainStageConfig(model="cnn_tagger_tiny", model_args={"image_size": 64, "pool": "lse"}, text_encoder="none",
                            loss="bce", epochs=1, batch_size=32, lr=3e-3, warmup_steps=10, val_fraction=0.05,
                            eval_max_images=64, backend="ray_train", workers=1)
@@ -115,14 +116,19 @@ def driver_child(export: Path, classes: int) -> int:
 
 
 def driver_memory(root: Path, n: int) -> list[dict]:
-    """The driver's peak RSS at ``n`` and ``4n`` export rows, each in its own process."""
+    """The driver's peak RSS at ``n`` and ``4n`` export rows, each in its own process joined to this
+    process's Ray (one Ray start for the whole benchmark)."""
     import subprocess
 
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
     out = []
     for rows in (n, 4 * n):
         export = root / f"export-{rows}"
         _, classes = write_export(export, rows, shard_rows=200)
-        p = subprocess.run([sys.executable, __file__, "--driver-child", str(export), "--classes", str(classes)],
+        p = subprocess.run([sys.executable, __file__, "--driver-child", str(export), "--classes", str(classes),
+                            "--address", address],
                            capture_output=True, text=True, check=True)
         out.append(json.loads(p.stdout.strip().splitlines()[-1]))
         print(json.dumps(out[-1]), flush=True)
@@ -140,18 +146,24 @@ def main() -> int:
     ap.add_argument("--out", default=str(REPO / "bench/out/train.json"))
     ap.add_argument("--driver-child", help=argparse.SUPPRESS)
     ap.add_argument("--classes", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--address", help=argparse.SUPPRESS)
     ap.add_argument("--smoke", action="store_true", help="64 images, 2 epochs, one round: checks the script")
     args = ap.parse_args()
     if args.smoke:  # two epochs: the first is the warm-up the rate leaves out
         args.images, args.epochs, args.rounds, args.rss_images = 64, 2, 1, 40
     if args.driver_child:
-        return driver_child(Path(args.driver_child), args.classes)
+        return driver_child(Path(args.driver_child), args.classes, args.address)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        memory = driver_memory(root, args.rss_images)
-        files, classes = write_export(root / "export", args.images)
+        from pipeline.executor import TRAIN_POLL_ENV, TRAIN_POLL_S
+
+        # the runner's local Ray polls Ray Train's workers this often; so does this one (rates come from
+        # the workers' own epoch times, so it changes no figure, only the idle wait around each job)
+        os.environ.setdefault(TRAIN_POLL_ENV, TRAIN_POLL_S)
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
                  _temp_dir=str(root / "ray"))
+        memory = driver_memory(root, args.rss_images)
+        files, classes = write_export(root / "export", args.images)
         runs = []
         for r in range(args.rounds):
             for w in (1, 2):
