@@ -13,18 +13,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pipeline import __version__, partials
+from pipeline.checks import check_counts, check_input, check_unique_ids, check_visible
 from pipeline.config import RayConfig, RunConfig, Step
 from pipeline.contract import check_contract, plan_views
 from pipeline.errors import ContractError
 from pipeline.executor import Pool, ray_temp_dir, run_calls, run_shards, start_ray, step_pool
 from pipeline.fingerprint import code_files, code_hash
-from pipeline.index import duplicates, write_id_index
 from pipeline.progress import LOG_FILE, RunLog
 from pipeline.report import workers_used
 from pipeline.stage import RowSource, StageContext
 from pipeline.store import (StepDir, rejects_table, run_dir_path, write_bytes_atomic, write_json_atomic,
                             write_parquet_atomic)
-from pipeline.shardstats import peak_rss, places, placement, sum_stats
+from pipeline.shardstats import peak_rss, placement, sum_stats
 from pipeline.view import View
 
 # What a step directory holds and how steps read each other's (pipeline/view.py: column groups).
@@ -251,67 +251,6 @@ class Runner:
                           m.get("rows_rejected", 0), 0.0,
                           {k: m[k] for k in ("workers", "ray_train_workers") if k in m})
 
-    # -- counting rows across steps ----------------------------------------------------------------
-    def _check_input(self, step: Step, view: View) -> None:
-        """Every shard of the step this one reads, and of each step whose columns it joins, is visible."""
-        for src in view.steps():
-            m = StepDir(self.out_dir / src).manifest()
-            if m is None:
-                raise RuntimeError(f"step '{step.name}' reads the rows of step '{src}', which has no manifest in "
-                                   f"{self.out_dir / src}: is the run directory on storage this machine shares?")
-            expected = set(range(int(m.get("shards", 0))))
-            have = {int(f.stem.split("-")[1]) for f in (self.out_dir / src).glob("part-*.parquet")}
-            missing = sorted(expected - have)
-            if missing:
-                raise RuntimeError(f"step '{step.name}' reads the rows of step '{src}', but shard(s) {missing} of "
-                                   f"'{src}' are missing ({len(expected)} committed, {len(have)} visible in "
-                                   f"{self.out_dir / src}); rerun '{src}' with --force --only {src}")
-
-    def _check_counts(self, step: Step, view: View, shard_stats: list[dict]) -> None:
-        """rows_in of this step == rows_out of the step it reads, shard by shard."""
-        if view.rows is None:
-            return
-        up = StepDir(self.out_dir / view.rows)
-        bad = []
-        for st in shard_stats:
-            u = up.shard_stats(st["shard"])
-            if u is None or u["rows_out"] != st["rows_in"]:
-                bad.append((st["shard"], None if u is None else u["rows_out"], st["rows_in"]))
-        m = up.manifest() or {}
-        total = sum(st["rows_in"] for st in shard_stats)
-        if bad or total != m.get("rows_out"):
-            raise RuntimeError(f"step '{step.name}' read {total} rows but step '{view.rows}' wrote "
-                               f"{m.get('rows_out')}; shards (index, '{view.rows}' rows_out, '{step.name}' rows_in) "
-                               f"that differ: {bad[:20]}")
-
-    def _check_visible(self, step: Step, sdir: StepDir, shard_stats: list[dict], data: bool) -> None:
-        """A worker's commit must be visible to the driver: else the next step would read fewer rows."""
-        for st in shard_stats:
-            i = st["shard"]
-            paths = [sdir.path / "_stats" / f"part-{i:05d}.json"]
-            paths += [sdir.path / f"part-{i:05d}.parquet"] if data else [partials.partial_path(sdir.path, i)]
-            for p in paths:
-                if not p.exists():
-                    raise RuntimeError(f"step '{step.name}': a worker committed shard {i}, but the driver cannot see "
-                                       f"{p}; on a cluster the run directory must be storage every node shares "
-                                       f"(a shared mount, given as an absolute path)")
-
-    def _check_unique_ids(self, step: Step, sdir: StepDir, specs: list[dict]) -> dict:
-        """Fail the input step when an image_id is in two places. Every later step joins its columns by
-        image_id and export names image files by it, so two images of one id would share labels and
-        pixels. A reader judges repeats within its range; this sees across ranges and inputs through the
-        step's id index (an external sort: the driver holds one shard's ids, never the corpus's)."""
-        rows = write_id_index(sdir.path)
-        count, examples = duplicates(sdir.path)
-        if count:
-            shown = "; ".join(places(iid, shards, specs) for iid, shards in examples)
-            raise RuntimeError(
-                f"step '{step.name}': {count} image id(s) are in more than one place, e.g. {shown}. Two rows of "
-                f"one id would share labels and exported pixels. Give each input its own source in "
-                f"source.multi.v1 (its name prefixes its ids), or sort a record file by image so that a repeat "
-                f"falls in one range, where it is rejected (docs/data.md, 'Image ids')")
-        return {"id_index_rows": rows}
-
     # -- running -----------------------------------------------------------------------------
     def _run_step(self, step: Step, stage, ctx: StageContext, sdir: StepDir, fp: str,
                   rows_step: str | None, view_out: View, fingerprinted: dict) -> StepReport:
@@ -321,7 +260,7 @@ class Runner:
         sdir.path.mkdir(parents=True, exist_ok=True)
         view_in = ctx.rows()
         if step.stage_cls.kind != "source":
-            self._check_input(step, view_in)
+            check_input(self.out_dir, step, view_in)
         if step.stage_cls.kind == "reduce":
             stats = self._run_reduce(step, stage, ctx, sdir, fp, view_in)
             status = "ran"
@@ -337,17 +276,17 @@ class Runner:
             todo = [(i, spec) for i, spec in zip(shard_ids, specs) if i not in done]
             pool = self._pool(step, len(todo))
             new = run_shards(step, ctx, todo, sdir, fp, self.cfg.ray, log=self.log, pool=pool)
-            self._check_visible(step, sdir, new, data=True)
+            check_visible(step, sdir, new, data=True)
             shard_stats = sorted([*done.values(), *new], key=lambda s: s["shard"])
             if step.stage_cls.kind == "map":
-                self._check_counts(step, view_in, shard_stats)
+                check_counts(self.out_dir, step, view_in, shard_stats)
             stats = sum_stats(shard_stats)
             stats["shards"] = len(shard_stats)
             stats["shards_resumed"] = len(done)
             stats["pool"] = pool.to_dict() if pool else None
             stats.update(stats_prep)
             if step.stage_cls.kind == "source":
-                stats.update(self._check_unique_ids(step, sdir, specs))
+                stats.update(check_unique_ids(step, sdir, specs))
             if step.stage_cls.defines("shard_summary"):
                 stats.update(stage.merge_summaries([s.get("summary") for s in shard_stats]))
             stats.update(stage.finalize(sdir.path))
@@ -401,9 +340,9 @@ class Runner:
             todo = [(i, {"op": "partial"}) for i in view.shards() if i not in done]
             pool = self._pool(step, len(todo))
             new = run_shards(step, ctx, todo, sdir, fp, self.cfg.ray, what="partial", log=self.log, pool=pool)
-            self._check_visible(step, sdir, new, data=False)
+            check_visible(step, sdir, new, data=False)
             shard_stats = sorted([*done.values(), *new], key=lambda s: s["shard"])
-            self._check_counts(step, view, shard_stats)
+            check_counts(self.out_dir, step, view, shard_stats)
 
             def stream():  # one shard's summary in memory at a time, besides the merge
                 for st in shard_stats:

@@ -150,10 +150,11 @@ def test_a_shard_missing_between_two_steps_fails_naming_both(tmp_path):
     with pytest.raises(RuntimeError, match=r"step 'decide' reads the rows of step 'cluster'.*\[1\]"):
         Runner(load_run_config(cfg_path, ["decide.crop_threshold=0.2"]), out).run()
     # and a commit that the driver cannot see is named as such
-    runner = Runner(load_run_config(cfg_path), out)
-    step = runner.cfg.step("cluster")
+    from pipeline.checks import check_visible
+
+    step = load_run_config(cfg_path).step("cluster")
     with pytest.raises(RuntimeError, match="driver cannot see"):
-        runner._check_visible(step, StepDir(out / "cluster"), [{"shard": 1}], data=True)
+        check_visible(step, StepDir(out / "cluster"), [{"shard": 1}], data=True)
 
 
 def test_only_a_step_whose_later_steps_go_stale_runs_it_and_leaves_them(tmp_path):

@@ -76,7 +76,7 @@ def test_a_failed_step_is_recorded_and_a_later_good_run_clears_it(tmp_path, caps
     st = status_json(out, capsys)
     err = st["error"]
     assert (err["step"], err["use"]) == ("parse", "parse.sng.v1") and err["error"].startswith("RuntimeError: ")
-    assert "_check_input" in err["traceback"] and err["config"] == str(with_parse.resolve())
+    assert "check_input" in err["traceback"] and err["config"] == str(with_parse.resolve())
     assert [(s["step"], s["status"]) for s in st["steps"]] == [("input", "done"), ("parse", "pending")]
     assert main(["status", str(out)]) == 0
     text = capsys.readouterr().out
