@@ -105,6 +105,8 @@ def run_until_killed(cfg: Path, out: Path, fault: str) -> None:
 
 
 def run_to_end(cfg: Path, out: Path) -> None:
-    res = subprocess.run([sys.executable, "-m", "pipeline", "run", str(cfg), "--out", str(out)], cwd=REPO,
-                         env=dict(os.environ, PYTHONUNBUFFERED="1"), capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    """Run a config to its end in this process; a Ray config joins the session's Ray when it is up (the
+    ``ray_local`` fixture), as a driver started after a dead one's Ray was stopped would start its own."""
+    from pipeline.cli import main
+
+    assert main(["run", str(cfg), "--out", str(out)]) == 0

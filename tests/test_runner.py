@@ -154,7 +154,7 @@ def test_ray_end_to_end_through_actor_pools(ray_local, small_world_config, tmp_p
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_sigkill_in_parse_then_resume_equals_uninterrupted_run(small_world_config, tmp_path):
+def test_sigkill_in_parse_then_resume_equals_uninterrupted_run(ray_local, small_world_config, tmp_path):
     cfg = small_world_config(images=120, shard_rows=10, ray=True)
     run_until_killed(cfg, tmp_path / "killed", "kill_after:parse:3")
     parse_dir = StepDir(tmp_path / "killed" / "parse")

@@ -177,7 +177,7 @@ def test_only_a_step_whose_later_steps_go_stale_runs_it_and_leaves_them(tmp_path
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_sigkill_during_cluster_scoring_resumes_and_equals_an_uninterrupted_run(tmp_path):
+def test_sigkill_during_cluster_scoring_resumes_and_equals_an_uninterrupted_run(ray_local, tmp_path):
     cfg = write_config(tmp_path / "sim.yaml", SIM.format(ray="true", images=1000, shard_rows=100))
     run_until_killed(cfg, tmp_path / "killed", "kill_after:cluster:3")
     cdir = tmp_path / "killed" / "cluster"
