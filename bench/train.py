@@ -155,13 +155,12 @@ def main() -> int:
         return driver_child(Path(args.driver_child), args.classes, args.address)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        from pipeline.executor import TRAIN_POLL_ENV, TRAIN_POLL_S
+        from pipeline.config import RayConfig
+        from pipeline.executor import start_ray
 
-        # the runner's local Ray polls Ray Train's workers this often; so does this one (rates come from
-        # the workers' own epoch times, so it changes no figure, only the idle wait around each job)
-        os.environ.setdefault(TRAIN_POLL_ENV, TRAIN_POLL_S)
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-                 _temp_dir=str(root / "ray"))
+        # the runner's own local Ray (its Ray Train poll included: rates come from the workers' own epoch
+        # times, so that changes no figure, only the idle wait around each job)
+        start_ray(RayConfig(num_cpus=2, progress=False), root)
         memory = driver_memory(root, args.rss_images)
         files, classes = write_export(root / "export", args.images)
         runs = []
