@@ -665,3 +665,40 @@ def test_gpu_bench_train_part_runs_on_the_cpu_with_a_tiny_ram(tmp_path):
     out = gpu.train_part(rows, 26, 10, smoke=True, device="cpu")
     assert "error" not in out, out
     assert (out["batch"], out["steps"], out["image_size"]) == (4, 2, 64) and math.isfinite(out["loss_last"])
+
+
+def test_uncertain_targets_are_left_out_of_the_loss_and_read_as_negatives_when_judged(tmp_path):
+    """A row's ``uncertain_label_id`` becomes target -1 (``UNCERTAIN``) unless the row is labelled with the
+    tag: the loss (BCE and ASL) gives its logit no gradient and equals the loss without that target, and
+    held-out evaluation reads it as a negative."""
+    from model.data import UNCERTAIN
+    from model.metrics import predict
+    from model.objective import Objective
+
+    files = _tiny_export(tmp_path, 8)
+    t = pq.read_table(files[0])
+    t = t.append_column("uncertain_label_id", pa.array([[0, 1, 2, 3]] * t.num_rows, pa.list_(pa.int32())))
+    pq.write_table(t, files[0])
+    torch.manual_seed(0)
+    model = create_model("cnn_tagger_tiny", num_classes=4, image_size=64)
+    ds = ExportDataset(files, 4, model.cfg)
+    x, y, _, _ = ds[0]
+    labelled = set(t.column("union_label_id")[0].as_py())
+    assert y.tolist() == [1.0 if k in labelled else UNCERTAIN for k in range(4)] and 0 < len(labelled) < 4
+    xb, yb = x[None], y[None]
+    for loss in ("bce", "asl"):
+        obj = Objective(model, TrainConfig(loss=loss))
+        model.zero_grad()
+        sub = model(xb)[:, [k for k in range(4) if k in labelled]]
+        ref = (torch.nn.functional.binary_cross_entropy_with_logits(sub, torch.ones_like(sub), reduction="sum")
+               if loss == "bce" else asl_loss(sub, torch.ones_like(sub)))
+        torch.testing.assert_close(obj(xb, yb), ref)
+        obj(xb, yb).backward()
+        grad = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        ref.backward()  # the loss of the labelled targets alone moves the weights the same way
+        for n, p in model.named_parameters():
+            if n in grad:
+                torch.testing.assert_close(grad[n], p.grad, rtol=1e-4, atol=1e-6)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=ds.collate)
+    assert all(float(yy.min()) >= 0 for _, yy, _ in predict(model.eval(), loader))
