@@ -31,6 +31,9 @@ AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(16).hex()}
 # the head declares a killed node dead after 3 missed 1 s health checks (Ray's default takes ~15-30 s)
 FAST_HEALTH = {"RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_period_ms": "1000",
                "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "3"}
+# on SIGTERM a node drains first and waits to go idle, which Ray Data's long-lived actors never let it: 0 stops
+# it at once (the default's wait ends only on the GCS's own shutdown timeout)
+NO_DRAIN = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
 # three steps: a task step (input), an actor step (parse, where a node is lost), and a reduce that reads its rows
 CONFIG = """
 steps: {input: source.scene_world.v1, parse: parse.sng.v1, vocab: vocab.wordnet.v1}
@@ -64,7 +67,7 @@ class Node:
         self.temp = f"/tmp/rt-{TAG}-{name}"  # short: Ray's socket paths have a length limit
         self.proc = subprocess.Popen([str(RAY), "start", "--block", "--disable-usage-stats", f"--temp-dir={self.temp}",
                                       *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                     start_new_session=True, env={**os.environ, **AUTH, **FAST_HEALTH, **env})
+                                     start_new_session=True, env={**os.environ, **AUTH, **FAST_HEALTH, **NO_DRAIN, **env})
 
     def kill(self) -> None:
         """As a node dies: every process of it SIGKILLed at once, nothing shut down in order."""
@@ -76,8 +79,10 @@ class Node:
         self.proc.wait()
 
     def stop(self) -> None:
+        """SIGTERM to ``ray start --block`` alone: it stops what it started, in order; then no process of the
+        node may be left."""
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
