@@ -4,7 +4,7 @@ the workers.
     python bench/scale.py [--shards 8] [--caption-shard-rows 1000] [--region-shard-rows 5000] [--smoke]
 
 Two workloads run through the real runner (Ray, local, 2 CPUs), each at N and 4N shards, each size in its
-own process so peak memories are that run's alone:
+own process (and so its own Ray job, with its own workers) so peak memories are that run's alone:
 
 * captions: real captions (../shared/data/captions, CC3M + Flickr30k, replicated with unique ids) as
   a CC3M tsv -> parse -> vocab -> label -> export (workflow ``caption_labels``);
@@ -131,17 +131,30 @@ def child(kind: str, shards: int, shard_rows: int, work: Path) -> dict:
 
 
 def run_sizes(kinds: list[tuple[str, int]], shards: int) -> list[dict]:
-    """Each workload at ``shards`` and 4x ``shards``, each run in a fresh process."""
+    """Each workload at ``shards`` and 4x ``shards``, each run in a fresh process (its own driver, and, as its
+    own Ray job, its own workers) on one local Ray started here: the Ray start is paid once."""
+    import ray
+
+    from pipeline.config import RayConfig
+    from pipeline.executor import start_ray
+
     results = []
     with tempfile.TemporaryDirectory(prefix="scale-") as tmp:
-        for kind, shard_rows in kinds:
-            for mult in (1, 4):
-                env = dict(os.environ, PYTHONPATH=str(REPO))  # the driver's and Ray's workers' imports
-                res = subprocess.run([sys.executable, __file__, "--child", kind, str(shards * mult), str(shard_rows),
-                                      str(Path(tmp) / f"{kind}-{mult}")], env=env, capture_output=True, text=True)
-                if res.returncode != 0:
-                    sys.exit(f"{kind} at {shards * mult} shards: failed\n{res.stderr[-4000:]}")
-                results.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        start_ray(RayConfig(num_cpus=2, progress=False), Path(tmp))
+        address = ray.get_runtime_context().gcs_address
+        try:
+            for kind, shard_rows in kinds:
+                for mult in (1, 4):
+                    # the driver's and Ray's workers' imports; the child joins this Ray
+                    env = dict(os.environ, PYTHONPATH=str(REPO), RAY_ADDRESS=address)
+                    res = subprocess.run([sys.executable, __file__, "--child", kind, str(shards * mult),
+                                          str(shard_rows), str(Path(tmp) / f"{kind}-{mult}")], env=env,
+                                         capture_output=True, text=True)
+                    if res.returncode != 0:
+                        sys.exit(f"{kind} at {shards * mult} shards: failed\n{res.stderr[-4000:]}")
+                    results.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        finally:
+            ray.shutdown()
     return results
 
 
