@@ -575,11 +575,14 @@ def test_crop_and_threshold_weights_judge_unclaimed_tags_and_uncertain_tags_are_
                  threshold_weight=0.2, drop_score=0.05, crop_threshold=0.1, uncertain_score=0.2)
     labels, events = st.decide_row("a", [0, 5], scores, regions, crops, views)
     assert labels["combined"] == [0, 2, 3]
-    dec = {e["tag_id"]: json.loads(e["evidence"]) for e in events if e["stage"] == "decide"}
+    dec = {e["tag_id"]: json.loads(e["evidence"]) for e in events if e["stage"] == "decide" and e["action"] != "uncertain"}
     assert dec[2]["judged_score"] == pytest.approx(0.3 * 0.3 + 0.5 * 0.5 + 0.2 * 0.9)
     assert dec[2]["needs"] == pytest.approx(0.34) and dec[3]["needs"] == pytest.approx(0.46)
     assert dec[4]["judged_score"] == pytest.approx((0.3 * 0.3 + 0.5 * 0.5) / 0.8) and dec[4]["needs"] == 0.5
     assert labels["uncertain"] == [4]  # seen at 0.3 >= 0.2, not added; tag 5 was dropped: still a negative
+    unsure = [e for e in events if e["action"] == "uncertain"]
+    assert [(e["tag_id"], e["stage"], e["reason"]) for e in unsure] == [(4, "decide", "uncertain")]
+    assert {e["reason"] for e in events} <= set(REASONS)
     assert "uncertain" not in _decide(tmp_path, add_unclaimed=0.3).decide_row("a", [0, 5], scores, regions,
                                                                                crops, views)[0]
     with pytest.raises(ValueError, match="view_weight \\+ crop_weight"):

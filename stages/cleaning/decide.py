@@ -73,6 +73,8 @@ REASONS: dict[str, str] = {
                       "max(add_claimed, its own threshold)",
     "pseudo_weak": "the pseudo tag scored below what its evidence needs",
     "region_views": "base tagger's mean score for the tag over views of its region in context (verify.views)",
+    "uncertain": "the base tagger scored the tag >= uncertain_score (or judged so with its region views) and no rule "
+                 "labelled it: the retrain leaves it out of its loss rather than count it absent",
 }
 
 STAGE_LABELS = pa.struct([(k, pa.list_(pa.int32())) for k in
@@ -286,6 +288,9 @@ class DecideStage(Stage):
         if c.uncertain_score is not None:  # seen by the tagger, not labelled, not dropped: no negative
             out["uncertain"] = sorted(t for t, s in score.items() if t not in labels[c.rule] and t not in parse_set
                                       and t in reliable and max(s, judged.get(t, s)) >= c.uncertain_score)
+            events += [_ev(t, "decide", "uncertain", "uncertain", score[t],
+                           {"score": round(score[t], 4), "judged_score": round(judged.get(t, score[t]), 4),
+                            "uncertain_score": c.uncertain_score}) for t in out["uncertain"]]
         return out, events
 
     def _judged(self, score: float, view: float | None, crop: float | None) -> float:
