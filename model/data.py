@@ -17,8 +17,7 @@ from common.rows import ParquetRows
 from model.preprocess import to_tensor
 
 ROW_IMAGE_COLUMNS = ("image_id", *IMAGE_COLUMNS)  # a row's id and where its image is
-ROW_COLUMNS = ROW_IMAGE_COLUMNS + ("caption", "captions", "union_label_id", "parse_label_id", "uncertain_label_id")
-UNCERTAIN = -1.0  # a target the loss leaves out (decide's uncertain_label_id); evaluation reads it as 0
+ROW_COLUMNS = ROW_IMAGE_COLUMNS + ("caption", "captions", "union_label_id", "parse_label_id")
 # what the caption terms read of a batch that was rejected whole (model/objective.BatchLoss)
 EMPTY_ROW = {"image_id": "", "caption": [""], "union_label_id": [], "parse_label_id": []}
 
@@ -187,8 +186,6 @@ class ExportDataset(torch.utils.data.Dataset):
         x, rej = self.decode(i)
         t, j, _ = self._locate(i)
         y = torch.zeros(self.num_classes)
-        if "uncertain_label_id" in t.column_names:  # neither positive nor negative: the loss leaves them out
-            y[[k for k in t.column("uncertain_label_id")[j].as_py() or [] if k < self.num_classes]] = UNCERTAIN
         y[[k for k in t.column("union_label_id")[j].as_py() if k < self.num_classes]] = 1
         return x, y, i, rej
 

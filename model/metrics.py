@@ -32,7 +32,7 @@ def predict(model, loader, cfg: TrainConfig | None = None):
     for x, y, idx in batches(loader):
         if len(x) == 0:
             continue
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True).clamp(min=0)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.no_grad(), autocast(device, cfg):  # per batch: grad mode is not held across a yield
             scores = torch.sigmoid(model(x)).float()
         yield scores, y, idx

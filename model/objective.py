@@ -11,15 +11,14 @@ from model.train import TrainConfig, autocast
 
 
 def asl_loss(logits: torch.Tensor, targets: torch.Tensor, gamma_neg: float = 7.0, gamma_pos: float = 0.0,
-             clip: float = 0.05, eps: float = 1e-8, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Asymmetric loss (Ridnik et al.), summed over classes and batch (``weight``: per target, 0 leaves one out)."""
+             clip: float = 0.05, eps: float = 1e-8) -> torch.Tensor:
+    """Asymmetric loss (Ridnik et al.), summed over classes and batch."""
     p = torch.sigmoid(logits.float())
     p_neg = (1 - p + clip).clamp(max=1) if clip > 0 else 1 - p
     loss = targets * torch.log(p.clamp(min=eps)) + (1 - targets) * torch.log(p_neg.clamp(min=eps))
     pt = p * targets + p_neg * (1 - targets)
     gamma = gamma_pos * targets + gamma_neg * (1 - targets)
-    loss = loss * torch.pow(1 - pt, gamma)
-    return -(loss if weight is None else loss * weight).sum()
+    return -(loss * torch.pow(1 - pt, gamma)).sum()
 
 
 def alignment_loss(model: RAM, img: torch.Tensor, caption_emb: torch.Tensor) -> torch.Tensor:
@@ -59,12 +58,10 @@ class Objective(torch.nn.Module):
             logits = model.fc(model.tagging_head(model.label_queries(img), img)[0]).squeeze(-1)
         else:
             img, logits = None, model(x)
-        known = (y >= 0).float()  # UNCERTAIN targets are left out
-        y = y.clamp(min=0)
         if cfg.loss == "bce":
-            loss = F.binary_cross_entropy_with_logits(logits.float(), y, weight=known, reduction="sum") / x.shape[0]
+            loss = F.binary_cross_entropy_with_logits(logits.float(), y, reduction="sum") / x.shape[0]
         else:
-            loss = asl_loss(logits, y, weight=known) / x.shape[0]
+            loss = asl_loss(logits, y) / x.shape[0]
         if teacher_emb is not None:
             loss = loss + cfg.distill_weight * F.l1_loss(img[:, 0].float(), teacher_emb.float())
         if caption_emb is not None:

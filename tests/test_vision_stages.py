@@ -555,35 +555,3 @@ def test_region_views_weigh_in_on_unclaimed_pseudo_tags(tmp_path):
     labels0, _ = _decide(tmp_path, add_threshold=0.4, add_unclaimed=0.3, view_weight=0.0).decide_row(
         "a", [0], scores, regions, [], views)
     assert labels0["combined"] == [0, 3]
-
-
-def test_crop_and_threshold_weights_judge_unclaimed_tags_and_uncertain_tags_are_listed(tmp_path):
-    """``crop_weight`` puts the crop score into an unclaimed tag's judged score (the whole-image score gets
-    what the views and the crop leave; a signal a tag lacks passes its weight on); ``threshold_weight``
-    raises its bar by its own threshold (a tag the tagger cannot predict counts as 1). ``uncertain_score``
-    lists the tags seen but not labelled, never a dropped parse tag."""
-    scores = [{"tag_id": 0, "score": 0.9, "threshold": 0.5},
-              {"tag_id": 2, "score": 0.3, "threshold": 0.2},   # views 0.5, crop 0.9 -> 0.46 vs bar 0.34
-              {"tag_id": 3, "score": 0.3, "threshold": 0.8},   # views 0.5, crop 0.9 -> 0.46 vs bar 0.46: added
-              {"tag_id": 4, "score": 0.3, "threshold": float("nan")},  # no crop: 0.433 vs bar 0.5
-              {"tag_id": 5, "score": 0.01, "threshold": 0.5}]  # parse tag, dropped (low score and crop)
-    regions = [{"tag_id": 0, **_box(0, 0)}, {"tag_id": 2, **_box(30, 30)}, {"tag_id": 3, **_box(60, 0)},
-               {"tag_id": 4, **_box(0, 60)}, {"tag_id": 5, **_box(60, 60)}]
-    views = [{"tag_id": t, "score": 0.5} for t in (2, 3, 4)]
-    crops = [{"tag_id": 2, "score": 0.9}, {"tag_id": 3, "score": 0.9}, {"tag_id": 5, "score": 0.01}]
-    st = _decide(tmp_path, add_threshold=0.95, add_unclaimed=0.3, view_weight=0.5, crop_weight=0.2,
-                 threshold_weight=0.2, drop_score=0.05, crop_threshold=0.1, uncertain_score=0.2)
-    labels, events = st.decide_row("a", [0, 5], scores, regions, crops, views)
-    assert labels["combined"] == [0, 2, 3]
-    dec = {e["tag_id"]: json.loads(e["evidence"]) for e in events if e["stage"] == "decide" and e["action"] != "uncertain"}
-    assert dec[2]["judged_score"] == pytest.approx(0.3 * 0.3 + 0.5 * 0.5 + 0.2 * 0.9)
-    assert dec[2]["needs"] == pytest.approx(0.34) and dec[3]["needs"] == pytest.approx(0.46)
-    assert dec[4]["judged_score"] == pytest.approx((0.3 * 0.3 + 0.5 * 0.5) / 0.8) and dec[4]["needs"] == 0.5
-    assert labels["uncertain"] == [4]  # seen at 0.3 >= 0.2, not added; tag 5 was dropped: still a negative
-    unsure = [e for e in events if e["action"] == "uncertain"]
-    assert [(e["tag_id"], e["stage"], e["reason"]) for e in unsure] == [(4, "decide", "uncertain")]
-    assert {e["reason"] for e in events} <= set(REASONS)
-    assert "uncertain" not in _decide(tmp_path, add_unclaimed=0.3).decide_row("a", [0, 5], scores, regions,
-                                                                               crops, views)[0]
-    with pytest.raises(ValueError, match="view_weight \\+ crop_weight"):
-        DecideConfig(view_weight=0.9, crop_weight=0.2)

@@ -43,7 +43,7 @@ from typing import Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from pipeline.index import write_id_index
 from pipeline.registry import register
@@ -73,8 +73,6 @@ REASONS: dict[str, str] = {
                       "max(add_claimed, its own threshold)",
     "pseudo_weak": "the pseudo tag scored below what its evidence needs",
     "region_views": "base tagger's mean score for the tag over views of its region in context (verify.views)",
-    "uncertain": "the base tagger scored the tag >= uncertain_score (or judged so with its region views) and no rule "
-                 "labelled it: the retrain leaves it out of its loss rather than count it absent",
 }
 
 STAGE_LABELS = pa.struct([(k, pa.list_(pa.int32())) for k in
@@ -106,24 +104,6 @@ class DecideConfig(StageConfig):
     view_weight: float = Field(0.75, ge=0, le=1, description="combined, explaining away: weight of a region-kind "
                                "pseudo tag's view score (verify.views) against its whole-image score; an "
                                "unclaimed tag needs the weighted sum >= add_unclaimed")
-    crop_weight: float = Field(0.0, ge=0, le=1, description="combined, explaining away: weight of a region-kind "
-                               "pseudo tag's crop score in the same sum (the whole-image score gets "
-                               "1 - view_weight - crop_weight; a signal a tag lacks passes its weight on)")
-    threshold_weight: float = Field(0.0, ge=0, le=1, description="combined, explaining away: an unclaimed tag "
-                                    "needs add_unclaimed + this x its own threshold (1 for a tag the tagger cannot "
-                                    "predict at the calibration precision, 0 where nothing was calibrated)")
-
-    uncertain_score: float | None = Field(
-        None, ge=0, le=1, description="combined: a tag the image is not labelled with whose score (whole image, "
-        "or judged with its region views) is at least this goes to uncertain_label_id, which the retrain leaves "
-        "out of its loss (neither positive nor negative); null: off. A dropped parse tag stays a negative")
-
-    @model_validator(mode="after")
-    def _weights(self):
-        if self.view_weight + self.crop_weight > 1:
-            raise ValueError(f"view_weight + crop_weight must be at most 1, got {self.view_weight} + "
-                             f"{self.crop_weight}: the whole-image score's weight is what is left")
-        return self
 
 
 def box_iou(a, b) -> float:
@@ -149,7 +129,7 @@ class DecideStage(Stage):
     inputs = ("image_id", "union_label_id", "tag_events", "tag_scores", "regions", "crop_scores",
               "cluster_distances")
     optional_inputs = ("view_scores",)  # absent when verify ran before it had views
-    outputs = ("union_label_id", "tag_events", "stage_labels", "uncertain_label_id")
+    outputs = ("union_label_id", "tag_events", "stage_labels")
     needs = ("clusters", "tagset")
     provides = ("decisions",)
 
@@ -182,11 +162,8 @@ class DecideStage(Stage):
                   and s >= max(c.add_threshold, own[t] if own[t] is not None else 0.0)}
         # tags judged by where their box lies (explaining away): a region kind, with a box
         by_region = {t for t in box if t in self.occupies} if c.add_unclaimed is not None else set()
-        judged = {t: self._judged(score[t], view.get(t), crop.get(t)) for t in by_region if t in score}
-        raw = {d["tag_id"]: d.get("threshold") for d in scores or []}
-        bar = {t: c.add_unclaimed + c.threshold_weight * (0.0 if raw.get(t) is None else
-                                                          1.0 if math.isnan(raw[t]) else min(raw[t], 1.0))
-               for t in judged}
+        judged = {t: (1 - c.view_weight) * score[t] + c.view_weight * view[t] if t in view else score[t]
+                  for t in by_region if t in score}
         cands = pseudo | {t for t in by_region if t in reliable and t not in parse_set
                           and max(score[t], judged[t]) >= c.add_unclaimed}
         events: list[dict] = []
@@ -265,11 +242,11 @@ class DecideStage(Stage):
             if t in by_region:
                 iou, by = max(((box_iou(box[t]["box"], b), u) for u, b in claims), default=(0.0, None))
                 claimed = iou >= c.claim_iou
-                need = max(c.add_claimed, own[t] or 0.0) if claimed else bar[t]
+                need = max(c.add_claimed, own[t] or 0.0) if claimed else c.add_unclaimed
                 got = s if claimed else judged[t]  # region views weigh in where no label explains the box
                 ev.update(claim_iou=round(iou, 3), claimed_by=self.name.get(by) if claimed else None, needs=need)
                 if t in view and not claimed:
-                    ev.update(judged_score=round(got, 4), view_weight=c.view_weight, crop_weight=c.crop_weight)
+                    ev.update(judged_score=round(got, 4), view_weight=c.view_weight)
                 ok = got >= need and crop_ok
                 reason = ("region_free" if not claimed else "added") if ok else (
                     "pseudo_below" if got >= need else "region_claimed" if claimed else "pseudo_weak")
@@ -284,43 +261,24 @@ class DecideStage(Stage):
         labels["cluster"] = cluster_keep
         labels["verify"] = verify_keep
         labels["paper"] = verify_keep
-        out = {k: sorted(v) for k, v in labels.items()}
-        if c.uncertain_score is not None:  # seen by the tagger, not labelled, not dropped: no negative
-            out["uncertain"] = sorted(t for t, s in score.items() if t not in labels[c.rule] and t not in parse_set
-                                      and t in reliable and max(s, judged.get(t, s)) >= c.uncertain_score)
-            events += [_ev(t, "decide", "uncertain", "uncertain", score[t],
-                           {"score": round(score[t], 4), "judged_score": round(judged.get(t, score[t]), 4),
-                            "uncertain_score": c.uncertain_score}) for t in out["uncertain"]]
-        return out, events
-
-    def _judged(self, score: float, view: float | None, crop: float | None) -> float:
-        """An unclaimed tag's score: its whole-image, view and crop scores weighed (``view_weight``,
-        ``crop_weight``), the weights of the signals it lacks left out."""
-        c = self.config
-        parts = [(1 - c.view_weight - c.crop_weight, score), (c.view_weight, view),
-                 (c.crop_weight, None if crop is None or math.isnan(crop) else crop)]
-        parts = [(w, x) for w, x in parts if x is not None]
-        total = sum(w for w, _ in parts)
-        return sum(w * x for w, x in parts) / total if total > 0 else score
+        return {k: sorted(v) for k, v in labels.items()}, events
 
     def __call__(self, batch: pa.Table) -> StageResult:
         n_rows = batch.num_rows  # view_scores is absent from batches made before verify had views
         cols = {n: batch.column(n).to_pylist() if n in batch.column_names else [None] * n_rows
                 for n in (*self.inputs, *self.optional_inputs)}
-        new_labels, new_events, stage_labels, uncertain = [], [], [], []
+        new_labels, new_events, stage_labels = [], [], []
         for i, iid in enumerate(cols["image_id"]):
             labs, evs = self.decide_row(iid, cols["union_label_id"][i], cols["tag_scores"][i], cols["regions"][i],
                                         cols["crop_scores"][i], views=cols["view_scores"][i],
                                         dists=cols["cluster_distances"][i])
-            uncertain.append(labs.pop("uncertain", []))
             stage_labels.append(labs)
             new_labels.append(labs[self.config.rule])
             new_events.append((cols["tag_events"][i] or []) + evs)
         out = batch
         for name, arr in (("union_label_id", pa.array(new_labels, pa.list_(pa.int32()))),
                           ("tag_events", pa.array(new_events, pa.list_(TAG_EVENT))),
-                          ("stage_labels", pa.array(stage_labels, STAGE_LABELS)),
-                          ("uncertain_label_id", pa.array(uncertain, pa.list_(pa.int32())))):
+                          ("stage_labels", pa.array(stage_labels, STAGE_LABELS))):
             if name in out.column_names:
                 out = out.set_column(out.schema.get_field_index(name), name, arr)
             else:

@@ -61,8 +61,6 @@ class LabelledRows(RowSource):
         import pyarrow as pa
 
         cols = list(columns)
-        if self.labels != "cleaned":  # decide's uncertain tags belong to its cleaned labels only
-            cols = [c for c in cols if c != "uncertain_label_id"]
         if "union_label_id" not in cols or self.labels == "cleaned":
             yield from super().iter_tables_with_base(cols)
             return
