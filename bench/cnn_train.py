@@ -1,11 +1,14 @@
 """Benchmark: training steps of the base tagger (cnn_tagger_tiny) with channels-last vs contiguous
-(NCHW) weights and batches, same run, same random batch, same optimiser.
+(NCHW) weights and batches, and channels-last under bf16 autocast on the CPU (``train.cpu_bf16``), same
+run, same random batch, same optimiser.
 
     python bench/cnn_train.py [--steps 30] [--batch 32] [--size 64] [--classes 60] [--smoke]
 
-Alternates the two layouts in rounds so that both see the same machine state. The last line is
-``cnn_train_channels_last_speedup: X.XX`` (time per step, contiguous / channels-last). ``--smoke``: two
-steps of batch 4, one round; it checks the script (tests/test_bench_smoke.py), its figure means nothing.
+Alternates the three in rounds so that all see the same machine state. The last lines are
+``cnn_train_channels_last_speedup: X.XX`` (time per step, contiguous / channels-last) and
+``cnn_train_cpu_bf16_speedup: X.XX`` (channels-last fp32 / channels-last bf16; under 1 on a CPU without
+bf16 units). ``--smoke``: two steps of batch 4, one round; it checks the script (tests/test_bench_smoke.py),
+its figures mean nothing.
 """
 from __future__ import annotations
 
@@ -20,11 +23,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def step_time(channels_last: bool, steps: int, batch: int, size: int, classes: int) -> float:
+def step_time(channels_last: bool, steps: int, batch: int, size: int, classes: int, bf16: bool = False) -> float:
     import torch
     import torch.nn.functional as F
 
     from model.registry import create_model
+    from model.train import TrainConfig, autocast
 
     torch.manual_seed(0)
     model = create_model("cnn_tagger_tiny", num_classes=classes, image_size=size)
@@ -37,7 +41,9 @@ def step_time(channels_last: bool, steps: int, batch: int, size: int, classes: i
     for i in range(steps + 3):  # 3 warm-up steps
         if i == 3:
             start = time.perf_counter()
-        loss = F.binary_cross_entropy_with_logits(model(x), y, reduction="sum")
+        with autocast(torch.device("cpu"), TrainConfig(cpu_bf16=bf16)):  # the training loop's own autocast
+            logits = model(x)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), y, reduction="sum")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -58,10 +64,11 @@ def main() -> int:
     args = ap.parse_args()
     if args.smoke:
         args.steps, args.rounds, args.batch = 2, 1, 4
-    times: dict[str, list[float]] = {"nchw": [], "channels_last": []}
+    times: dict[str, list[float]] = {"nchw": [], "channels_last": [], "channels_last_bf16": []}
     for _ in range(args.rounds):
         for name in times:
-            times[name].append(step_time(name == "channels_last", args.steps, args.batch, args.size, args.classes))
+            times[name].append(step_time(name != "nchw", args.steps, args.batch, args.size, args.classes,
+                                         bf16=name.endswith("bf16")))
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {"threads": torch.get_num_threads(), "batch": args.batch, "size": args.size,
               "seconds_per_step": med, "images_per_second": {k: args.batch / v for k, v in med.items()},
@@ -71,6 +78,7 @@ def main() -> int:
     for k, v in med.items():
         print(f"{k:14s} {v * 1000:7.1f} ms/step  {args.batch / v:7.1f} img/s")
     print(f"cnn_train_channels_last_speedup: {med['nchw'] / med['channels_last']:.2f}")
+    print(f"cnn_train_cpu_bf16_speedup: {med['channels_last'] / med['channels_last_bf16']:.2f}")
     return 0
 
 

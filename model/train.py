@@ -40,7 +40,8 @@ class TrainConfig:
     # weights and batches channels-last: convolutions run faster on CPU (bench/cnn_train.py measures it),
     # but the float sums differ, so the trained model (and what later steps decide) differs a little too
     channels_last: bool = False
-    bf16: bool = True  # bf16 autocast on CUDA (a CPU always trains in fp32)
+    bf16: bool = True  # bf16 autocast on CUDA
+    cpu_bf16: bool = False  # bf16 autocast on a CPU too (its AMX / AVX512-BF16 units; numerically another run)
     grad_clip: float | None = None  # clip the global gradient norm to this before each optimizer step
     # images per optimizer step over all workers; a multiple of batch_size x workers, reached by
     # accumulating gradients over several batches (None: one batch per step)
@@ -65,10 +66,12 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 def autocast(device: torch.device, cfg: TrainConfig | None = None):
-    """bf16 autocast on CUDA (unless ``cfg.bf16`` is off); nothing elsewhere (fp32 on CPU, and any device
-    type, ``meta`` included, works)."""
+    """bf16 autocast on CUDA (unless ``cfg.bf16`` is off), on a CPU only when ``cfg.cpu_bf16`` asks; nothing
+    elsewhere (any device type, ``meta`` included, works)."""
     if device.type == "cuda" and (cfg is None or cfg.bf16):
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cpu" and cfg is not None and cfg.cpu_bf16:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

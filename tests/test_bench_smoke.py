@@ -45,7 +45,7 @@ BENCHES = [
     Bench("readers.py", ("whole_load_vs_plan_peak",), ("data/captions",)),
     Bench("tagging.py", ("tagging_speedup_vs_per_image",), ("data/coco20",)),
     Bench("crops.py", ("crops_inference_form_speedup", "crops_native_speedup", "view_cost_vs_native_crop")),
-    Bench("cnn_train.py", ("cnn_train_channels_last_speedup",)),
+    Bench("cnn_train.py", ("cnn_train_channels_last_speedup", "cnn_train_cpu_bf16_speedup")),
     Bench("engine_ablation.py", ("arm_a_parse_truth_map", "arm_b_generated_truth_map", "arm_c_cleaned_truth_map",
                                  "arm_c_prime_paper_truth_map", "arm_d_truth_truth_map", "engine_gap_closed"), (),
           (pytest.mark.ray, pytest.mark.slow)),

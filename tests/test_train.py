@@ -665,3 +665,23 @@ def test_gpu_bench_train_part_runs_on_the_cpu_with_a_tiny_ram(tmp_path):
     out = gpu.train_part(rows, 26, 10, smoke=True, device="cpu")
     assert "error" not in out, out
     assert (out["batch"], out["steps"], out["image_size"]) == (4, 2, 64) and math.isfinite(out["loss_last"])
+
+
+def test_a_cpu_trains_in_bf16_only_when_asked():
+    """``cpu_bf16`` turns on bf16 autocast on a CPU (the loop's forward, its evaluation); by default a CPU
+    computes in fp32, and the step's runtime fingerprint says which, so the two are different results."""
+    from model.train import autocast
+    from stages.training.train import TrainStage, TrainStageConfig
+    from pipeline.stage import StageContext
+
+    conv, x = torch.nn.Conv2d(3, 4, 3), torch.randn(2, 3, 8, 8)
+    cpu = torch.device("cpu")
+    with autocast(cpu, TrainConfig()):
+        assert conv(x).dtype == torch.float32
+    with autocast(cpu, TrainConfig(cpu_bf16=True)):
+        assert conv(x).dtype == torch.bfloat16
+    import json
+
+    prints = [json.loads(TrainStage(TrainStageConfig(cpu_bf16=b), StageContext("/nonexistent", "train"))
+                         .input_fingerprint()) for b in (False, True)]
+    assert (prints[0]["train"], prints[1]["train"]) == (["cpu", "fp32"], ["cpu", "bf16"])

@@ -52,7 +52,10 @@ class TrainStageConfig(StageConfig):
                                "memory after the first epoch (a 64 px image is 48 KiB as a tensor; with "
                                "resources.loader_workers > 0 each loader process keeps its own copy). Off: every "
                                "epoch decodes")
-    bf16: bool = Field(True, description="bf16 autocast on CUDA (a CPU always trains in fp32)")
+    bf16: bool = Field(True, description="bf16 autocast on CUDA")
+    cpu_bf16: bool = Field(False, description="bf16 autocast on a CPU too: faster where the CPU has bf16 units "
+                           "(AMX, AVX512-BF16; bench/cnn_train.py), slower where it has none; numerically "
+                           "another run")
     grad_clip: float | None = Field(None, gt=0, description="clip the global gradient norm before each step")
     global_batch_size: int | None = Field(None, ge=1, description="images per optimizer step over all workers, "
                                           "reached by gradient accumulation (a multiple of batch_size x workers)")
@@ -160,12 +163,13 @@ class TrainStage(Stage):
 
     def input_fingerprint(self) -> str:
         """Where the step computes and in what precision, as resolved on this machine: the training runs
-        in bf16 only on a GPU (``bf16``), and a Ray Train driver embeds label names and scores the held-out
+        in bf16 on a GPU (``bf16``) or where a CPU is asked to (``cpu_bf16``), and a Ray Train driver embeds label names and scores the held-out
         sample (calibration) on a GPU, in bf16, only when it has one; the same config on a CPU is another
         result."""
         c = self.planned()
         driver = self._device(c)
-        return json.dumps({"train": [c.device, "bf16" if c.device == "cuda" and c.bf16 else "fp32"],
+        bf16 = c.bf16 if c.device == "cuda" else c.cpu_bf16
+        return json.dumps({"train": [c.device, "bf16" if bf16 else "fp32"],
                            "driver": [driver, "bf16" if driver == "cuda" else "fp32"]}, sort_keys=True)
 
     def _build_model(self, tagset):
@@ -271,7 +275,8 @@ class TrainStage(Stage):
                            warmup_steps=c.warmup_steps, min_lr_ratio=c.min_lr_ratio, seed=seed, loss=c.loss,
                            hflip=c.hflip, caption_weight=c.caption_weight, distill_weight=c.distill_weight,
                            channels_last=c.channels_last, num_workers=self.resources.loader_workers,
-                           prefetch_factor=self.resources.prefetch_factor, bf16=c.bf16, grad_clip=c.grad_clip,
+                           prefetch_factor=self.resources.prefetch_factor, bf16=c.bf16, cpu_bf16=c.cpu_bf16,
+                           grad_clip=c.grad_clip,
                            global_batch_size=c.global_batch_size, align_weight=c.align_weight)
 
     def run(self, rows: RowSource) -> ReduceResult:
