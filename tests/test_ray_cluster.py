@@ -67,7 +67,8 @@ class Node:
         self.temp = f"/tmp/rt-{TAG}-{name}"  # short: Ray's socket paths have a length limit
         self.proc = subprocess.Popen([str(RAY), "start", "--block", "--disable-usage-stats", f"--temp-dir={self.temp}",
                                       *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                     start_new_session=True, env={**os.environ, **AUTH, **FAST_HEALTH, **NO_DRAIN, **env})
+                                     start_new_session=True,
+                                     env={**os.environ, **AUTH, **FAST_HEALTH, **NO_DRAIN, **env})
 
     def kill(self) -> None:
         """As a node dies: every process of it SIGKILLed at once, nothing shut down in order."""

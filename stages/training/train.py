@@ -163,9 +163,9 @@ class TrainStage(Stage):
 
     def input_fingerprint(self) -> str:
         """Where the step computes and in what precision, as resolved on this machine: the training runs
-        in bf16 on a GPU (``bf16``) or where a CPU is asked to (``cpu_bf16``), and a Ray Train driver embeds label names and scores the held-out
-        sample (calibration) on a GPU, in bf16, only when it has one; the same config on a CPU is another
-        result."""
+        in bf16 on a GPU (``bf16``) or where a CPU is asked to (``cpu_bf16``), and a Ray Train driver embeds
+        label names and scores the held-out sample (calibration) on a GPU, in bf16, only when it has one;
+        the same config on a CPU is another result."""
         c = self.planned()
         driver = self._device(c)
         bf16 = c.bf16 if c.device == "cuda" else c.cpu_bf16
