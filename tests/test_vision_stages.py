@@ -362,6 +362,27 @@ def test_tags_the_tagger_cannot_predict_never_pseudo_label_nor_vote(tmp_path):
     assert keep["action"] == "keep" and json.loads(keep["evidence"])["tagger_reliable"] is False
 
 
+def test_a_capped_threshold_lets_a_tag_the_captions_often_omit_be_added(tmp_path):
+    """A tag calibrated high (0.85: captions name it in few of its images) is added at 0.7 only under
+    threshold_cap; the cap never lowers the bar below add_threshold, and never makes a tag the tagger
+    cannot predict (1.0) addable."""
+    scores = [{"tag_id": 1, "score": 0.70, "threshold": 0.85},  # an attribute calibrated high
+              {"tag_id": 2, "score": 0.45, "threshold": 0.85},  # under the cap's bar
+              {"tag_id": 4, "score": 0.99, "threshold": 1.0}]   # cannot predict: not a calibrated bar
+    added = {}
+    for cap, trust in ((None, "calibrated"), (0.6, "calibrated"), (0.6, "all"), (0.3, "calibrated")):
+        st = _decide(tmp_path, add_threshold=0.5, threshold_cap=cap, trust=trust)
+        labels, events = st.decide_row("a", [0], scores, [], [])
+        added[(cap, trust)] = labels["combined"]
+        if cap == 0.6 and trust == "calibrated":
+            ev = json.loads([e for e in events if e["tag_id"] == 1 and e["reason"] == "pseudo_label"][0]["evidence"])
+            assert ev["tag_threshold"] == 0.6  # the event names the bar the tag met
+    assert added[(None, "calibrated")] == [0]
+    assert added[(0.6, "calibrated")] == [0, 1]
+    assert added[(0.6, "all")] == [0, 1, 4]  # trust all: 4 is uncalibrated, added at add_threshold as before
+    assert added[(0.3, "calibrated")] == [0, 1]  # 0.45 < add_threshold 0.5, whatever the cap
+
+
 def test_calibrated_thresholds_reach_the_precision_or_never_fire():
     from stages.training.holdout import calibrate
 

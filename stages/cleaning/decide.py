@@ -15,7 +15,9 @@ never vote (an unreliable witness is not a witness).
   independent signals speak against it: its whole-image score < ``drop_score``, its crop score <
   ``crop_threshold`` (both only for tags the tagger can predict), its distance > ``far_relative`` x its
   tag's median distance. A pseudo tag is added when its score >= max(``add_threshold``, own threshold)
-  and its crop agrees (crop score >= ``add_crop_min``).
+  and its crop agrees (crop score >= ``add_crop_min``). ``threshold_cap`` bounds the own threshold: one
+  calibrated against caption labels sits above the tagger's scores for a tag the captions often leave out
+  (the scene world's colours), and the tag would never be added.
 
   Explaining away (on when ``add_unclaimed`` is set): a pseudo tag of a kind that occupies a region
   (``region_kinds``) with a box is judged by where that box lies. If it overlaps (IoU >= ``claim_iou``)
@@ -91,6 +93,10 @@ class DecideConfig(StageConfig):
     votes_to_drop: int = Field(2, ge=1, le=3, description="combined: signals needed to drop a parse tag")
     trust: Literal["calibrated", "all"] = Field(
         "all", description="whose scores count (add and vote): tags with a calibrated threshold, or all")
+    threshold_cap: float | None = Field(
+        None, ge=0, le=1, description="a tag's own threshold counts at most this (null: as calibrated). For "
+        "thresholds calibrated against caption labels: a tag the captions name in only part of the images "
+        "that hold it calibrates above most of the tagger's scores for it, and so would never be added")
     add_unclaimed: float | None = Field(
         None, ge=0, le=1, description="combined: explaining away; a region-kind pseudo tag whose box no label's "
         "box overlaps is added at this score (null: off). ground.candidate_score must not exceed it, or the "
@@ -154,6 +160,9 @@ class DecideStage(Stage):
         if c.trust == "all":  # every tag the model scores; an uncalibrated tag uses add_threshold alone
             own = {t: (th if th is not None and not math.isnan(th) and th < 1.0 else None) for t, th in own.items()}
             reliable = set(score)
+        if c.threshold_cap is not None:  # after reliable: a tag the tagger cannot predict stays so
+            own = {t: min(th, c.threshold_cap) if th is not None and not math.isnan(th) and th < 1.0 else th
+                   for t, th in own.items()}
         box = {d["tag_id"]: d for d in regions or []}
         crop = {d["tag_id"]: d["score"] for d in crops or []}
         view = {d["tag_id"]: d["score"] for d in views or []}
