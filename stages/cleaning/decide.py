@@ -17,7 +17,7 @@ never vote (an unreliable witness is not a witness).
   tag's median distance. A pseudo tag is added when its score >= max(``add_threshold``, own threshold)
   and its crop agrees (crop score >= ``add_crop_min``). ``threshold_cap`` bounds the own threshold: one
   calibrated against caption labels sits above the tagger's scores for a tag the captions often leave out
-  (the scene world's colours), and the tag would never be added.
+  (the scene world's colours), and the tag is almost never added.
 
   Explaining away (on when ``add_unclaimed`` is set): a pseudo tag of a kind that occupies a region
   (``region_kinds``) with a box is judged by where that box lies. If it overlaps (IoU >= ``claim_iou``)
