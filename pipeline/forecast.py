@@ -17,9 +17,11 @@ times the sample's rows per shard. Each step is then scaled by its own model, an
   epoch x the epochs the run would train x (the whole input's training images / the sample's). The
   epochs are resolved as the run resolves them: a retrain repeats its base's recipe under its own keys
   (``recipe_from``), so it trains its own ``epochs`` when its section sets them, else its base's. What
-  the cheap sample gives up: the steps after a training step work on its tagger's candidates, and a
-  tagger trained one epoch on the sample is not the run's (each such step's forecast says so); its
-  warmup is cut to the share of the schedule it has in the run, so it at least leaves it;
+  the cheap sample gives up: the steps after a training step work on its tagger's candidates and
+  regions, and a tagger trained one epoch on the sample is not the run's (each such step's forecast says
+  so): its regions spread over most of the image, so a step that works crops at their native size costs
+  more per row than in the run. Its warmup is cut to the share of the schedule it has in the run, so it
+  at least leaves it;
 * other whole-data reduces: linear in rows.
 """
 from __future__ import annotations
@@ -266,7 +268,8 @@ def sample_forecast(cfg: RunConfig, rows: int, plan: dict, keep: Path | None = N
             by_name[name]["assumes"] += (
                 f"; its input follows {src}'s tagger, which the sample trained for {t['sample_epochs']} of "
                 f"{t['epochs']} epoch(s) on its own rows: the run's may propose more or fewer candidates per "
-                f"image, and this step's work per row follows them")
+                f"image, and larger or smaller regions (a barely trained tagger's spread over most of the image), "
+                f"and this step's work per row follows them")
     would_run = [s for s in steps if s["action"] != "skip"]
     return {"sample": {"rows": sample_rows, "shards": taken, "seconds": round(wall, 1), "asked": rows,
                        "epochs": {s["step"]: s["sample_epochs"] for s in steps if "sample_epochs" in s}},
