@@ -17,7 +17,8 @@ from common.rows import ParquetRows
 from model.preprocess import to_tensor
 
 ROW_IMAGE_COLUMNS = ("image_id", *IMAGE_COLUMNS)  # a row's id and where its image is
-ROW_COLUMNS = ROW_IMAGE_COLUMNS + ("caption", "captions", "union_label_id", "parse_label_id")
+ROW_COLUMNS = ROW_IMAGE_COLUMNS + ("caption", "captions", "union_label_id", "parse_label_id", "uncertain_label_id")
+UNKNOWN = -1.0  # a target the loss leaves out (the engine's ``uncertain_label_id``: neither present nor absent)
 # what the caption terms read of a batch that was rejected whole (model/objective.BatchLoss)
 EMPTY_ROW = {"image_id": "", "caption": [""], "union_label_id": [], "parse_label_id": []}
 
@@ -103,10 +104,12 @@ class ExportDataset(torch.utils.data.Dataset):
     ``ids``: keep these image_ids; ``keep``: a predicate on image_id (a Ray Train worker's own rows).
     ``cache``: keep decoded, resized tensors in memory after the first epoch (tiny corpora only: a
     64 px image is 48 KiB as a tensor; with loader processes each keeps its own copy).
+    ``unknown``: a training set's targets are :data:`UNKNOWN` for the row's ``uncertain_label_id`` (where the
+    rows have it), which the loss leaves out; an evaluation set's are 0/1.
     """
 
     def __init__(self, files, num_classes: int, cfg, ids: set[str] | None = None, cache: bool = False, keep=None,
-                 record_opened: bool = False):
+                 record_opened: bool = False, unknown: bool = False):
         self.tables: list[pa.Table] = []
         self.bases: list[Path] = []
         self.refs: list[tuple[Path, pa.Array] | None] = []
@@ -128,7 +131,7 @@ class ExportDataset(torch.utils.data.Dataset):
                 self.refs.append(ref)
                 starts.append(starts[-1] + t.num_rows)
         self._starts = starts
-        self.num_classes, self.cfg = num_classes, cfg
+        self.num_classes, self.cfg, self.unknown = num_classes, cfg, unknown
         self.cache: dict[int, torch.Tensor] | None = {} if cache else None
         self.rejects: dict[str, Reject] = {}
         self.bytes = ByteReader("image_bytes")
@@ -186,6 +189,8 @@ class ExportDataset(torch.utils.data.Dataset):
         x, rej = self.decode(i)
         t, j, _ = self._locate(i)
         y = torch.zeros(self.num_classes)
+        if self.unknown and "uncertain_label_id" in t.column_names:
+            y[[k for k in t.column("uncertain_label_id")[j].as_py() or [] if k < self.num_classes]] = UNKNOWN
         y[[k for k in t.column("union_label_id")[j].as_py() if k < self.num_classes]] = 1
         return x, y, i, rej
 

@@ -192,7 +192,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     rank = session.rank
     ds = ExportDataset(spec.source, spec.num_classes, model.cfg, cache=spec.cache_images,
                        keep=lambda i: i not in spec.exclude and not spec.is_held_out(i),
-                       record_opened=bool(spec.record_ids))
+                       record_opened=bool(spec.record_ids), unknown=True)
     teacher, captions = _extras(spec, model, device)
     batch_loss = BatchLoss(model, cfg, teacher, captions, spec.tag_names)
     log = RejectLog(spec.rejects_dir, rank)

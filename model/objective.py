@@ -12,13 +12,15 @@ from model.train import TrainConfig, autocast
 
 def asl_loss(logits: torch.Tensor, targets: torch.Tensor, gamma_neg: float = 7.0, gamma_pos: float = 0.0,
              clip: float = 0.05, eps: float = 1e-8) -> torch.Tensor:
-    """Asymmetric loss (Ridnik et al.), summed over classes and batch."""
+    """Asymmetric loss (Ridnik et al.), summed over classes and batch; a target < 0 (unknown) counts nothing."""
+    known = (targets >= 0).float()
+    targets = targets.clamp(min=0)
     p = torch.sigmoid(logits.float())
     p_neg = (1 - p + clip).clamp(max=1) if clip > 0 else 1 - p
     loss = targets * torch.log(p.clamp(min=eps)) + (1 - targets) * torch.log(p_neg.clamp(min=eps))
     pt = p * targets + p_neg * (1 - targets)
     gamma = gamma_pos * targets + gamma_neg * (1 - targets)
-    return -(loss * torch.pow(1 - pt, gamma)).sum()
+    return -(loss * torch.pow(1 - pt, gamma) * known).sum()
 
 
 def alignment_loss(model: RAM, img: torch.Tensor, caption_emb: torch.Tensor) -> torch.Tensor:
@@ -58,8 +60,9 @@ class Objective(torch.nn.Module):
             logits = model.fc(model.tagging_head(model.label_queries(img), img)[0]).squeeze(-1)
         else:
             img, logits = None, model(x)
-        if cfg.loss == "bce":
-            loss = F.binary_cross_entropy_with_logits(logits.float(), y, reduction="sum") / x.shape[0]
+        if cfg.loss == "bce":  # a target < 0 is unknown (model.data.UNKNOWN): left out of the loss
+            loss = F.binary_cross_entropy_with_logits(logits.float(), y.clamp(min=0), weight=(y >= 0).float(),
+                                                      reduction="sum") / x.shape[0]
         else:
             loss = asl_loss(logits, y) / x.shape[0]
         if teacher_emb is not None:

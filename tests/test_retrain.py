@@ -31,7 +31,8 @@ def _manifest(run, step: str) -> dict:
 
 
 def _check_label_sets(out) -> None:
-    """retrain.labels: generated = parse + what the rule adds; paper = the paper rule's; truth = the world's."""
+    """retrain.labels: generated = parse + what the rule adds; paper = the paper rule's; truth = the world's;
+    none of them carries decide's unknowns (uncertain_label_id)."""
     from pipeline.view import step_view
     from stages.training.retrain import LabelledRows
     from stages.world.score import names_for_ids
@@ -44,8 +45,9 @@ def _check_label_sets(out) -> None:
     got = {}
     for labels in ("generated", "paper", "parse", "truth"):
         src = LabelledRows(view, labels, str(out / "input"), names)
-        got[labels] = {r["image_id"]: r["union_label_id"] for t, _ in src.iter_tables_with_base(
-            ["image_id", "union_label_id"]) for r in t.to_pylist()}
+        tables = [t for t, _ in src.iter_tables_with_base(["image_id", "union_label_id", "uncertain_label_id"])]
+        assert all("uncertain_label_id" not in t.column_names for t in tables)  # decide's unknowns are its own
+        got[labels] = {r["image_id"]: r["union_label_id"] for t in tables for r in t.to_pylist()}
     for r in rows:
         i, s = r["image_id"], r["stage_labels"]
         assert got["generated"][i] == sorted(set(s["parse"]) | set(r["union_label_id"]))
@@ -58,8 +60,15 @@ def _check_label_sets(out) -> None:
 
 
 def test_retrain_trains_on_the_cleaned_labels_and_reports_what_the_engine_bought(tmp_path):
-    cfg, out = write_config(tmp_path / "loop.yaml", LOOP), tmp_path / "run"
+    loop = LOOP.replace("decide: {add_unclaimed: 0.3}", "decide: {add_unclaimed: 0.3, uncertain_score: 0.1}")
+    assert loop != LOOP
+    cfg, out = write_config(tmp_path / "loop.yaml", loop), tmp_path / "run"
     assert main(["run", str(cfg), "--out", str(out)]) == 0
+    rows = read_step(out / "decide", ["union_label_id", "parse_label_id", "uncertain_label_id"]).to_pylist()
+    assert any(r["uncertain_label_id"] for r in rows)  # the tagger saw tags the rule left out
+    for r in rows:  # unknown: neither a label nor a tag the captions named
+        named = {t for cap in r["parse_label_id"] for t in cap}
+        assert not set(r["uncertain_label_id"]) & (set(r["union_label_id"]) | named)
     base, retrain = _manifest(out, "train"), _manifest(out, "retrain")
     assert (retrain["train_labels"], retrain["train_labels_sha1"]) == _digest(out, "decide")
     assert (base["train_labels"], base["train_labels_sha1"]) == _digest(out, "label")  # the parse labels

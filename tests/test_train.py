@@ -26,6 +26,37 @@ def test_asl_matches_its_definition():
     torch.testing.assert_close(asl_loss(logits, y), expect)
 
 
+def test_an_unknown_target_is_left_out_of_either_loss_and_a_training_set_reads_it(tmp_path):
+    """A target < 0 (decide's uncertain_label_id) adds nothing to ASL or BCE and gets no gradient; a training
+    set (unknown=True) marks those tags, a label wins over an unknown, an evaluation set stays 0/1."""
+    from model.data import UNKNOWN
+    from model.objective import Objective
+
+    logits = torch.tensor([[2.0, -1.0, 0.3], [0.5, -3.0, 1.0]], requires_grad=True)
+    y = torch.tensor([[1.0, UNKNOWN, 0.0], [0.0, 1.0, UNKNOWN]])
+    known = y >= 0
+    torch.testing.assert_close(asl_loss(logits, y), asl_loss(logits[known][None], y[known][None]))
+    model = torch.nn.Identity()
+    loss = Objective(model, TrainConfig(loss="bce"))(logits, y)
+    expect = torch.nn.functional.binary_cross_entropy_with_logits(logits[known], y[known], reduction="sum") / 2
+    torch.testing.assert_close(loss, expect)
+    loss.backward()
+    assert (logits.grad[~known] == 0).all() and (logits.grad[known] != 0).all()
+
+    files = _tiny_export(tmp_path, 4)
+    t = pq.read_table(files[0])
+    unknown = [[3], [0, 1], [], None]  # row 1: tag 0 or 1 may also be a label
+    pq.write_table(t.append_column("uncertain_label_id", pa.array(unknown, pa.list_(pa.int32()))), files[0])
+    cfg = _model().cfg
+    train_set, eval_set = ExportDataset(files, 4, cfg, unknown=True), ExportDataset(files, 4, cfg)
+    for i, labels in enumerate(t.column("union_label_id").to_pylist()):
+        ty, ey = train_set[i][1], eval_set[i][1]
+        want = torch.zeros(4)
+        want[list(unknown[i] or [])] = UNKNOWN
+        want[labels] = 1.0
+        assert torch.equal(ty, want) and torch.equal(ey, want.clamp(min=0)), i
+
+
 def test_average_precision_known_values():
     scores = np.array([[0.9, 0.1], [0.8, 0.2], [0.1, 0.3]])
     targets = np.array([[1, 0], [0, 0], [1, 0]])

@@ -576,3 +576,28 @@ def test_region_views_weigh_in_on_unclaimed_pseudo_tags(tmp_path):
     labels0, _ = _decide(tmp_path, add_threshold=0.4, add_unclaimed=0.3, view_weight=0.0).decide_row(
         "a", [0], scores, regions, [], views)
     assert labels0["combined"] == [0, 3]
+
+
+def test_a_tag_scored_but_left_out_is_unknown_not_absent(tmp_path):
+    """uncertain_score: a tag the tagger scored >= it that the rule left out and the captions did not name is
+    unknown (uncertain_label_id, with an 'uncertain' event); a caption tag the rule dropped stays a negative,
+    and so does one scored below; off (null), there are none."""
+    args = (EVIDENCE["parse"], EVIDENCE["scores"], EVIDENCE["regions"], EVIDENCE["crops"])
+    cfg = dict(add_threshold=0.7, add_crop_min=0.3, crop_threshold=0.3, drop_score=0.3, trust="calibrated")
+    st = _decide(tmp_path, **cfg, uncertain_score=0.05)
+    labels, events = st.decide_row("a", *args)
+    # as in test_combined_rule_needs_two_signals...: 2 added, 3 skipped (its crop), 1 dropped (three signals)
+    assert labels["combined"] == [0, 2, 5]
+    assert st.uncertain(events) == [3]  # 1 scored 0.1 >= 0.05, but the captions named it and the rule dropped it
+    unknown = [e for e in events if e["reason"] == "uncertain"]
+    assert [(e["tag_id"], e["stage"], e["action"]) for e in unknown] == [(3, "decide", "unknown")]
+    assert json.loads(unknown[0]["evidence"]) == {"score": 0.8, "uncertain_score": 0.05}
+    assert {e["reason"] for e in events} <= set(REASONS)
+    high = _decide(tmp_path, **cfg, uncertain_score=0.9)
+    assert high.uncertain(high.decide_row("a", *args)[1]) == []  # 3 scored 0.8 < 0.9: a negative
+    off = _decide(tmp_path, **cfg)
+    assert off.uncertain(off.decide_row("a", *args)[1]) == []
+    row = {"image_id": ["a"], "union_label_id": [EVIDENCE["parse"]], "tag_events": [[]],
+           "tag_scores": [EVIDENCE["scores"]], "regions": [EVIDENCE["regions"]], "crop_scores": [EVIDENCE["crops"]]}
+    assert off(pa.table(row)).table.column("uncertain_label_id").to_pylist() == [[]]
+    assert st(pa.table(row)).table.column("uncertain_label_id").to_pylist() == [[3]]

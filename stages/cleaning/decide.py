@@ -33,6 +33,12 @@ never vote (an unreliable witness is not a witness).
   mirrored). A small object the whole image barely resolves scores low there and higher zoomed in;
   a shape the tagger merely guessed at does not gain. The claimed rule keeps the whole-image score.
 
+Unknown (when ``uncertain_score`` is set): a tag the tagger scored >= ``uncertain_score`` on the whole image
+that the rule left out and the captions did not name is written to ``uncertain_label_id``: neither a
+label nor a negative. Training leaves it out of the loss (``model/objective.py``) instead of teaching it
+as absent: captions leave out much of what an image holds, and a tag the tagger already sees there is
+more often such an omission than a tag it does not. A caption tag the rule dropped stays a negative.
+
 Only this stage reads thresholds, so changing them re-runs decide alone. Its ``finalize`` writes an
 image id -> shard index of its rows (``pipeline/index.py``), which ``explain`` reads instead of scanning.
 """
@@ -75,6 +81,8 @@ REASONS: dict[str, str] = {
                       "max(add_claimed, its own threshold)",
     "pseudo_weak": "the pseudo tag scored below what its evidence needs",
     "region_views": "base tagger's mean score for the tag over views of its region in context (verify.views)",
+    "uncertain": "the tagger scored the tag >= uncertain_score, the rule left it out and the captions did not name "
+                 "it: unknown (uncertain_label_id), left out of training's loss rather than taught as absent",
 }
 
 STAGE_LABELS = pa.struct([(k, pa.list_(pa.int32())) for k in
@@ -97,6 +105,10 @@ class DecideConfig(StageConfig):
         None, ge=0, le=1, description="a tag's own threshold counts at most this (null: as calibrated). For "
         "thresholds calibrated against caption labels: a tag the captions name in only part of the images "
         "that hold it calibrates above most of the tagger's scores for it, and so would never be added")
+    uncertain_score: float | None = Field(
+        None, ge=0, le=1, description="a tag the tagger scored at least this on the whole image that the rule left "
+        "out and the captions did not name goes to uncertain_label_id: unknown, not absent, and training leaves "
+        "it out of the loss (null: none; every tag outside union_label_id is a negative)")
     add_unclaimed: float | None = Field(
         None, ge=0, le=1, description="combined: explaining away; a region-kind pseudo tag whose box no label's "
         "box overlaps is added at this score (null: off). ground.candidate_score must not exceed it, or the "
@@ -135,7 +147,7 @@ class DecideStage(Stage):
     inputs = ("image_id", "union_label_id", "tag_events", "tag_scores", "regions", "crop_scores",
               "cluster_distances")
     optional_inputs = ("view_scores",)  # absent when verify ran before it had views
-    outputs = ("union_label_id", "tag_events", "stage_labels")
+    outputs = ("union_label_id", "tag_events", "stage_labels", "uncertain_label_id")
     needs = ("clusters", "tagset")
     provides = ("decisions",)
 
@@ -270,24 +282,37 @@ class DecideStage(Stage):
         labels["cluster"] = cluster_keep
         labels["verify"] = verify_keep
         labels["paper"] = verify_keep
+        if c.uncertain_score is not None:
+            final = labels[c.rule]
+            for t in sorted(t for t, s in score.items() if s >= c.uncertain_score and t not in final
+                            and t not in parse_set):
+                events.append(_ev(t, "decide", "unknown", "uncertain", score[t], {
+                    "score": round(score[t], 4), "uncertain_score": c.uncertain_score}))
         return {k: sorted(v) for k, v in labels.items()}, events
+
+    @staticmethod
+    def uncertain(events: list[dict]) -> list[int]:
+        """The row's tags the rule left unknown (its ``uncertain`` events), for ``uncertain_label_id``."""
+        return sorted(e["tag_id"] for e in events if e["reason"] == "uncertain")
 
     def __call__(self, batch: pa.Table) -> StageResult:
         n_rows = batch.num_rows  # view_scores is absent from batches made before verify had views
         cols = {n: batch.column(n).to_pylist() if n in batch.column_names else [None] * n_rows
                 for n in (*self.inputs, *self.optional_inputs)}
-        new_labels, new_events, stage_labels = [], [], []
+        new_labels, new_events, stage_labels, uncertain = [], [], [], []
         for i, iid in enumerate(cols["image_id"]):
             labs, evs = self.decide_row(iid, cols["union_label_id"][i], cols["tag_scores"][i], cols["regions"][i],
                                         cols["crop_scores"][i], views=cols["view_scores"][i],
                                         dists=cols["cluster_distances"][i])
             stage_labels.append(labs)
             new_labels.append(labs[self.config.rule])
+            uncertain.append(self.uncertain(evs))
             new_events.append((cols["tag_events"][i] or []) + evs)
         out = batch
         for name, arr in (("union_label_id", pa.array(new_labels, pa.list_(pa.int32()))),
                           ("tag_events", pa.array(new_events, pa.list_(TAG_EVENT))),
-                          ("stage_labels", pa.array(stage_labels, STAGE_LABELS))):
+                          ("stage_labels", pa.array(stage_labels, STAGE_LABELS)),
+                          ("uncertain_label_id", pa.array(uncertain, pa.list_(pa.int32())))):
             if name in out.column_names:
                 out = out.set_column(out.schema.get_field_index(name), name, arr)
             else:

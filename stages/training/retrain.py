@@ -47,7 +47,8 @@ class RetrainConfig(TrainStageConfig):
 
 class LabelledRows(RowSource):
     """A step's rows (a :class:`pipeline.view.View`) with ``union_label_id`` taken from another label set
-    (``labels``), so the one training path trains on it: a RowSource for ``TrainStage.fit``. Picklable: Ray
+    (``labels``), and without decide's ``uncertain_label_id`` (every other tag a negative), so the one
+    training path trains on it: a RowSource for ``TrainStage.fit``. Picklable: Ray
     Train workers read their rows through it."""
 
     def __init__(self, view, labels: str, truth_dir: str | None = None, names: dict[int, set[str]] | None = None):
@@ -72,6 +73,8 @@ class LabelledRows(RowSource):
             labs = self._labels(t, i)
             k = t.column_names.index("union_label_id")
             t = t.set_column(k, "union_label_id", pa.array(labs, pa.list_(pa.int32())))
+            if "uncertain_label_id" in t.column_names:  # decide's unknowns belong to its own labels only
+                t = t.drop_columns(["uncertain_label_id"])
             yield (t.drop_columns(extra) if extra and "stage_labels" not in cols else t), view.step_dir(owner)
 
     def _labels(self, t, shard: int) -> list[list[int]]:

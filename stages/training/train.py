@@ -327,7 +327,7 @@ class TrainStage(Stage):
                                          caption_encoder)
         else:
             train_set = ExportDataset(source, len(tagset), model.cfg, cache=c.cache_images,
-                                      keep=lambda i: not held_out(i, c.val_fraction))
+                                      keep=lambda i: not held_out(i, c.val_fraction), unknown=True)
             res = train(model, train_set, val_set, tc, out / "checkpoints", tag_names=list(tagset.names),
                         teacher=teacher, caption_encoder=caption_encoder,
                         log=lambda m: print(f"  [{self.context.step}] {m}", flush=True))
